@@ -1,0 +1,64 @@
+"""ALIP configuration: a CLIP configuration plus the hyper-parameters of the two consistency gates.
+
+The gate symbols follow the ALIP paper (Yang et al., ICCV 2023, arXiv 2308.08428, Sec. 3):
+``S`` a batch of cosine similarities, ``H`` its running mean, ``gamma`` the sharpness of the
+exponential weight ``exp(gamma * (S - H))``.
+"""
+
+import math
+
+from huggingface_hub.dataclasses import strict
+from transformers import CLIPConfig
+
+
+@strict
+class ALIPConfig(CLIPConfig):
+    r"""
+    Configuration of [`ALIPModel`]: CLIP's `text_config`, `vision_config`, `projection_dim` and
+    `logit_scale_init_value`, plus the ALIP gate hyper-parameters.
+
+    Args:
+        text_config (`dict` or `CLIPTextConfig`, *optional*):
+            The text tower, shared by the raw web text and the synthetic caption.
+        vision_config (`dict` or `CLIPVisionConfig`, *optional*):
+            The image tower.
+        projection_dim (`int`, defaults to 512):
+            Size of the joint embedding space.
+        logit_scale_init_value (`float`, defaults to ln(1/0.07)):
+            Initial value of the learnable log temperature (CLIP; ALIP keeps it).
+        gate_momentum (`float`, defaults to 0.99):
+            EMA momentum of every running mean: `H <- m * H + (1 - m) * mean(S)` (paper Eq. 2 for the
+            LCG, Eqs. 5-6 for the DCG; the official code hard-codes 0.99).
+        lcg_gamma (`float`, defaults to 2.0):
+            Sharpness of the Language Consistency Gate sample weight
+            `W^s = min(exp(S_tc - H_tc) ** gamma, 1)` (paper Eq. 3).
+        dcg_gamma (`float`, defaults to 2.0):
+            Sharpness of the Description Consistency Gate pair weights
+            `W^t = exp(S_xt - H_xt) ** gamma`, `W^c = exp(S_xc - H_xc) ** gamma` (paper Eqs. 7-8).
+        gate_initial_mean (`float`, defaults to 1.0):
+            Initial value of the three running means `H_tc`, `H_xt`, `H_xc` (the official code starts them at 1).
+        clip_pair_weights (`bool`, defaults to `False`):
+            Clamp the DCG pair weights at 1 like the LCG weight. The official code leaves them unclipped, so
+            the default is `False`; `True` is a deliberate deviation, not the official recipe.
+    """
+
+    model_type = "alip"
+
+    projection_dim: int | None = 512
+    logit_scale_init_value: float | int | None = math.log(1 / 0.07)
+    gate_momentum: float = 0.99
+    lcg_gamma: float = 2.0
+    dcg_gamma: float = 2.0
+    gate_initial_mean: float = 1.0
+    clip_pair_weights: bool = False
+
+    def validate_architecture(self):
+        """Rejects gate hyper-parameters outside their meaningful range, naming the field."""
+        if not 0.0 <= self.gate_momentum < 1.0:
+            raise ValueError(f"gate_momentum must be in [0, 1), got {self.gate_momentum}")
+        for name in ("lcg_gamma", "dcg_gamma"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+__all__ = ["ALIPConfig"]

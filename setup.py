@@ -1,0 +1,40 @@
+from setuptools import setup
+
+setup(
+    name="alip-hf",
+    version="0.1.0",
+    description="Train CLIP models on noisy web data with synthetic captions (ALIP, VeCLIP, CLIP) on the Hugging Face stack",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["modeling_alip", "recaption"],
+    py_modules=["data", "recipes", "train", "eval"],
+    install_requires=[
+        # torch 2.14.1 / torchvision 0.29.1 are the newest this project is tested with.
+        "torch>=2.4,<=2.14.1",
+        "torchvision>=0.19,<=0.29.1",
+        "transformers>=5.0,<6",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "peft>=0.13",
+        "evaluate>=0.4",
+        "huggingface_hub>=1.0",
+        "safetensors",
+        "pillow",
+        "pyyaml",
+        "tqdm",
+        "scikit-learn",
+    ],
+    extras_require={
+        "dev": [
+            "pytest",
+            "open_clip_torch>=2.24",  # real CLIP BPE vocabulary and the reference models for parity tests
+            "clip-benchmark",  # reference metrics for eval.py's parity tests
+            "webdataset",
+            "sentencepiece",
+            "tensorboard",
+        ],
+        "tensorboard": ["tensorboard"],
+    },
+)

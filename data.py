@@ -47,9 +47,7 @@ _FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".cs
 
 
 def _data_files(source: str) -> list[str]:
-    """Files named by a path, a directory or a glob, sorted so every process sees the same order."""
-    if os.path.isdir(source):
-        return sorted(str(p) for p in Path(source).rglob("*") if p.suffix in _FILE_BUILDERS)
+    """Files named by a path or a glob, sorted so every process sees the same order."""
     return sorted(glob.glob(source)) if any(ch in source for ch in "*?[") else [source]
 
 
@@ -61,9 +59,11 @@ def load_source(
     Args:
         source: one of
             - a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`;
-            - a Parquet/JSON(L)/CSV file, a directory of them, or a glob (`data/*.parquet`);
-            - WebDataset `.tar` shards (img2dataset's format): a file, a directory, a glob, or a brace
-              pattern (`shards/{00000..00099}.tar`);
+            - a Parquet/JSON(L)/CSV file or a glob of them (`data/*.parquet`), all read as `split`;
+            - a directory of such files or of WebDataset shards, split by file name as on the Hub
+              (`train-00000-of-00004.parquet`, `test.parquet`, `train/0000.tar`);
+            - WebDataset `.tar` shards (img2dataset's format): a file, a glob, or a brace pattern
+              (`shards/{00000..00099}.tar`);
             - a Hub dataset id (`org/name`).
         split: the split to read.
         streaming: return an `IterableDataset` that reads lazily.
@@ -79,6 +79,9 @@ def load_source(
                 raise ValueError(f"{source} has splits {list(loaded)}, not {split!r}")
             loaded = loaded[split]
         return loaded.to_iterable_dataset() if streaming else loaded
+    if os.path.isdir(source):
+        # Split names come from the file names, as on the Hub (`train-00000.parquet`, `test/...`).
+        return datasets.load_dataset(source, split=split, streaming=streaming)
     if "{" in source and ".tar" in source:
         files = _expand_braces(source)
     elif _looks_local(source):

@@ -1,6 +1,7 @@
 """ALIP configuration: a CLIP configuration plus the hyper-parameters of the two consistency gates.
 
-The gate symbols follow the ALIP paper (Yang et al., ICCV 2023, arXiv 2308.08428, Sec. 3):
+The gate symbols follow the ALIP paper (Yang et al., ICCV 2023, arXiv 2308.08428, Section 3, "Method"), whose equations are quoted
+beside each field:
 ``S`` a batch of cosine similarities, ``H`` its running mean, ``gamma`` the sharpness of the
 exponential weight ``exp(gamma * (S - H))``.
 """
@@ -27,14 +28,14 @@ class ALIPConfig(CLIPConfig):
         logit_scale_init_value (`float`, defaults to ln(1/0.07)):
             Initial value of the learnable log temperature (CLIP; ALIP keeps it).
         gate_momentum (`float`, defaults to 0.99):
-            EMA momentum of every running mean: `H <- m * H + (1 - m) * mean(S)` (paper Eq. 2 for the
-            LCG, Eqs. 5-6 for the DCG; the official code hard-codes 0.99).
+            EMA momentum of every running mean: `H <- m * H + (1 - m) * mean(S)`, the momentum
+            update of the LCG's `H_tc` and the DCG's `H_xt`, `H_xc` (the official code hard-codes 0.99).
         lcg_gamma (`float`, defaults to 2.0):
             Sharpness of the Language Consistency Gate sample weight
-            `W^s = min(exp(S_tc - H_tc) ** gamma, 1)` (paper Eq. 3).
+            `W^s = min(exp(S_tc - H_tc) ** gamma, 1)` (the LCG's sample weight).
         dcg_gamma (`float`, defaults to 2.0):
             Sharpness of the Description Consistency Gate pair weights
-            `W^t = exp(S_xt - H_xt) ** gamma`, `W^c = exp(S_xc - H_xc) ** gamma` (paper Eqs. 7-8).
+            `W^t = exp(S_xt - H_xt) ** gamma`, `W^c = exp(S_xc - H_xc) ** gamma` (the DCG's pair weights).
         gate_initial_mean (`float`, defaults to 1.0):
             Initial value of the three running means `H_tc`, `H_xt`, `H_xc` (the official code starts them at 1).
         clip_pair_weights (`bool`, defaults to `False`):

@@ -1,8 +1,8 @@
 """ALIP's consistency gates, with their running means held as buffers.
 
-The Language Consistency Gate (LCG, paper Sec. 3.2) compares the raw web text `t` with the synthetic
+The Language Consistency Gate (LCG, in the ALIP paper's method section) compares the raw web text `t` with the synthetic
 caption `c` and down-weights whole samples whose two texts disagree. The Description Consistency Gate
-(DCG, Sec. 3.3) compares the image `x` with each text and weights each image-text pair. Each gate keeps
+(DCG) compares the image `x` with each text and weights each image-text pair. Each gate keeps
 an exponential running mean `H` of its batch-mean similarity; like BatchNorm statistics, the means live
 in buffers (saved with the model, restored on load, moved by `.to()`) and only change in training mode.
 The official code keeps them as Python locals in the training loop, so a resumed run restarts them.
@@ -80,7 +80,7 @@ class RunningMeanSimilarity(nn.Module):
 
 
 class LanguageConsistencyGate(nn.Module):
-    """LCG: sample weight `W^s = min(exp(S_tc - H_tc) ** gamma, 1)` from the raw text-caption agreement (Eq. 3)."""
+    """LCG: sample weight `W^s = min(exp(S_tc - H_tc) ** gamma, 1)` from the raw text-caption agreement."""
 
     def __init__(self, momentum: float = 0.99, gamma: float = 2.0, initial_mean: float = 1.0):
         super().__init__()
@@ -96,7 +96,7 @@ class LanguageConsistencyGate(nn.Module):
 
 
 class DescriptionConsistencyGate(nn.Module):
-    """DCG: pair weights `W = exp(S_x* - H_x*) ** gamma` for (image, raw text) and (image, caption) (Eqs. 7-8)."""
+    """DCG: pair weights `W = exp(S_x* - H_x*) ** gamma` for (image, raw text) and (image, caption) (the DCG equations)."""
 
     def __init__(self, momentum: float = 0.99, gamma: float = 2.0, initial_mean: float = 1.0, clip_weights: bool = False):
         super().__init__()
@@ -139,10 +139,10 @@ class ALIPGates(nn.Module):
     def combine(sample_weight_raw: torch.Tensor, pair_weight: torch.Tensor) -> torch.Tensor:
         """Applies a DCG pair weight only where the LCG found the raw text and caption inconsistent.
 
-        Paper Sec. 3.3: when the two texts agree (`S_tc >= H_tc`, i.e. `exp(S_tc - H_tc) ** gamma >= 1`)
+        ALIP paper, DCG: when the two texts agree (`S_tc >= H_tc`, i.e. `exp(S_tc - H_tc) ** gamma >= 1`)
         the sample is trusted and its pairs get weight 1; otherwise the DCG weight is used. This is the
         official `torch.where(weight_sample_raw < 1, weight_pair, 1)`; the final loss weight of a pair is
-        `W^s * W^{t|c}` (Eq. 9).
+        `W^s * W^{t|c}` (the adaptive contrastive loss).
 
         Args:
             sample_weight_raw: `(N,)` LCG weight before clipping.

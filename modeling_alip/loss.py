@@ -2,7 +2,7 @@
 
 The loss is a pure function of embeddings, weights and the logit scale. With all weights equal to one
 it is CLIP's symmetric InfoNCE loss; with ALIP's gate weights it is the adaptive contrastive loss of the
-ALIP paper (Eq. 9), computed per path (image-raw text, image-caption) as the official code does.
+ALIP paper, computed per path (image-raw text, image-caption) as the official code does.
 """
 
 import torch

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import torch
 from transformers import CLIPModel
+from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_alip import ALIPConfig
-from .gates import ALIPGates, GateOutput
+from .gates import ALIPGates, GateOutput, RunningMeanSimilarity
 from .loss import contrastive_loss, gather_features
 
 
@@ -61,9 +62,10 @@ class ALIPModel(CLIPModel):
 
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, ALIPGates):
-            for buffer in module.buffers():
-                buffer.fill_(self.config.gate_initial_mean)
+        # Keyed on the module that owns the buffer: transformers initialises a module only if it owns tensors,
+        # so running means missing from a loaded CLIP checkpoint start at their initial value.
+        if isinstance(module, RunningMeanSimilarity):
+            init.constant_(module.running_mean, self.config.gate_initial_mean)
 
     def encode_text(self, input_ids, attention_mask=None, name="input_ids") -> torch.Tensor:
         """`(B, L)` token ids -> `(B, projection_dim)` L2-normalised text embeddings."""

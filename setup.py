@@ -25,6 +25,7 @@ setup(
         "pyyaml",
         "tqdm",
         "scikit-learn",
+        "ftfy",  # the text cleaning CLIP's tokenizer was trained with
     ],
     extras_require={
         "dev": [

@@ -1,0 +1,247 @@
+"""ALIP's processor: a CLIP image processor and a tokenizer that serve both text paths.
+
+`ALIPProcessor` turns a batch of images, raw web texts (`text`) and synthetic captions (`captions`) into the
+inputs of [`ALIPModel`]: `pixel_values`, `input_ids`/`attention_mask` and `caption_input_ids`/
+`caption_attention_mask`. Each text path is padded to its own longest row, never to the context length.
+
+`clip_tokenizer()` builds the real CLIP BPE tokenizer (OpenAI CLIP's 49408-token vocabulary) offline from the
+merge list that the `open_clip` package ships, so nothing is downloaded. open_clip's `SimpleTokenizer` cleans
+every text before tokenizing it (ftfy, HTML unescaping, whitespace, lower case); `clean_clip_text` does the
+same, and the processor applies it when `text_cleaning="clip"`, so its token ids equal `open_clip.tokenize`.
+
+This file ships to the Hub as remote code: it imports only the standard library and transformers at module
+level; `ftfy` is optional and `open_clip` is only located on disk, never imported.
+"""
+
+import gzip
+import html
+import importlib.util
+import os
+import unicodedata
+from functools import lru_cache
+
+from transformers import BatchFeature, CLIPImageProcessor, CLIPTokenizer
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+CLIP_CONTEXT_LENGTH = 77
+CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+# CLIP's vocabulary: 256 byte symbols, the same with `</w>`, 48894 merges, then the two special tokens.
+CLIP_NUM_MERGES = 49152 - 256 - 2
+CLIP_START_TOKEN = "<|startoftext|>"
+CLIP_END_TOKEN = "<|endoftext|>"
+# CLIP's normalisation of the input images (OpenAI CLIP, also used by open_clip for the OpenAI models).
+CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+TEXT_CLEANINGS = ("clip", "none")
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """CLIP's (and GPT-2's) reversible map from the 256 byte values to printable unicode characters.
+
+    Printable Latin-1 bytes map to themselves; the others (control characters, space, ...) to code points from
+    256 on, in byte order. The BPE vocabulary is written in these characters.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    byte_values = printable + others
+    code_points = printable + [256 + n for n in range(len(others))]
+    return {b: chr(c) for b, c in zip(byte_values, code_points)}
+
+
+def _open_clip_bpe_path() -> str:
+    """Path of open_clip's BPE merge file, found without importing open_clip (heavy, and absent on the Hub)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "clip_tokenizer() reads CLIP's BPE merges from the open_clip package: `pip install open_clip_torch`, "
+            f"or pass bpe_path= to a copy of {CLIP_BPE_FILE}"
+        )
+    return os.path.join(list(spec.submodule_search_locations)[0], CLIP_BPE_FILE)
+
+
+@lru_cache(maxsize=4)
+def clip_vocab_and_merges(bpe_path: str | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP's `vocab.json` and `merges.txt` contents, derived from the gzipped merge list as CLIP defines them.
+
+    Returns:
+        `(vocab, merges)`: 49408 tokens -> ids (`<|startoftext|>` = 49406, `<|endoftext|>` = 49407) and the
+        48894 merges in priority order.
+    """
+    bpe_path = bpe_path or _open_clip_bpe_path()
+    if not os.path.isfile(bpe_path):
+        raise FileNotFoundError(f"bpe_path: no CLIP BPE merge file at {bpe_path}")
+    with gzip.open(bpe_path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    # Line 0 is a version header; CLIP keeps the first 48894 merges after it.
+    merges = [tuple(line.split()) for line in lines[1 : 1 + CLIP_NUM_MERGES]]
+    if len(merges) != CLIP_NUM_MERGES or any(len(m) != 2 for m in merges):
+        raise ValueError(f"bpe_path: {bpe_path} does not hold CLIP's {CLIP_NUM_MERGES} merges")
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [CLIP_START_TOKEN, CLIP_END_TOKEN]
+    return {token: i for i, token in enumerate(tokens)}, merges
+
+
+def clip_tokenizer(model_max_length: int = CLIP_CONTEXT_LENGTH, bpe_path: str | None = None) -> CLIPTokenizer:
+    """The OpenAI CLIP BPE tokenizer (fast, `tokenizers`-backed), built offline.
+
+    Gives the token ids of `open_clip.tokenize` for text that `clean_clip_text` leaves unchanged apart from
+    whitespace and case, and that holds no special-token string such as `"<|endoftext|>"` (this tokenizer
+    reads it as the special token unless called with `split_special_tokens=True`; open_clip reads it as text).
+    `ALIPProcessor` does both, so it matches open_clip on any text. Texts longer
+    than `model_max_length` are truncated to it with the end token kept last, as open_clip does. Padding uses
+    `<|endoftext|>` (transformers' CLIP checkpoints); open_clip pads with id 0, which the causal text tower
+    never attends to before the end token, so the features are the same.
+
+    Args:
+        model_max_length: context length (CLIP: 77).
+        bpe_path: a `bpe_simple_vocab_16e6.txt.gz`; by default the copy inside the installed open_clip package.
+    """
+    vocab, merges = clip_vocab_and_merges(bpe_path)
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
+
+
+def _fix_text(text: str) -> str:
+    try:
+        import ftfy
+    except ImportError:
+        # Without ftfy only its Unicode normalisation is reproduced; mojibake, curly quotes and full-width
+        # characters then tokenize differently from open_clip.
+        logger.warning_once("ftfy is not installed: CLIP text cleaning skips ftfy.fix_text (`pip install ftfy`)")
+        return unicodedata.normalize("NFC", text)
+    return ftfy.fix_text(text)
+
+
+def clean_clip_text(text: str) -> str:
+    r"""open_clip's text cleaning for CLIP ("lower"): ftfy, HTML unescaping twice, whitespace runs -> one space,
+    stripped, lower case. CLIP and the official ALIP code tokenize every text after it.
+
+    The official ALIP code collapses whitespace with `regex.sub(r"\s+", " ", ...)`, open_clip with
+    `str.split()`; after ftfy (which drops the control characters on which they disagree) both give the same.
+    """
+    text = html.unescape(html.unescape(_fix_text(text)))
+    return " ".join(text.split()).lower()
+
+
+class ALIPProcessor(ProcessorMixin):
+    r"""
+    Image processor + tokenizer for [`ALIPModel`]; the one tokenizer serves the raw text and the caption.
+
+    Args:
+        image_processor ([`CLIPImageProcessor`] or any image processor):
+            Turns images into `pixel_values` of shape `(B, 3, H, W)`.
+        tokenizer ([`PreTrainedTokenizerBase`]):
+            [`clip_tokenizer`] for CLIP-style checkpoints; any other tokenizer works (VeCLIP uses T5's).
+        text_cleaning (`"clip"` or `"none"`, *optional*):
+            `"clip"` runs [`clean_clip_text`] on every text first, as CLIP, open_clip and the official ALIP code
+            do; `"none"` passes texts unchanged. By default `"clip"` for a CLIP tokenizer and `"none"` otherwise
+            (CLIP's lower-casing would discard information a cased tokenizer such as T5's uses).
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, text_cleaning: str | None = None):
+        if text_cleaning is None:
+            text_cleaning = "clip" if isinstance(tokenizer, CLIPTokenizer) else "none"
+        if text_cleaning not in TEXT_CLEANINGS:
+            raise ValueError(f"text_cleaning must be one of {TEXT_CLEANINGS}, got {text_cleaning!r}")
+        self.text_cleaning = text_cleaning
+        super().__init__(image_processor, tokenizer)
+
+    @classmethod
+    def default(cls, image_size: int = 224, model_max_length: int = CLIP_CONTEXT_LENGTH) -> "ALIPProcessor":
+        """CLIP's preprocessing at `image_size`: bicubic resize of the short side, centre crop, CLIP mean/std,
+        and the CLIP BPE tokenizer with text cleaning. What training and evaluation use for a model saved
+        without a processor."""
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            image_mean=CLIP_IMAGE_MEAN,
+            image_std=CLIP_IMAGE_STD,
+        )
+        return cls(image_processor, clip_tokenizer(model_max_length), text_cleaning="clip")
+
+    @classmethod
+    def from_config(cls, config) -> "ALIPProcessor":
+        """[`ALIPProcessor.default`] sized for an [`ALIPConfig`] (or `CLIPConfig`): its image size and context
+        length. Raises if the text tower's vocabulary is not CLIP's, since the CLIP tokenizer would not fit."""
+        text_config, vision_config = config.text_config, config.vision_config
+        vocab_size = len(clip_vocab_and_merges()[0])
+        if text_config.vocab_size != vocab_size:
+            raise ValueError(
+                f"config.text_config.vocab_size is {text_config.vocab_size}, not CLIP's {vocab_size}: build "
+                "ALIPProcessor(image_processor, tokenizer) with the tokenizer this model was trained with"
+            )
+        return cls.default(vision_config.image_size, text_config.max_position_embeddings)
+
+    def __call__(
+        self,
+        images=None,
+        text: str | list[str] | None = None,
+        captions: str | list[str] | None = None,
+        padding: bool | str = "longest",
+        truncation: bool = True,
+        max_length: int | None = None,
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
+        """Processes one batch; every argument given must describe the same number of samples `B`.
+
+        Args:
+            images: images for `self.image_processor` (PIL images, arrays or tensors).
+            text: the raw web text of each sample -> `input_ids`, `attention_mask` of shape `(B, L)`.
+            captions: the synthetic caption of each sample -> `caption_input_ids`, `caption_attention_mask` of
+                shape `(B, L')`.
+            padding: `"longest"` pads each text path to its longest row; `"max_length"` pads to `max_length`.
+            truncation: truncate to `max_length` (the tokenizer keeps the end token last).
+            max_length: by default the tokenizer's `model_max_length` (77 for CLIP).
+            return_tensors: `"pt"`, `"np"` or `None` for lists.
+
+        Returns:
+            [`BatchFeature`] with `pixel_values` `(B, 3, H, W)` and the ids/masks of the texts given.
+        """
+        if images is None and text is None and captions is None:
+            raise ValueError("ALIPProcessor needs at least one of `images`, `text` or `captions`")
+        data, sizes = {}, {}
+        if images is not None:
+            data["pixel_values"] = self.image_processor(images, return_tensors=return_tensors)["pixel_values"]
+            sizes["images"] = len(data["pixel_values"])
+        for name, texts, prefix in (("text", text, ""), ("captions", captions, "caption_")):
+            if texts is None:
+                continue
+            texts = self._as_text_list(texts, name)
+            sizes[name] = len(texts)
+            encoded = self.tokenizer(
+                texts,
+                padding=padding,
+                truncation=truncation,
+                max_length=max_length or self.tokenizer.model_max_length,
+                return_tensors=return_tensors,
+                # Web text is data: a literal "<|endoftext|>" in it must not end the text early (CLIP pools
+                # at the first end token). open_clip tokenizes such strings as text too.
+                split_special_tokens=True,
+            )
+            data[f"{prefix}input_ids"] = encoded["input_ids"]
+            data[f"{prefix}attention_mask"] = encoded["attention_mask"]
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"`images`, `text` and `captions` must describe the same samples; got sizes {sizes}")
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _as_text_list(self, texts: str | list[str], name: str) -> list[str]:
+        """Validates one text argument and applies the text cleaning."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, (list, tuple)):
+            raise TypeError(f"`{name}` must be a string or a list of strings, got {type(texts).__name__}")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"`{name}`[{i}] must be a string, got {type(t).__name__}")
+        if self.text_cleaning == "clip":
+            return [clean_clip_text(t) for t in texts]
+        return list(texts)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["pixel_values", "input_ids", "attention_mask", "caption_input_ids", "caption_attention_mask"]
+
+
+__all__ = ["ALIPProcessor", "clean_clip_text", "clip_tokenizer", "clip_vocab_and_merges"]

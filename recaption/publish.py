@@ -1,0 +1,222 @@
+"""Step 3: publish a recaptioned dataset to the Hub with a dataset card that says how it was made.
+
+The card is built from what the runs recorded: the source, each step's model and revision, prompt and
+version, generation settings, and the counts of `summary.json` (rows, failures, fallbacks, mean lengths).
+The licence is inherited from the source (its card's `license`), or given with `--license`; publishing
+with an unknown licence is refused.
+
+    python -m recaption.publish --output_dir out/vecap --repo_id me/yfcc-vecap
+    python -m recaption.publish --output_dir out/vecap --dry_run      # card + data under out/vecap/hub_preview
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from data import load_source
+from recaption.common import atomic_write_json
+
+UNKNOWN_LICENSE = "unknown"
+
+
+@dataclass
+class PublishArguments:
+    output_dir: str = field(
+        metadata={"help": "Output dir of the last recaption step (holds data/ and run_config.json)."}
+    )
+    repo_id: str | None = field(
+        default=None, metadata={"help": "Hub dataset repo to push to (not needed with --dry_run)."}
+    )
+    dry_run: bool = field(default=False, metadata={"help": "Write the card and data locally instead of pushing."})
+    dry_run_dir: str | None = field(
+        default=None, metadata={"help": "Where --dry_run writes (default <output_dir>/hub_preview)."}
+    )
+    license: str | None = field(default=None, metadata={"help": "Licence id; default: the source's."})
+    private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
+    split: str = field(default="train", metadata={"help": "Split name of the data."})
+    max_shard_size: str = field(default="500MB", metadata={"help": "Parquet shard size on the Hub."})
+
+    def __post_init__(self):
+        if not self.dry_run and not self.repo_id:
+            raise ValueError("--repo_id is needed to publish (or use --dry_run)")
+
+
+def _run_dir(path: str) -> str | None:
+    """The recaption output dir that `path` (the dir itself or its data/ subdir) belongs to, if any."""
+    for candidate in (path, os.path.dirname(os.path.normpath(path))):
+        if os.path.isfile(os.path.join(candidate, "run_config.json")):
+            return candidate
+    return None
+
+
+def provenance_chain(output_dir: str) -> list[dict[str, Any]]:
+    """The recorded runs from the original source to `output_dir`, first step first.
+
+    Each item is `{"config": run_config.json, "summary": summary.json}`; a rewrite run whose source was
+    a caption run's output yields both.
+    """
+    chain, current = [], _run_dir(output_dir)
+    if current is None:
+        raise FileNotFoundError(f"{output_dir}: no run_config.json; point --output_dir at a recaption step's output")
+    while current is not None:
+        with open(os.path.join(current, "run_config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        summary_path = os.path.join(current, "summary.json")
+        if not os.path.isfile(summary_path):
+            raise FileNotFoundError(f"{summary_path} missing: the run in {current} did not finish; run it again")
+        with open(summary_path, encoding="utf-8") as f:
+            summary = json.load(f)
+        chain.append({"config": config, "summary": summary})
+        source = config["source"]
+        current = _run_dir(source) if os.path.exists(source) else None
+    return chain[::-1]
+
+
+def source_license(source: str) -> str:
+    """The licence in the source's dataset card (local README.md or the Hub), else `unknown`."""
+    readme = os.path.join(source if os.path.isdir(source) else os.path.dirname(source), "README.md")
+    if os.path.isfile(readme):
+        with open(readme, encoding="utf-8") as f:
+            text = f.read()
+        if text.startswith("---"):
+            meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+            if meta.get("license"):
+                return str(meta["license"])
+        return UNKNOWN_LICENSE
+    if os.path.exists(source) or "*" in source:
+        return UNKNOWN_LICENSE
+    try:
+        from huggingface_hub import HfApi
+
+        card = HfApi().dataset_info(source).card_data
+        return str(card.license) if card is not None and card.license else UNKNOWN_LICENSE
+    except Exception:  # offline, private or not a Hub id: the user must say
+        return UNKNOWN_LICENSE
+
+
+def _step_section(run: dict[str, Any]) -> str:
+    config, summary = run["config"], run["summary"]
+    model_key = "caption_model" if config["step"] == "caption" else "rewrite_model"
+    version_key = "caption_prompt_version" if config["step"] == "caption" else "rewrite_prompt_version"
+    prompt = config.get("prompt")
+    prompt_text = json.dumps(prompt, indent=2) if isinstance(prompt, dict) else repr(prompt)
+    counts = {k: v for k, v in summary.items() if k not in ("step", "counts", "seconds_this_run")}
+    return "\n".join([
+        f"### `{config['step']}`",
+        "",
+        f"- model: `{config.get('model')}` (revision `{config.get('revision')}`, commit `{config.get('commit')}`), "
+        f"recorded per row as `{config.get(model_key)}`",
+        f"- prompt version: `{config.get(version_key)}`",
+        f"- generation: `{json.dumps(config.get('generation'), sort_keys=True)}`",
+        f"- results: `{json.dumps(counts, sort_keys=True)}`",
+        "",
+        "Prompt:",
+        "",
+        "```",
+        prompt_text,
+        "```",
+        "",
+    ])
+
+
+def render_card(chain: list[dict[str, Any]], license: str, split: str = "train", repo_id: str | None = None) -> str:
+    """The dataset card (YAML header + Markdown) for the runs in `chain` (from `provenance_chain`)."""
+    source = chain[0]["config"]["source"]
+    rows = chain[-1]["summary"]["rows"]
+    header = {
+        "license": license if license != UNKNOWN_LICENSE else "other",
+        "task_categories": ["image-to-text", "zero-shot-image-classification"],
+        "tags": ["synthetic-captions", "image-text-pairs"],
+        "size_categories": [_size_category(rows)],
+        "configs": [{"config_name": "default", "data_files": [{"split": split, "path": f"data/{split}-*"}]}],
+    }
+    licence_line = (
+        f"`{license}`, inherited from the source `{source}`."
+        if license != UNKNOWN_LICENSE
+        else f"Unknown: the source `{source}` states none. Check its terms before sharing."
+    )
+    name = repo_id or "Recaptioned dataset"
+    lines = [
+        "---", yaml.safe_dump(header, sort_keys=False).strip(), "---", "",
+        f"# {name}", "",
+        f"Image-text pairs from `{source}` (split `{split}`) with synthetic captions added by `recaption/`.",
+        "Captions are written from the image alone; `vecap` fuses the web text and the caption with an LLM.", "",
+        "## Columns", "",
+        "| column | meaning |", "|---|---|",
+        "| `id` | stable key; new columns were joined on it |",
+        "| `image`, `alt_text` | from the source |",
+        "| `caption` | synthetic caption from the image alone (`caption_model`, `caption_prompt_version`) |",
+        "| `vecap` | LLM fusion of `alt_text` and `caption` (`rewrite_model`, `rewrite_prompt_version`) |",
+        "| `vecap_fallback` | why `vecap` is the caption instead of the LLM's answer; empty when it was kept |",
+        "| `error` | why a row failed (unreadable image); empty otherwise |", "",
+        f"Rows: {rows} (one per source row).", "",
+        "## How it was made", "",
+        *[_step_section(run) for run in chain],
+        "## Licence", "", licence_line, "",
+        "## Use", "", "```python", "from datasets import load_dataset", "",
+        f"ds = load_dataset({(repo_id or 'REPO_ID')!r}, split={split!r})", "```", "",
+    ]
+    return "\n".join(lines)
+
+
+def _size_category(rows: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+                        (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M")):
+        if rows < limit:
+            return name
+    return "n>1T" if rows > 10**12 else "100M<n<1B"
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def publish(args: PublishArguments) -> str:
+    """Pushes data + card to `args.repo_id`, or writes them under the dry-run dir; returns where they went."""
+    chain = provenance_chain(args.output_dir)
+    license = args.license or source_license(chain[0]["config"]["source"])
+    card = render_card(chain, license, args.split, args.repo_id)
+    data_dir = os.path.join(_run_dir(args.output_dir), "data")
+    if args.dry_run:
+        target = args.dry_run_dir or os.path.join(_run_dir(args.output_dir), "hub_preview")
+        os.makedirs(os.path.join(target, "data"), exist_ok=True)
+        for path in sorted(glob.glob(os.path.join(data_dir, f"{args.split}-*.parquet"))):
+            destination = os.path.join(target, "data", os.path.basename(path))
+            shutil.copyfile(path, f"{destination}.tmp-{os.getpid()}")
+            os.replace(f"{destination}.tmp-{os.getpid()}", destination)
+        _write_text(os.path.join(target, "README.md"), card)
+        atomic_write_json(os.path.join(target, "provenance.json"), {"runs": chain, "license": license})
+        return target
+    if license == UNKNOWN_LICENSE:
+        raise ValueError(f"the licence of {chain[0]['config']['source']!r} is unknown; pass --license")
+    from huggingface_hub import DatasetCard
+
+    dataset = load_source(data_dir, split=args.split)
+    dataset.push_to_hub(args.repo_id, split=args.split, private=args.private, max_shard_size=args.max_shard_size)
+    # After the data: push_to_hub writes its own README, which this card replaces.
+    DatasetCard(card).push_to_hub(args.repo_id, repo_type="dataset")
+    return f"https://huggingface.co/datasets/{args.repo_id}"
+
+
+def main(argv: list[str] | None = None) -> str:
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(PublishArguments).parse_args_into_dataclasses(args=argv)
+    where = publish(args)
+    print(where)
+    return where
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

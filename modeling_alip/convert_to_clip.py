@@ -1,0 +1,177 @@
+"""Export an ALIP checkpoint as a plain transformers `CLIPModel` directory.
+
+`ALIPModel` keeps `CLIPModel`'s weight names, so the export is a copy: drop the three gate buffers
+(`gates.*.running_mean`), drop the gate fields of the configuration, and save a `CLIPConfig`, the
+weights and (when given) a `CLIPProcessor`. The result loads with `CLIPModel.from_pretrained` or
+`AutoModel.from_pretrained` in an environment that has never heard of ALIP.
+
+    python -m modeling_alip.convert_to_clip --model runs/alip-b32 --output exports/alip-b32-clip
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from transformers import CLIPConfig, CLIPModel
+
+from .configuration_alip import ALIPConfig
+from .modeling_alip import ALIPModel
+
+logger = logging.getLogger(__name__)
+
+# `ALIPConfig` fields that `CLIPConfig` does not have (the gate hyper-parameters); read from the classes
+# so a new gate field is dropped without editing this list.
+GATE_CONFIG_FIELDS = tuple(sorted({f.name for f in fields(ALIPConfig)} - {f.name for f in fields(CLIPConfig)}))
+# Configuration keys that only make sense for the ALIP class (remote-code pointers, the architecture name).
+_ALIP_ONLY_KEYS = ("auto_map", "architectures", "model_type", "transformers_version")
+
+
+def save_directory_atomically(output_dir: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False):
+    """Runs `write(tmp_dir)` in a temporary sibling of `output_dir`, then renames it into place.
+
+    A reader never sees a half-written model directory: either the old one (or nothing) or the complete new
+    one. The temporary directory sits next to `output_dir` so the final `os.replace` is a rename on one
+    file system.
+
+    Raises:
+        FileExistsError: `output_dir` exists, is not empty and `overwrite` is false.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"--output {output_dir} exists and is not empty; pass --overwrite to replace it")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        write(tmp_dir)
+        if output_dir.exists():
+            # `os.replace` cannot replace a non-empty directory: move the old one aside first.
+            old_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+            os.replace(output_dir, old_dir / output_dir.name)
+            os.replace(tmp_dir, output_dir)
+            shutil.rmtree(old_dir, ignore_errors=True)
+        else:
+            os.replace(tmp_dir, output_dir)
+    finally:
+        if tmp_dir.exists():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def clip_config_from_alip(config: ALIPConfig) -> CLIPConfig:
+    """The `CLIPConfig` of the same towers: `config` without its gate fields."""
+    values = config.to_dict()
+    for key in (*GATE_CONFIG_FIELDS, *_ALIP_ONLY_KEYS):
+        values.pop(key, None)
+    clip_config = CLIPConfig(**values)
+    clip_config.architectures = ["CLIPModel"]
+    return clip_config
+
+
+def clip_state_dict(model: ALIPModel) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` without the gate buffers: exactly `CLIPModel`'s keys."""
+    return {name: tensor for name, tensor in model.state_dict().items() if not name.startswith("gates.")}
+
+
+def clip_processor_from(processor):
+    """A `CLIPProcessor` holding `processor`'s image processor and tokenizer.
+
+    An `ALIPProcessor` saved as is would record its own class name, which a plain transformers install
+    cannot load; its two parts are ordinary `CLIPImageProcessor` and CLIP tokenizer objects.
+    """
+    from transformers import CLIPProcessor
+
+    if isinstance(processor, CLIPProcessor) and type(processor) is CLIPProcessor:
+        return processor
+    missing = [part for part in ("image_processor", "tokenizer") if getattr(processor, part, None) is None]
+    if missing:
+        raise TypeError(
+            f"processor of type {type(processor).__name__} has no {' or '.join(missing)}; pass a processor with "
+            "an image processor and a tokenizer (e.g. ALIPProcessor or CLIPProcessor)"
+        )
+    return CLIPProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer)
+
+
+def export_to_clip(model: ALIPModel, output_dir: str | os.PathLike, processor=None, overwrite: bool = False) -> Path:
+    """Writes `model` as a plain `CLIPModel` directory (config, safetensors weights, optional processor).
+
+    Args:
+        model: an [`ALIPModel`] (any dtype; the export keeps it).
+        output_dir: the directory to create; written atomically (temporary sibling + rename).
+        processor: an `ALIPProcessor` or `CLIPProcessor`, saved as a `CLIPProcessor`; `None` writes weights only.
+        overwrite: replace an existing non-empty `output_dir`.
+
+    Returns:
+        `output_dir` as a `Path`.
+    """
+    if not isinstance(model, CLIPModel):
+        raise TypeError(f"model must be an ALIPModel or CLIPModel, got {type(model).__name__}")
+    clip_config = clip_config_from_alip(model.config) if isinstance(model.config, ALIPConfig) else model.config
+    weights = clip_state_dict(model)
+    clip_processor = clip_processor_from(processor) if processor is not None else None
+
+    def write(tmp_dir: Path):
+        clip = CLIPModel(clip_config).to(model.dtype)
+        # strict: every CLIP weight must come from the ALIP model, none may be left at its random init.
+        clip.load_state_dict(weights, strict=True)
+        clip.save_pretrained(tmp_dir)
+        if clip_processor is not None:
+            clip_processor.save_pretrained(tmp_dir)
+
+    save_directory_atomically(output_dir, write, overwrite=overwrite)
+    logger.info("wrote CLIPModel to %s (dropped gate buffers and fields: %s)", output_dir, ", ".join(GATE_CONFIG_FIELDS))
+    return Path(output_dir)
+
+
+def _load_processor(model_dir: Path):
+    """The processor saved next to an ALIP model, or `None` when the directory holds none."""
+    if not any((model_dir / name).exists() for name in ("processor_config.json", "tokenizer_config.json")):
+        return None
+    try:
+        from .processing_alip import ALIPProcessor
+
+        return ALIPProcessor.from_pretrained(model_dir)
+    except ImportError:
+        from transformers import CLIPProcessor
+
+        return CLIPProcessor.from_pretrained(model_dir)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m modeling_alip.convert_to_clip",
+        description="Export an ALIP model directory as a plain transformers CLIPModel directory.",
+    )
+    parser.add_argument("--model", required=True, help="ALIP model directory (written by save_pretrained)")
+    parser.add_argument("--output", required=True, help="directory to write the CLIPModel to")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists and is not empty")
+    parser.add_argument("--no-processor", action="store_true", help="do not copy the processor even if present")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> Path:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"--model {model_dir} has no config.json; expected a save_pretrained directory")
+    model = ALIPModel.from_pretrained(model_dir)
+    processor = None if args.no_processor else _load_processor(model_dir)
+    if processor is None:
+        logger.info("no processor in %s: exporting weights and config only", model_dir)
+    output = export_to_clip(model, args.output, processor=processor, overwrite=args.overwrite)
+    print(f"CLIPModel written to {output}")
+    return output
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # bad input: the message names it
+        raise SystemExit(f"error: {error}") from None

@@ -13,7 +13,10 @@ model and data (tests/test_eval_parity.py):
 - linear probe: `lp_acc1`, `lp_acc5`, `lp_mean_per_class_recall` of a logistic regression on frozen image
   features, its regularisation chosen on a validation split and refit on train + validation (CLIP paper, A.3).
 
+Retrieval records also hold the recall for every k up to 50 (`recall_curve`); `--plot` draws it (matplotlib).
+
     python eval.py --model runs/alip-tiny --preset demo --output results.json
+    python eval.py --model DIR --preset flickr30k --plot recall.png           # recall@k curves, k = 1..50
     python eval.py --model DIR --dataset data/val.parquet --task zeroshot_classification \
         --image_column jpg --label_column cls --class_names classes.txt
     accelerate launch --num_processes 2 eval.py --model DIR --preset imagenet1k   # sharded, no duplicates
@@ -35,6 +38,7 @@ import time
 import warnings
 import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -53,6 +57,8 @@ ROOT = Path(__file__).resolve().parent
 DEMO_DATA = ROOT / "demo_data"
 MODEL_CARD_TEMPLATE = ROOT / "model_card.md"
 RECALL_KS = (1, 5, 10)
+# The recall curve stored with retrieval results runs over k = 1..50 (or to the candidate count, if smaller).
+RECALL_CURVE_MAX_K = 50
 # CLIP_benchmark's task names, so that its tooling reads our results files.
 ZEROSHOT, RETRIEVAL, LINEAR_PROBE = "zeroshot_classification", "zeroshot_retrieval", "linear_probe"
 TASKS = (ZEROSHOT, RETRIEVAL, LINEAR_PROBE)
@@ -611,15 +617,49 @@ def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, tex
     """
     text_image_index = torch.as_tensor(np.asarray(text_image_index), dtype=torch.long)
     scores = text_embeds @ image_embeds.T  # (T, I)
-    num_texts, num_images = scores.shape
     metrics = {}
     for k in ks:
-        top_images = scores.topk(min(k, num_images), dim=1).indices  # (T, k)
-        metrics[f"image_retrieval_recall@{k}"] = (top_images == text_image_index[:, None]).any(1).float().mean().item()
-        top_texts = scores.T.topk(min(k, num_texts), dim=1).indices  # (I, k)
-        hits = text_image_index[top_texts] == torch.arange(num_images)[:, None]
-        metrics[f"text_retrieval_recall@{k}"] = hits.any(1).float().mean().item()
+        image_hits, text_hits = _hits_in_top_k(scores, text_image_index, k)
+        metrics[f"image_retrieval_recall@{k}"] = image_hits.any(1).float().mean().item()
+        metrics[f"text_retrieval_recall@{k}"] = text_hits.any(1).float().mean().item()
     return metrics
+
+
+def _hits_in_top_k(scores: torch.Tensor, text_image_index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whether each query's j-th most similar candidate is one of its matches, for j < k (or every candidate, if
+    fewer): text -> image `(T, min(k, I))` and image -> text `(I, min(k, T))`, from `scores (T, I)`."""
+    num_texts, num_images = scores.shape
+    top_images = scores.topk(min(k, num_images), dim=1).indices  # (T, k)
+    top_texts = scores.T.topk(min(k, num_texts), dim=1).indices  # (I, k)
+    return top_images == text_image_index[:, None], text_image_index[top_texts] == torch.arange(num_images)[:, None]
+
+
+def recall_curve(image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_image_index,
+                 max_k: int = RECALL_CURVE_MAX_K) -> dict[str, list]:
+    """`retrieval_metrics`' recall at every k from 1 to `max_k`, or to the larger candidate count if that is
+    smaller (where every query is a hit both ways).
+
+    The hits come from one top-K ranking per direction (`retrieval_metrics` ranks once per k, 25 times slower for
+    K = 50), so the curve equals the R@1/5/10 values unless candidates tie exactly in score across the k-th place,
+    which `topk` may break differently for different k.
+
+    Args:
+        image_embeds: `(I, D)` normalised. text_embeds: `(T, D)` normalised. text_image_index: `(T,)`.
+
+    Returns:
+        `{"k": [1, ..., K], "image_retrieval_recall": [K values], "text_retrieval_recall": [K values]}`, the
+        recall at `k[i]` at index i, non-decreasing in k.
+    """
+    text_image_index = torch.as_tensor(np.asarray(text_image_index), dtype=torch.long)
+    scores = text_embeds @ image_embeds.T  # (T, I)
+    ks = list(range(1, min(max_k, max(scores.shape)) + 1))
+    curve = {"k": ks}
+    for name, hits in zip(("image_retrieval_recall", "text_retrieval_recall"),
+                          _hits_in_top_k(scores, text_image_index, len(ks))):
+        found = hits.cumsum(dim=1) > 0  # (queries, K): a match within the first j + 1 candidates
+        # A count over queries, so exact in float32 and equal to `retrieval_metrics`' mean at the same k.
+        curve[name] = [found[:, min(k, found.shape[1]) - 1].float().mean().item() for k in ks]
+    return curve
 
 
 def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
@@ -691,6 +731,7 @@ class EvalSettings:
     recall_ks: tuple[int, ...] = RECALL_KS
     max_samples: int | None = None  # evaluate the first N rows only (smoke runs; recorded in the results)
     seed: int = 0
+    recall_curve_max_k: int = RECALL_CURVE_MAX_K  # retrieval: the recall curve's last k (0: no curve)
 
 
 def _limit(dataset, settings: EvalSettings):
@@ -749,8 +790,13 @@ def run_retrieval(model, processor, task: EvalTask, settings: EvalSettings, imag
     text_embeds = encode_texts(model, processor, texts, settings.text_batch_size, accelerator,
                                desc=f"{task.name} captions")
     metrics = retrieval_metrics(image_embeds, text_embeds, text_image_index, settings.recall_ks)
+    # Kept out of `metrics`, whose scalar names are CLIP_benchmark's (and train.py's logged keys).
+    curve = {}
+    if settings.recall_curve_max_k > 0:
+        curve = {"recall_curve": recall_curve(image_embeds, text_embeds, text_image_index,
+                                              settings.recall_curve_max_k)}
     return {"metrics": metrics, "num_images": len(dataset), "num_texts": len(texts),
-            "caption_columns": list(task.caption_columns)}
+            "caption_columns": list(task.caption_columns), **curve}
 
 
 def run_linear_probe(model, processor, task: EvalTask, settings: EvalSettings, images: SplitFeatures,
@@ -829,13 +875,25 @@ def evaluate_model(model, processor, tasks="demo", split: str | None = None, acc
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def write_json_atomic(path: str | os.PathLike, payload: Any):
+@contextmanager
+def _replaced_atomically(path: str | os.PathLike, mode: Literal["w", "wb"] = "w"):
+    """A temporary file beside `path` that replaces it once the block ends without error (else it is removed), so
+    a reader never sees a partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as file:
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as file:
+            yield file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, payload: Any):
+    with _replaced_atomically(path) as file:
         json.dump(payload, file, indent=1, allow_nan=True)
-    os.replace(tmp, path)
 
 
 def _records_from(results) -> list[dict]:
@@ -884,13 +942,88 @@ def results_table(results) -> str:
     return "\n\n".join(sections)
 
 
+def _matplotlib():
+    """matplotlib's `Figure` and Agg canvas, imported only when a plot is drawn (an optional dependency). The Agg
+    canvas is attached per figure: the process-wide backend (a notebook's, say) is left alone."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+    except ImportError as error:
+        raise ImportError("plotting recall@k curves needs matplotlib: pip install matplotlib "
+                          "(or pip install -e '.[plot]')") from error
+    return Figure, FigureCanvasAgg, ScalarFormatter, NullFormatter
+
+
+def _curve_labels(records: list[dict]) -> list[str]:
+    """One legend entry per record: the dataset, plus the model and the split where they tell records apart."""
+    models = {r.get("model") for r in records}
+    labels = [r["dataset"] + (f" ({Path(str(r.get('model'))).name})" if len(models) > 1 else "") for r in records]
+    if len(set(labels)) < len(labels):
+        labels = [f"{label} [{r.get('split', '')}]" for label, r in zip(labels, records)]
+    return labels
+
+
+def plot_recall_at_k(results, path: str | os.PathLike, figsize: tuple[float, float] = (10.0, 4.0),
+                     dpi: int = 100) -> Path:
+    """Draws the retrieval recall@k curves of every retrieval record, image -> text and text -> image side by side
+    (log-scaled k, recall in percent, R@1/5/10 marked), and writes them to a PNG of `figsize * dpi` pixels.
+
+    Args:
+        results: records (`run_evaluation`), a results file's payload, or the path of a results file: the plot is
+            drawn from each record's `recall_curve`, so it can be redrawn from `results.json` alone.
+        path: the PNG, written atomically (its folder created).
+
+    Raises:
+        ImportError: matplotlib is missing (`pip install matplotlib`, or the `plot` extra).
+        ValueError: no record has a recall curve (no retrieval task, `recall_curve_max_k=0`, or train.py's flat
+            metrics, which hold R@1/5/10 only).
+    """
+    if isinstance(results, (str, os.PathLike)):
+        results = json.loads(Path(results).read_text(encoding="utf-8"))
+    records = [r for r in _records_from(results) if r.get("recall_curve")]
+    if not records:
+        raise ValueError("no retrieval results with a recall_curve to plot: evaluate a retrieval task "
+                         "(recall_curve_max_k > 0)")
+    Figure, FigureCanvasAgg, ScalarFormatter, NullFormatter = _matplotlib()
+    figure = Figure(figsize=figsize, dpi=dpi, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2, sharey=True)
+    max_k = max(r["recall_curve"]["k"][-1] for r in records)
+    # CLIP_benchmark's names are those of the retrieved side: text_retrieval is image -> text.
+    panels = (("text_retrieval_recall", "image \u2192 text"), ("image_retrieval_recall", "text \u2192 image"))
+    for ax, (name, direction) in zip(axes, panels):
+        for record, label in zip(records, _curve_labels(records)):
+            ks = record["recall_curve"]["k"]
+            marked = [i for i, k in enumerate(ks) if k in RECALL_KS]
+            ax.plot(ks, [100 * v for v in record["recall_curve"][name]], marker="o", markevery=marked,
+                    markersize=4, linewidth=1.5, label=label)
+        ax.set_xscale("log")
+        ax.set_xlim(0.9, 1.1 * max(max_k, 2))  # padded: the k = 1 markers and 100% lines stay off the frame
+        ax.set_xticks([k for k in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if k <= max(max_k, 2)])
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(-2, 102)
+        ax.set_yticks(range(0, 101, 20))
+        ax.grid(True, which="major", alpha=0.3)
+        ax.set_xlabel("k (log scale)")
+        ax.set_title(f"{direction} ({name}@k)", fontsize=10)
+    axes[0].set_ylabel("recall@k (%)")
+    axes[1].legend(loc="lower right", fontsize=8)
+    figure.suptitle("Retrieval recall@k (a query is a hit when one of its matches is in the top k)", fontsize=11)
+    with _replaced_atomically(path, "wb") as file:
+        figure.savefig(file, format="png", dpi=dpi)
+    return Path(path)
+
+
 def render_model_card(results, template: str | os.PathLike | None = None, **info) -> str:
     """The model card: `model_card.md` with its `{{placeholders}}` filled from the results and `info`.
 
     Args:
         results: records (`run_evaluation`), a results file's payload, or train.py's flat metrics.
         template: a template path (default: this repository's `model_card.md`).
-        info: `model_name`, `base_model`, `description`, `train_args` (dict), `eval_command`; missing ones get
+        info: `model_name`, `base_model`, `description`, `train_args` (dict), `eval_command`, `recall_plot` (the
+            path of `plot_recall_at_k`'s PNG, relative to the card: embedded as an image); missing ones get
             neutral defaults so every placeholder is filled.
 
     Raises:
@@ -898,6 +1031,7 @@ def render_model_card(results, template: str | os.PathLike | None = None, **info
     """
     records = _records_from(results)
     train_args = info.pop("train_args", None) or {}
+    recall_plot = info.pop("recall_plot", None)
     values = {
         "model_name": info.pop("model_name", None) or Path(str(train_args.get("output_dir", ""))).name
         or (records[0].get("model") if records else None) or "model",
@@ -907,6 +1041,7 @@ def render_model_card(results, template: str | os.PathLike | None = None, **info
         "results_table": results_table(records),
         "eval_command": info.pop("eval_command", None) or "python eval.py --model <this directory> --preset demo",
         "evaluated_datasets": ", ".join(sorted({r["dataset"] for r in records})) or "none",
+        "recall_plot": f"![Retrieval recall@k]({Path(recall_plot).as_posix()})" if recall_plot else "",
     }
     values.update({k: str(v) for k, v in info.items()})
     text = Path(template or MODEL_CARD_TEMPLATE).read_text(encoding="utf-8")
@@ -957,6 +1092,10 @@ class EvalArguments:
     name: str | None = field(default=None, metadata={"help": "Dataset name in the results (--dataset)."})
     output: str = field(default="results.json", metadata={"help": "Results JSON path."})
     model_card: str | None = field(default=None, metadata={"help": "Also render model_card.md to this path."})
+    plot: str | None = field(default=None, metadata={
+        "help": "Also draw the retrieval recall@k curves to this PNG (needs matplotlib; embedded in --model_card)."})
+    recall_curve_max_k: int = field(default=RECALL_CURVE_MAX_K, metadata={
+        "help": "Retrieval: store recall@k for k = 1..N in the results (the curves --plot draws); 0: none."})
     batch_size: int = field(default=64, metadata={"help": "Images per batch and process."})
     text_batch_size: int = field(default=256, metadata={"help": "Texts per batch and process."})
     max_samples: int | None = field(default=None, metadata={"help": "Evaluate the first N rows of each split only."})
@@ -974,6 +1113,8 @@ class EvalArguments:
             raise ValueError("--dataset needs --task")
         if self.batch_size < 1 or self.text_batch_size < 1:
             raise ValueError("--batch_size and --text_batch_size must be >= 1")
+        if self.recall_curve_max_k < 0 or (self.plot and self.recall_curve_max_k < 1):
+            raise ValueError("--recall_curve_max_k must be >= 0, and >= 1 with --plot")
 
 
 def tasks_from_args(args: EvalArguments) -> list[EvalTask]:
@@ -1016,8 +1157,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     accelerator = Accelerator()
     tasks = tasks_from_args(args)
+    if args.plot:  # fail before evaluating, not after
+        _matplotlib()
+        if not any(t.task == RETRIEVAL for t in tasks):
+            raise ValueError("--plot draws retrieval recall@k curves, but no retrieval task is evaluated")
     model, processor = load_model_and_processor(args.model, accelerator.device)
-    settings = EvalSettings(args.batch_size, args.text_batch_size, max_samples=args.max_samples, seed=args.seed)
+    settings = EvalSettings(args.batch_size, args.text_batch_size, max_samples=args.max_samples, seed=args.seed,
+                            recall_curve_max_k=args.recall_curve_max_k)
     records = run_evaluation(model, processor, tasks, accelerator=accelerator, settings=settings,
                              cache=ClassifierCache(args.cache_dir), model_name=args.model)
     if accelerator.is_main_process:
@@ -1025,8 +1171,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "num_processes": accelerator.num_processes, "results": records}
         write_json_atomic(args.output, payload)
         print(results_table(records))
+        if args.plot:
+            plot_recall_at_k(records, args.plot)
         if args.model_card:
-            card = render_model_card(records, model_name=Path(args.model).name,
+            plot_link = os.path.relpath(args.plot, Path(args.model_card).resolve().parent) if args.plot else None
+            card = render_model_card(records, model_name=Path(args.model).name, recall_plot=plot_link,
                                      eval_command="python eval.py " + " ".join(sys.argv[1:] if argv is None else argv))
             _write_text_atomic(args.model_card, card)
     accelerator.wait_for_everyone()
@@ -1034,12 +1183,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def _write_text_atomic(path: str | os.PathLike, text: str):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as file:
+    with _replaced_atomically(path) as file:
         file.write(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ setup(
             "webdataset",
             "sentencepiece",
             "tensorboard",
+            "matplotlib",
         ],
         "tensorboard": ["tensorboard"],
+        "plot": ["matplotlib"],  # eval.py --plot: recall@k curves
     },
 )

@@ -1,17 +1,34 @@
-"""The data contract between recaption/ and train.py, and loading image-text data from any source.
+"""The data contract between recaption/ and train.py, loading image-text data from any source, and the
+training input pipeline.
 
 Column names and their `datasets.Features` are defined once here; `recaption/` writes them and `train.py`
 reads them by default, so a recaptioned dataset trains without flags. Users whose data uses other names
 map them by argument.
+
+The pipeline (second half of the file): decode an image (corrupt ones are skipped and counted), draw its
+crop (`ImageTransform`, RandomResizedCrop scale (0.9, 1.0) as the official ALIP code), pick its text(s) with
+the recipe's `TextSelector`, tokenise a batch padded to its longest text (`tokenize`, `Collator`), and order
+map-style data in global batches shared by all processes (`GlobalBatchSampler`) or stream it
+(`StreamingExamples`).
 """
 
 from __future__ import annotations
 
 import glob
+import io
+import itertools
+import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import datasets
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms import functional as TF
 
 # The data contract.
 ID = "id"  # stable key: new columns are joined on it, never on row order
@@ -133,3 +150,325 @@ def require_columns(dataset: datasets.Dataset | datasets.IterableDataset, column
             continue
         hint = f"; run `{PRODUCED_BY[role]}` first to add it" if role in PRODUCED_BY else ""
         raise ValueError(f"column {name!r} ({role}) not found; available columns: {available}{hint}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training pipeline: decoding, image transforms, text selection, tokenisation, collation, sampling.
+#
+# Everything random is seeded per sample from `(seed, epoch, index)`, never from a process's global RNG, so a
+# resumed run, a run with more DataLoader workers and a run split over more processes all see the same crops
+# and the same drawn texts for the same sample.
+# ----------------------------------------------------------------------------------------------------------------
+
+logger = logging.getLogger(__name__)
+
+# The official ALIP training transform: RandomResizedCrop(scale=(0.9, 1.0), bicubic) (src/open_alip/transform.py).
+ALIP_CROP_SCALE = (0.9, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's default aspect-ratio range, which the official code keeps
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random generator of one sample in one epoch: independent of process, worker and resume point."""
+    return np.random.default_rng([seed, epoch, index])
+
+
+@dataclass
+class ImageTransform:
+    """PIL image -> `(3, image_size, image_size)` normalised float tensor.
+
+    Training: RandomResizedCrop with `crop_scale` (official ALIP: (0.9, 1.0)) and bicubic resampling, its crop
+    drawn from the sample's own generator. Evaluation: bicubic resize of the short side + center crop.
+    """
+
+    image_size: int
+    train: bool = True
+    crop_scale: tuple[float, float] = ALIP_CROP_SCALE
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
+        image = image.convert("RGB")
+        if self.train:
+            top, left, height, width = self._crop_params(image, rng)
+            image = TF.resized_crop(image, top, left, height, width, [self.image_size, self.image_size],
+                                    InterpolationMode.BICUBIC, antialias=True)
+        else:
+            image = TF.resize(image, self.image_size, InterpolationMode.BICUBIC, antialias=True)
+            image = TF.center_crop(image, [self.image_size, self.image_size])
+        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
+
+    def _crop_params(self, image: Image.Image, rng: np.random.Generator | None) -> tuple[int, int, int, int]:
+        # torchvision's sampler draws from the global torch RNG; fork it and seed it from the sample instead.
+        seed = int(rng.integers(2**62)) if rng is not None else int(torch.randint(2**62, ()).item())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return RandomResizedCrop.get_params(image, list(self.crop_scale), list(CROP_RATIO))
+
+    @classmethod
+    def from_image_processor(cls, image_processor, train: bool, crop_scale=ALIP_CROP_SCALE) -> "ImageTransform":
+        """Size, mean and std from a transformers `CLIPImageProcessor` (or anything with the same attributes)."""
+        size = None
+        for spec in (getattr(image_processor, "crop_size", None), getattr(image_processor, "size", None)):
+            size = size or _size_from(spec)
+        if size is None:
+            raise ValueError(f"{type(image_processor).__name__} has neither crop_size nor size")
+        return cls(
+            image_size=int(size),
+            train=train,
+            crop_scale=tuple(crop_scale),
+            mean=tuple(getattr(image_processor, "image_mean", None) or CLIP_MEAN),
+            std=tuple(getattr(image_processor, "image_std", None) or CLIP_STD),
+        )
+
+
+def _size_from(spec) -> int | None:
+    """Edge length from an int, a dict or transformers' `SizeDict` (`height` or `shortest_edge`)."""
+    if spec is None or isinstance(spec, int):
+        return spec
+    for key in ("height", "shortest_edge"):
+        value = spec.get(key) if isinstance(spec, dict) else getattr(spec, key, None)
+        if value:
+            return int(value)
+    return None
+
+
+def decode_image(value: Any) -> Image.Image:
+    """Decodes an image cell: a PIL image, `{"bytes", "path"}` (datasets' undecoded `Image`), bytes or a path.
+
+    Raises whatever PIL raises on a corrupt image; callers skip and count those.
+    """
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, dict):
+        image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+    elif isinstance(value, (bytes, bytearray)):
+        image = Image.open(io.BytesIO(value))
+    elif isinstance(value, str):
+        image = Image.open(value)
+    else:
+        raise TypeError(f"cannot decode an image from {type(value).__name__}")
+    image.load()  # PIL opens lazily; force the decode here so truncated files fail now
+    return image
+
+
+def undecoded_images(dataset, image_column: str):
+    """The dataset with `image_column` left as bytes, so that a corrupt image fails in our code, not in `datasets`."""
+    features = dataset.features
+    if features is not None and isinstance(features.get(image_column), datasets.Image):
+        return dataset.cast_column(image_column, datasets.Image(decode=False))
+    return dataset
+
+
+@dataclass
+class TextSelector:
+    """How a recipe picks the text(s) of one sample.
+
+    `select(example, rng)` returns `({"text": str, "caption": str | None}, stats)` where `stats` holds integer
+    counts to sum over a batch (e.g. how many samples drew the VeCap text). Defined by `recipes.py`.
+    """
+
+    columns: dict[str, str]
+    select: Callable[[dict, np.random.Generator], tuple[dict[str, str | None], dict[str, int]]]
+
+
+def _is_empty(text: Any) -> bool:
+    return text is None or not isinstance(text, str) or not text.strip()
+
+
+@dataclass
+class ExampleBuilder:
+    """Turns one raw row into a training example, or `None` (with the reason) when it must be skipped.
+
+    A row is skipped when its image does not decode or one of the texts the recipe reads is missing or empty.
+    """
+
+    image_column: str
+    selector: TextSelector
+    transform: ImageTransform
+    seed: int = 0
+
+    def __call__(self, row: dict, epoch: int, index: int) -> tuple[dict | None, str | None]:
+        for role, column in self.selector.columns.items():
+            if _is_empty(row.get(column)):
+                return None, "skipped_texts"
+        try:
+            image = decode_image(row[self.image_column])
+        except Exception as error:  # noqa: BLE001 - any decoder failure means a corrupt image, never fatal
+            logger.debug("skipping row %s: %s", index, error)
+            return None, "skipped_images"
+        rng = sample_rng(self.seed, epoch, index)
+        texts, stats = self.selector.select(row, rng)
+        return {"pixel_values": self.transform(image, rng), **texts, "stats": stats}, None
+
+
+class MapStyleExamples(torch.utils.data.Dataset):
+    """A map-style dataset whose items are `(epoch, index)` pairs produced by [`GlobalBatchSampler`].
+
+    Rows were validated by [`filter_valid_rows`] beforehand, so every item yields an example and every batch
+    keeps its size: the contrastive loss gathers equal-sized batches from all processes.
+    """
+
+    def __init__(self, dataset, build: ExampleBuilder):
+        self.dataset, self.build = dataset, build
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        epoch, index = item
+        example, reason = self.build(self.dataset[int(index)], epoch, int(index))
+        if example is None:
+            raise RuntimeError(f"row {index} failed after validation ({reason}); was the data modified meanwhile?")
+        return example
+
+
+def filter_valid_rows(dataset, build: ExampleBuilder, num_proc: int | None = None) -> tuple[Any, dict[str, int]]:
+    """Drops rows with a corrupt image or a missing/empty text, and counts them.
+
+    Returns `(filtered dataset, {"skipped_images": n, "skipped_texts": m})`. The check decodes every image once
+    (datasets caches the result for file-backed data).
+    """
+    columns = list(build.selector.columns.values())
+
+    def reasons(batch: dict) -> dict:
+        out = []
+        for i in range(len(batch[build.image_column])):
+            row = {c: batch[c][i] for c in batch}
+            if any(_is_empty(row.get(c)) for c in columns):
+                out.append("skipped_texts")
+                continue
+            try:
+                decode_image(row[build.image_column])
+                out.append("")
+            except Exception:  # noqa: BLE001 - counted, never fatal
+                out.append("skipped_images")
+        return {"_skip_reason": out}
+
+    checked = dataset.map(reasons, batched=True, batch_size=256, num_proc=num_proc,
+                          input_columns=None, desc="checking images and texts")
+    counts = {"skipped_images": 0, "skipped_texts": 0}
+    for reason in checked["_skip_reason"]:
+        if reason:
+            counts[reason] += 1
+    kept = checked.filter(lambda r: [x == "" for x in r], input_columns="_skip_reason", batched=True)
+    return kept.remove_columns("_skip_reason"), counts
+
+
+class StreamingExamples(torch.utils.data.IterableDataset):
+    """Examples from an `IterableDataset` already split to this process, cycling over epochs.
+
+    Rows that fail are skipped here and counted in the next example's `stats`, so the counts reach the training
+    loop through the batches. The stream never ends (training length is `max_steps`), so processes whose shards
+    hold different numbers of valid rows never wait for each other at an epoch boundary.
+    """
+
+    def __init__(self, dataset, build: ExampleBuilder, rank: int = 0):
+        self.dataset, self.build, self.rank = dataset, build, rank
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = torch.utils.data.get_worker_info()
+        worker_id = worker.id if worker is not None else 0
+        pending = {"skipped_images": 0, "skipped_texts": 0}
+        for epoch in itertools.count():
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(epoch)
+            produced = 0
+            for position, row in enumerate(self.dataset):
+                # Per-sample seeds from the stream position: unique per process and DataLoader worker.
+                index = (position * 4096 + worker_id) * 4096 + self.rank
+                example, reason = self.build(row, epoch, index)
+                if example is None:
+                    pending[reason] += 1
+                    continue
+                example["stats"] = {**example["stats"], **pending}
+                pending = {k: 0 for k in pending}
+                produced += 1
+                yield example
+            if produced == 0:
+                return  # nothing valid (or no shard for this worker): stop instead of spinning forever
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Yields this process's share of each global batch as a list of `(epoch, index)` items.
+
+    Epoch `e` is a permutation of all rows seeded by `(seed, e)`; global batch `b` of it is rows
+    `[b*G, (b+1)*G)` with `G = per_process_batch * world_size`, and process `r` takes the `r`-th slice. One
+    process with batch `G` and `n` processes with batch `G/n` thus see the same global batches in the same
+    order, and resuming at batch `start` needs no replay. The incomplete tail of each epoch is dropped.
+    """
+
+    def __init__(self, num_rows: int, per_process_batch: int, num_batches: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, start: int = 0):
+        global_batch = per_process_batch * world_size
+        if num_rows < global_batch:
+            raise ValueError(f"the dataset has {num_rows} usable rows, fewer than one global batch of {global_batch}")
+        self.num_rows, self.batch, self.rank, self.world_size = num_rows, per_process_batch, rank, world_size
+        self.seed, self.start, self.num_batches = seed, start, num_batches
+        self.batches_per_epoch = num_rows // global_batch
+
+    def __len__(self) -> int:
+        return max(self.num_batches - self.start, 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        permutation, permutation_epoch = None, -1
+        for batch in range(self.start, self.num_batches):
+            epoch, position = divmod(batch, self.batches_per_epoch)
+            if epoch != permutation_epoch:
+                permutation = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+                permutation_epoch = epoch
+            begin = (position * self.world_size + self.rank) * self.batch
+            yield [(epoch, int(i)) for i in permutation[begin : begin + self.batch]]
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[dict[str, torch.Tensor], int]:
+    """Tokenises with padding to the longest row of the batch; over-long texts keep their end token.
+
+    Returns `({"input_ids": (B, L), "attention_mask": (B, L)}, number of truncated texts)` with
+    `L <= max_length`. Truncation cuts the tail and re-appends the end token, because CLIP pools the text at
+    its end token.
+    """
+    ids = tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    truncated = sum(len(row) > max_length for row in ids)
+    ids = [row if len(row) <= max_length else row[: max_length - 1] + [eos] for row in ids]
+    length = max(len(row) for row in ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    input_ids = torch.full((len(ids), length), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(ids), length), dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}, truncated
+
+
+@dataclass
+class Collator:
+    """Examples -> model batch: `pixel_values (B, 3, H, W)`, `input_ids`/`attention_mask (B, L)`, optionally
+    `caption_input_ids`/`caption_attention_mask (B, L')`, and `stats` (summed integer counts, including
+    `truncated_texts`)."""
+
+    tokenizer: Any
+    max_length: int = 77
+    clean: Callable[[str], str] | None = None  # text normalisation applied before tokenising
+
+    def _texts(self, examples: list[dict], key: str) -> list[str]:
+        texts = [e[key] for e in examples]
+        return [self.clean(t) for t in texts] if self.clean is not None else texts
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = {"pixel_values": torch.stack([e["pixel_values"] for e in examples])}
+        text, truncated = tokenize(self.tokenizer, self._texts(examples, "text"), self.max_length)
+        batch.update(text)
+        if examples[0].get("caption") is not None:
+            caption, caption_truncated = tokenize(self.tokenizer, self._texts(examples, "caption"), self.max_length)
+            batch["caption_input_ids"] = caption["input_ids"]
+            batch["caption_attention_mask"] = caption["attention_mask"]
+            truncated += caption_truncated
+        stats = {"truncated_texts": truncated, "skipped_images": 0, "skipped_texts": 0}
+        for example in examples:
+            for key, value in example["stats"].items():
+                stats[key] = stats.get(key, 0) + value
+        batch["stats"] = stats
+        return batch

@@ -429,7 +429,11 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[dict[str, to
     `L <= max_length`. Truncation cuts the tail and re-appends the end token, because CLIP pools the text at
     its end token.
     """
-    ids = tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+    # A literal special-token string in web text ("<|endoftext|>") is text, not a token: CLIP pools at the
+    # first end token, so reading it as one would silently cut the text there.
+    ids = tokenizer(texts, add_special_tokens=True, truncation=False, split_special_tokens=True, verbose=False)[
+        "input_ids"
+    ]
     eos = tokenizer.eos_token_id
     truncated = sum(len(row) > max_length for row in ids)
     ids = [row if len(row) <= max_length else row[: max_length - 1] + [eos] for row in ids]

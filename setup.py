@@ -11,9 +11,9 @@ setup(
     packages=["modeling_alip", "recaption"],
     py_modules=["data", "recipes", "train", "eval"],
     install_requires=[
-        # torch 2.14.1 / torchvision 0.29.1 are the newest this project is tested with.
-        "torch>=2.4,<=2.14.1",
-        "torchvision>=0.19,<=0.29.1",
+        # Tested with torch 2.14.1 / torchvision 0.29.1.
+        "torch>=2.4",
+        "torchvision>=0.19",
         "transformers>=5.0,<6",
         "accelerate>=1.0",
         "datasets>=3.0",
@@ -26,11 +26,11 @@ setup(
         "tqdm",
         "scikit-learn",
         "ftfy",  # the text cleaning CLIP's tokenizer was trained with
+        "open_clip_torch>=2.24",  # ships the real CLIP BPE vocabulary, read offline by clip_tokenizer()
     ],
     extras_require={
         "dev": [
             "pytest",
-            "open_clip_torch>=2.24",  # real CLIP BPE vocabulary and the reference models for parity tests
             "clip-benchmark",  # reference metrics for eval.py's parity tests
             "webdataset",
             "sentencepiece",
@@ -39,5 +39,6 @@ setup(
         ],
         "tensorboard": ["tensorboard"],
         "plot": ["matplotlib"],  # eval.py --plot: recall@k curves
+        "vllm": ["vllm"],  # recaption.rewrite --backend vllm
     },
 )

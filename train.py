@@ -13,7 +13,7 @@ losses, each with its own negatives and its own gate update); gathering keeps gr
 
 import contextlib
 import dataclasses
-import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -33,11 +33,19 @@ from accelerate.state import AcceleratorState
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
+from transformers import (
+    AutoImageProcessor,
+    AutoTokenizer,
+    CLIPImageProcessor,
+    HfArgumentParser,
+    get_cosine_schedule_with_warmup,
+)
 
 import data
 import recipes
-from modeling_alip import ALIPConfig, ALIPModel, ALIPOutput
+from eval import evaluate_model, render_model_card
+from modeling_alip import ALIPConfig, ALIPModel, ALIPOutput, ALIPProcessor, clean_clip_text, clip_tokenizer
+from modeling_alip.convert_to_clip import export_to_clip
 from modeling_alip.loss import gather_features
 
 logger = logging.getLogger("train")
@@ -298,49 +306,23 @@ def _freeze(*modules):
         module.requires_grad_(False)
 
 
-class _ImageTextProcessor:
-    """Stand-in for `ALIPProcessor` when `modeling_alip.processing_alip` is not available: saves both parts."""
-
-    def __init__(self, image_processor, tokenizer):
-        self.image_processor, self.tokenizer = image_processor, tokenizer
-
-    def save_pretrained(self, path):
-        self.image_processor.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-
-
-def build_processor(args: ModelArguments, model: ALIPModel):
-    """Image processor (size from the model's config, CLIP mean/std) and tokenizer, as one processor."""
-    from transformers import AutoTokenizer, CLIPImageProcessor
-
-    size = model.config.vision_config.image_size
-    image_processor = None
-    if args.model_name_or_path and (Path(args.model_name_or_path) / "preprocessor_config.json").exists():
-        image_processor = CLIPImageProcessor.from_pretrained(args.model_name_or_path)
-    if image_processor is None:
+def build_processor(args: ModelArguments, model: ALIPModel) -> ALIPProcessor:
+    """The image processor saved with `--model_name_or_path` (VeCLIP's, CLIP's, ...) or CLIP's preprocessing at
+    the model's image size, with `--tokenizer_name_or_path`, the saved tokenizer, or the CLIP BPE tokenizer."""
+    source = Path(args.model_name_or_path) if args.model_name_or_path else None
+    if source is not None and (source / "preprocessor_config.json").exists():
+        image_processor = AutoImageProcessor.from_pretrained(source)
+    else:
+        size = model.config.vision_config.image_size
         image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     tokenizer_path = args.tokenizer_name_or_path
-    if tokenizer_path is None and args.model_name_or_path and (
-        Path(args.model_name_or_path) / "tokenizer_config.json"
-    ).exists():
-        tokenizer_path = args.model_name_or_path
-    processing = _processing_module()
+    if tokenizer_path is None and source is not None and (source / "tokenizer_config.json").exists():
+        tokenizer_path = source
     if tokenizer_path is not None:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    elif processing is not None and hasattr(processing, "clip_tokenizer"):
-        tokenizer = processing.clip_tokenizer(model_max_length=model.config.text_config.max_position_embeddings)
     else:
-        raise ValueError("no tokenizer: pass --tokenizer_name_or_path (modeling_alip.processing_alip is missing)")
-    if processing is not None and hasattr(processing, "ALIPProcessor"):
-        return processing.ALIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    return _ImageTextProcessor(image_processor, tokenizer)
-
-
-def _processing_module():
-    try:
-        return importlib.import_module("modeling_alip.processing_alip")
-    except ImportError:
-        return None
+        tokenizer = clip_tokenizer(model_max_length=model.config.text_config.max_position_embeddings)
+    return ALIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 def core_model(accelerator: Accelerator, model) -> ALIPModel:
@@ -374,8 +356,7 @@ def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes
         processor.image_processor, train=True, crop_scale=(args.crop_scale_min, args.crop_scale_max))
     build = data.ExampleBuilder(args.image_column, recipe.text_selector(), transform, seed=train.seed)
     # The processor's text cleaning (CLIP's ftfy + whitespace + lower-case for the CLIP tokenizer) applies too.
-    clean = _optional_attr("modeling_alip.processing_alip", "clean_clip_text") if getattr(
-        processor, "text_cleaning", "none") != "none" else None
+    clean = clean_clip_text if processor.text_cleaning != "none" else None
     collate = data.Collator(processor.tokenizer, max_length=args.max_text_length, clean=clean)
     batch = train.per_device_train_batch_size
     common = dict(collate_fn=collate, num_workers=args.dataloader_num_workers,
@@ -605,10 +586,6 @@ def evaluate(model: ALIPModel, processor, args: DataArguments, accelerator: Acce
     """
     if args.eval_data is None:
         return {}
-    evaluate_model = _optional_attr("eval", "evaluate_model")
-    if evaluate_model is None:
-        logger.warning("eval.py has no evaluate_model; skipping evaluation")
-        return {}
     was_training = model.training
     model.eval()
     try:
@@ -637,32 +614,14 @@ def save_outputs(model: ALIPModel, processor, output_dir: str, results: dict[str
     for item in tmp.iterdir():  # each file replaced atomically
         os.replace(item, out / item.name)
     tmp.rmdir()
-    export = _optional_attr("modeling_alip.convert_to_clip", "export_to_clip")
-    if export is not None:
-        export(model, str(out / "clip_export"), processor=processor, overwrite=True)
+    export_to_clip(model, str(out / "clip_export"), processor=processor, overwrite=True)
     _atomic_write_text(out / "README.md", model_card(out, results))
 
 
-def _optional_attr(module: str, name: str):
-    try:
-        return getattr(importlib.import_module(module), name, None)
-    except ImportError:
-        return None
-
-
 def model_card(output_dir: Path, results: dict[str, float]) -> str:
-    """A model card from `model_card.md` (rendered by eval.py when it offers a renderer), else a minimal one."""
-    render = _optional_attr("eval", "render_model_card")
+    """The model card: `model_card.md` rendered by eval.py from the results and the training arguments."""
     args = yaml.safe_load((output_dir / ARGS_FILE).read_text()) if (output_dir / ARGS_FILE).exists() else {}
-    if render is not None:
-        return render(results, train_args=args, model_name=args.get("hub_model_id") or output_dir.name)
-    table = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(results.items())) or "| (not evaluated) | |"
-    return (
-        "---\nlibrary_name: transformers\ntags: [clip, alip, zero-shot-image-classification]\n---\n\n"
-        f"# {output_dir.name}\n\nTrained with `train.py` (recipe `{args.get('recipe', '?')}`, data "
-        f"`{args.get('train_data', '?')}`, {args.get('max_steps', '?')} max steps). Arguments: `{ARGS_FILE}`.\n\n"
-        f"| metric | value |\n|---|---|\n{table}\n"
-    )
+    return render_model_card(results, train_args=args, model_name=args.get("hub_model_id") or output_dir.name)
 
 
 def push_to_hub(output_dir: str, repo_id: str):

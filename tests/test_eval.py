@@ -254,8 +254,6 @@ def test_class_name_list_of_the_wrong_length_is_an_error(model_and_processor, tm
 
 
 def test_class_without_images_is_left_out_of_mean_per_class_recall_and_recorded(model_and_processor, tmp_path):
-    from sklearn.metrics import balanced_accuracy_score
-
     model, processor = model_and_processor
     source = classification_dir(tmp_path, names=("cat", "dog", "ship", "frog"), n=9, num_labelled_classes=3)
     task = ev.EvalTask("x", "zeroshot", source, label_column="label", templates=("a {}",))

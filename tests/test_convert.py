@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from _isolation import HIDE_PACKAGE
 from modeling_alip import ALIPModel
 from modeling_alip.convert_open_clip import (
     alip_config_from_state_dict,
@@ -258,7 +259,7 @@ def _trained_gates(model: ALIPModel) -> ALIPModel:
     return model.eval()
 
 
-_CLEAN_LOAD = textwrap.dedent(
+_CLEAN_LOAD = HIDE_PACKAGE + textwrap.dedent(
     """
     import sys, numpy, torch
     from transformers import AutoModel, AutoProcessor, CLIPModel, CLIPProcessor

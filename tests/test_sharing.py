@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
+from _isolation import HIDE_PACKAGE
 from modeling_alip import ALIPConfig, ALIPModel, ALIPProcessor
 
 from conftest import tiny_alip_config
@@ -105,21 +106,9 @@ def test_shipped_modules_import_only_siblings_torch_transformers_and_the_standar
             assert set(roots) <= allowed, f"{name} imports {roots}"
 
 
-REMOTE_SCRIPT = textwrap.dedent(
+REMOTE_SCRIPT = HIDE_PACKAGE + textwrap.dedent(
     """
-    import importlib.util, json, sys
-
-    class HidePackage:  # modeling_alip unimportable even where it is pip-installed, as on a user's machine
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] == "modeling_alip":
-                raise ModuleNotFoundError(f"No module named {name!r}")
-
-    sys.meta_path.insert(0, HidePackage())
-    try:
-        import modeling_alip
-        raise AssertionError(f"modeling_alip is importable from {modeling_alip.__file__}")
-    except ModuleNotFoundError:
-        pass
+    import json
     import torch
     from PIL import Image
     from transformers import AutoModel, AutoProcessor

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModel, AutoProcessor, CLIPConfig, CLIPModel, T5Tokenizer
 
 import modeling_alip
+from _isolation import HIDE_PACKAGE
 from modeling_alip import ALIPModel, ALIPProcessor, VeCLIPImageProcessor
 from modeling_alip.convert_veclip import convert_veclip, main
 from modeling_alip.processing_veclip import check_text_token_ids
@@ -137,9 +138,8 @@ def test_loads_with_remote_code_where_the_package_is_not_importable(converted, t
     image = rng.integers(0, 256, size=(44, 31, 3), dtype=np.uint8)
     np.save(tmp_path / "image.npy", image)
     expected = local(images=[image], text=["a bird in the blue sky"])
-    script = f"""
-import importlib.util, json, numpy as np, torch
-assert importlib.util.find_spec("modeling_alip") is None
+    script = HIDE_PACKAGE + f"""
+import json, numpy as np, torch
 from transformers import AutoImageProcessor, AutoModel, AutoProcessor
 processor = AutoProcessor.from_pretrained({str(converted)!r}, trust_remote_code=True)
 image_processor = AutoImageProcessor.from_pretrained({str(converted)!r}, trust_remote_code=True)
@@ -248,3 +248,22 @@ def test_existing_output_needs_overwrite_and_is_then_replaced(release, t5_tokeni
 def test_missing_tokenizer_is_an_error_naming_the_flag(release, tmp_path):
     with pytest.raises(OSError, match="--tokenizer"):
         convert_veclip(release[0], tmp_path / "out", tokenizer=str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("recipe", ["veclip", "alip"])
+def test_train_fine_tunes_a_converted_checkpoint_with_its_t5_tokenizer_and_veclip_preprocessing(converted, tmp_path, recipe):
+    import train
+    from test_train_fixtures import write_parquet
+
+    rows = write_parquet(tmp_path / "train.parquet", 16)
+    output = tmp_path / "out"
+    train.main(["--model_name_or_path", str(converted), "--recipe", recipe, "--train_data", str(rows),
+                "--output_dir", str(output), "--per_device_train_batch_size", "8", "--max_steps", "2",
+                "--max_text_length", str(CONTEXT), "--eval_data", "none", "--report_to", "none",
+                "--warmup_steps", "0", "--learning_rate", "1e-3"])
+    processor = AutoProcessor.from_pretrained(output)
+    assert isinstance(processor.image_processor, VeCLIPImageProcessor)
+    assert processor.tokenizer.eos_token_id == 1 and processor.text_cleaning == "none"
+    tuned, original = ALIPModel.from_pretrained(output), ALIPModel.from_pretrained(converted)
+    assert tuned.config.text_config.eos_token_id == 1
+    assert not torch.equal(tuned.text_projection.weight, original.text_projection.weight)

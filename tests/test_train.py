@@ -1,6 +1,7 @@
 """End-to-end training through `train.main([...])` on tiny data, plus the exactness of accumulation."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,10 +266,18 @@ def test_evaluation_runs_every_eval_steps_and_at_the_end(tiny_data, tmp_path):
     assert "| " in (tmp_path / "README.md").read_text()  # model card with a results table
 
 
-def test_defaults_train_alip_on_the_bundled_demo_data():
-    model_args, data_args, train_args, recipe_args = train.parse_args([])
-    assert (model_args.model_config, recipe_args.recipe) == ("tiny", "alip")
+def test_defaults_train_alip_on_the_bundled_demo_data_as_configs_demo_yaml_says():
+    defaults = train.parse_args([])
+    model_args, data_args, train_args, recipe_args = defaults
+    assert (model_args.model_config, recipe_args.recipe) == ("small", "alip")
     assert data_args.train_data.endswith("demo_data") and data_args.eval_data.endswith("demo_data")
+    from_yaml = train.parse_args([str(train.ROOT / "configs" / "demo.yaml")])
+    for default, spelled_out in zip(defaults, from_yaml):
+        default_values, yaml_values = dict(vars(default)), dict(vars(spelled_out))
+        for name in ("train_data", "eval_data"):  # relative in the file, absolute as defaults
+            if name in default_values:
+                default_values[name], yaml_values[name] = Path(default_values[name]).name, Path(yaml_values[name]).name
+        assert default_values == yaml_values
 
 
 @pytest.mark.slow  # reads the 2,900 demo images once and evaluates on the 394 test images

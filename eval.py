@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import sys
 import tempfile
 import time
@@ -246,17 +247,19 @@ def resolve_tasks(tasks, split: str | None = None) -> list[EvalTask]:
     elif tasks in PRESETS:
         resolved = PRESETS[tasks]
     elif isinstance(tasks, str):
-        resolved = _preset_for_source(tasks) or [_contract_retrieval_task(tasks, split or "test")]
+        preset = _preset_of_source(tasks)
+        resolved = PRESETS[preset] if preset else [_contract_retrieval_task(tasks, split or "test")]
     else:
         raise TypeError(f"tasks: expected a preset name, a source or an EvalTask, got {type(tasks).__name__}")
     return [replace(t) if split is None else replace(t, split=split) for t in resolved]
 
 
-def _preset_for_source(source: str) -> list[EvalTask] | None:
-    for tasks in PRESETS.values():
+def _preset_of_source(source: str) -> str | None:
+    """The name of the preset whose data is the local path `source` (train.py's `--eval_data demo_data`)."""
+    for name, tasks in PRESETS.items():
         preset = tasks[0].source
         if os.path.exists(source) and os.path.exists(preset) and os.path.samefile(source, preset):
-            return tasks
+            return name
     return None
 
 
@@ -535,11 +538,8 @@ class ClassifierCache:
     def put(self, key: str, classifier: torch.Tensor):
         self._remember(key, classifier)
         if self.cache_dir is not None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
-            os.close(fd)
-            torch.save(classifier, tmp)
-            os.replace(tmp, self.cache_dir / f"{key}.pt")
+            with _replaced_atomically(self.cache_dir / f"{key}.pt", "wb") as file:
+                torch.save(classifier, file)
 
 
 DEFAULT_CACHE = ClassifierCache()
@@ -896,6 +896,11 @@ def write_json_atomic(path: str | os.PathLike, payload: Any):
         json.dump(payload, file, indent=1, allow_nan=True)
 
 
+def _write_text_atomic(path: str | os.PathLike, text: str):
+    with _replaced_atomically(path) as file:
+        file.write(text)
+
+
 def _records_from(results) -> list[dict]:
     """Records from a results file payload, a list of records, or train.py's flat `eval/<dataset>/<metric>`."""
     if isinstance(results, dict) and "results" in results:
@@ -1029,8 +1034,10 @@ def render_model_card(results, template: str | os.PathLike | None = None, **info
     Raises:
         KeyError: a placeholder in the template that nothing fills.
     """
-    records = _records_from(results)
     train_args = info.pop("train_args", None) or {}
+    records = _records_from(results)
+    if train_args.get("eval_split"):  # train.py's flat metrics hold no split; its arguments name the one it used
+        records = [{**r, "split": r.get("split") or train_args["eval_split"]} for r in records]
     recall_plot = info.pop("recall_plot", None)
     values = {
         "model_name": info.pop("model_name", None) or Path(str(train_args.get("output_dir", ""))).name
@@ -1039,7 +1046,7 @@ def render_model_card(results, template: str | os.PathLike | None = None, **info
         "description": info.pop("description", None) or "A CLIP-style dual encoder.",
         "training": _training_summary(train_args),
         "results_table": results_table(records),
-        "eval_command": info.pop("eval_command", None) or "python eval.py --model <this directory> --preset demo",
+        "eval_command": info.pop("eval_command", None) or _eval_command(records, train_args.get("eval_data")),
         "evaluated_datasets": ", ".join(sorted({r["dataset"] for r in records})) or "none",
         "recall_plot": f"![Retrieval recall@k]({Path(recall_plot).as_posix()})" if recall_plot else "",
     }
@@ -1053,6 +1060,33 @@ def render_model_card(results, template: str | os.PathLike | None = None, **info
         return str(values[match.group(1)])
 
     return re.sub(r"\{\{\s*(\w+)\s*\}\}", fill, text)
+
+
+def _eval_command(records: list[dict], eval_data: str | None = None) -> str:
+    """The eval.py command that evaluates the card's datasets again.
+
+    The data is train.py's `--eval_data` when given, else the records' datasets when all are presets, else the
+    demo preset; the split is added where the records share one that differs from the presets' own.
+    """
+    splits = {r.get("split") for r in records} - {None, ""}
+    split = splits.pop() if len(splits) == 1 else None
+    names = {r["dataset"] for r in records}
+    if eval_data is None:
+        presets = sorted(names) if names and names <= set(PRESETS) else ["demo"]
+    elif eval_data in PRESETS or eval_data in PRESET_GROUPS:
+        presets = [eval_data]
+    else:
+        presets = [name for name in [_preset_of_source(eval_data)] if name]
+    if presets:
+        flags = ["--preset", *presets]
+        default_splits = {t.split for name in presets for t in resolve_tasks(name)}
+        if split is not None and default_splits != {split}:
+            flags += ["--split", split]
+    else:  # train.py evaluated retrieval over the contract's caption columns; flat metrics do not say which it had
+        columns = next((r["caption_columns"] for r in records if r.get("caption_columns")),
+                       [data_lib.ALT_TEXT, data_lib.CAPTION])
+        flags = ["--dataset", eval_data, "--task", RETRIEVAL, "--split", split or "test", "--caption_columns", *columns]
+    return "python eval.py --model <this directory> " + shlex.join(flags)
 
 
 def _training_summary(train_args: dict) -> str:
@@ -1180,11 +1214,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
             _write_text_atomic(args.model_card, card)
     accelerator.wait_for_everyone()
     return records
-
-
-def _write_text_atomic(path: str | os.PathLike, text: str):
-    with _replaced_atomically(path) as file:
-        file.write(text)
 
 
 if __name__ == "__main__":

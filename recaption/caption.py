@@ -104,7 +104,7 @@ class Captioner:
         self.commit = getattr(self.model.config, "_commit_hash", None)
         self.is_chat = getattr(self.processor, "chat_template", None) is not None
         tokenizer = getattr(self.processor, "tokenizer", None)
-        if tokenizer is not None and not getattr(config, "is_encoder_decoder", False):
+        if tokenizer is not None and not config.is_encoder_decoder:
             tokenizer.padding_side = "left"  # decoder-only: generated tokens must follow the prompt directly
         if self.is_chat and not prompt:
             raise ValueError(f"{model!r} is a chat model and needs a prompt (--prompt or --preset veclip)")

@@ -95,6 +95,7 @@ class Step(Protocol):
     """What a recaption step supplies to `run_sharded`."""
 
     name: str
+    unit: str  # what the progress bar counts ("img", "row")
 
     def required_columns(self) -> dict[str, str]:
         """role -> column name the step reads."""
@@ -300,7 +301,7 @@ def run_sharded(args: RunArguments, step: Step, accelerator=None, source: Input 
     if isinstance(source.dataset, datasets.Dataset):
         owned = range(rank, math.ceil(len(source.dataset) / args.shard_size), world)
         total = sum(min(args.shard_size, len(source.dataset) - i * args.shard_size) for i in owned if i not in done)
-    bar = tqdm(total=total, unit=getattr(step, "unit", "row"), desc=f"{step.name} [{rank}/{world}]",
+    bar = tqdm(total=total, unit=step.unit, desc=f"{step.name} [{rank}/{world}]",
                position=rank, dynamic_ncols=True)
     started = time.time()
     seen: dict[str, int] = {}

@@ -211,6 +211,7 @@ class RewriteStep:
     """Adds `vecap`, its provenance and `vecap_fallback` to each shard."""
 
     name = "rewrite"
+    unit = "row"
 
     def __init__(self, args: RewriteArguments, generation: GenerationArguments, prompt: RewritePrompt, rewriter):
         self.args, self.generation, self.prompt, self.rewriter = args, generation, prompt, rewriter

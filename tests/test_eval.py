@@ -354,6 +354,21 @@ def test_model_card_renders_train_py_flat_metrics_and_rejects_unknown_placeholde
     assert ev.render_model_card(flat, template=template, license="mit").endswith(" mit")
 
 
+def test_model_card_of_train_py_shows_its_eval_split_and_a_command_for_its_eval_data(tmp_path):
+    flat = {"eval/demo/acc1": 0.5, "eval/demo/image_retrieval_recall@1": 0.125}
+    reproduce = "python eval.py --model <this directory> "
+    card = ev.render_model_card(flat, train_args={"eval_data": str(ev.DEMO_DATA), "eval_split": "test"})
+    assert "| demo | test | 50.00 |" in card and reproduce + "--preset demo\n" in card
+    card = ev.render_model_card(flat, train_args={"eval_data": str(ev.DEMO_DATA), "eval_split": "train"})
+    assert "| demo | train | 50.00 |" in card and reproduce + "--preset demo --split train\n" in card
+    other = str(tmp_path / "val.parquet")
+    card = ev.render_model_card({"eval/val.parquet/image_retrieval_recall@1": 0.25},
+                                train_args={"eval_data": other, "eval_split": "validation"})
+    assert "| val.parquet | validation | 25.00 |" in card
+    assert (reproduce + f"--dataset {other} --task zeroshot_retrieval --split validation "
+            "--caption_columns alt_text caption\n") in card
+
+
 def test_folder_style_class_names_become_words_and_string_labels_still_match():
     dataset = datasets.Dataset.from_dict({"label": ["apple_pie", "hot_dog", "apple_pie"]})
     task = ev.EvalTask("food", "zeroshot", "unused", label_column="label", class_name_style="underscores")

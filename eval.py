@@ -896,7 +896,7 @@ def write_json_atomic(path: str | os.PathLike, payload: Any):
         json.dump(payload, file, indent=1, allow_nan=True)
 
 
-def _write_text_atomic(path: str | os.PathLike, text: str):
+def write_text_atomic(path: str | os.PathLike, text: str):
     with _replaced_atomically(path) as file:
         file.write(text)
 
@@ -1211,7 +1211,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             plot_link = os.path.relpath(args.plot, Path(args.model_card).resolve().parent) if args.plot else None
             card = render_model_card(records, model_name=Path(args.model).name, recall_plot=plot_link,
                                      eval_command="python eval.py " + " ".join(sys.argv[1:] if argv is None else argv))
-            _write_text_atomic(args.model_card, card)
+            write_text_atomic(args.model_card, card)
     accelerator.wait_for_everyone()
     return records
 

@@ -43,7 +43,7 @@ from transformers import (
 
 import data
 import recipes
-from eval import evaluate_model, render_model_card
+from eval import evaluate_model, render_model_card, write_text_atomic
 from modeling_alip import ALIPConfig, ALIPModel, ALIPOutput, ALIPProcessor, clean_clip_text, clip_tokenizer
 from modeling_alip.convert_to_clip import export_to_clip
 from modeling_alip.loss import gather_features
@@ -248,14 +248,7 @@ def save_args(groups, path: Path):
     resolved = {}
     for group in groups:
         resolved.update(dataclasses.asdict(group))
-    _atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False))
-
-
-def _atomic_write_text(path: Path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
+    write_text_atomic(path, yaml.safe_dump(resolved, sort_keys=False))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -507,7 +500,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, state:
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        _atomic_write_text(tmp / STATE_FILE, json.dumps({**state, "global_step": step}, indent=1))
+        write_text_atomic(tmp / STATE_FILE, json.dumps({**state, "global_step": step}, indent=1))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -620,7 +613,7 @@ def save_outputs(model: ALIPModel, processor, output_dir: str, results: dict[str
         os.replace(item, out / item.name)
     tmp.rmdir()
     export_to_clip(model, str(out / "clip_export"), processor=processor, overwrite=True)
-    _atomic_write_text(out / "README.md", model_card(out, results))
+    write_text_atomic(out / "README.md", model_card(out, results))
 
 
 def model_card(output_dir: Path, results: dict[str, float]) -> str:

@@ -34,6 +34,18 @@ GATE_CONFIG_FIELDS = tuple(sorted({f.name for f in fields(ALIPConfig)} - {f.name
 _ALIP_ONLY_KEYS = ("auto_map", "architectures", "model_type", "transformers_version")
 
 
+def replace_directory(staging: Path, output_dir: Path):
+    """Renames the complete directory `staging` to `output_dir` (same file system), replacing an existing one."""
+    old_dir = None
+    if output_dir.exists():
+        # `os.replace` cannot replace a non-empty directory: move the old one aside first, remove it after.
+        old_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+        os.replace(output_dir, old_dir / output_dir.name)
+    os.replace(staging, output_dir)
+    if old_dir is not None:
+        shutil.rmtree(old_dir, ignore_errors=True)
+
+
 def save_directory_atomically(output_dir: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False):
     """Runs `write(tmp_dir)` in a temporary sibling of `output_dir`, then renames it into place.
 
@@ -51,14 +63,7 @@ def save_directory_atomically(output_dir: str | os.PathLike, write: Callable[[Pa
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
         write(tmp_dir)
-        if output_dir.exists():
-            # `os.replace` cannot replace a non-empty directory: move the old one aside first.
-            old_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-            os.replace(output_dir, old_dir / output_dir.name)
-            os.replace(tmp_dir, output_dir)
-            shutil.rmtree(old_dir, ignore_errors=True)
-        else:
-            os.replace(tmp_dir, output_dir)
+        replace_directory(tmp_dir, output_dir)
     finally:
         if tmp_dir.exists():
             shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel, HfArgumentParser
 from transformers.utils import logging
 
+from .convert_to_clip import replace_directory
 from .processing_veclip import align_text_config, veclip_processor
 
 logger = logging.get_logger(__name__)
@@ -205,20 +205,9 @@ def convert_veclip(
         processor.image_processor.save_pretrained(staging)
         source_weights = next(folder / name for name in WEIGHT_FILES if (folder / name).is_file())
         write_model_card(staging, model.config, input_path, source_weights, tokenizer, loaded_tokenizer, resize_only)
-        _replace_directory(staging, output_dir)
+        replace_directory(staging, output_dir)
     logger.info(f"Wrote {output_dir}")
     return output_dir
-
-
-def _replace_directory(staging: Path, output_dir: Path):
-    """Renames `staging` to `output_dir`; an existing `output_dir` is moved aside first and removed after."""
-    old = None
-    if output_dir.exists():
-        old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        os.replace(output_dir, old)
-    os.replace(staging, output_dir)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def write_model_card(directory: Path, config: CLIPConfig, source: Path, weights: Path, tokenizer_name: str,

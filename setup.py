@@ -1,5 +1,16 @@
 from setuptools import setup
 
+# Everything the code reads at run time ships inside the package, so a wheel installed anywhere works:
+# the model-card template (alip_hf/model_card.md is a link to the repository's model_card.md), the demo data,
+# the run configs and the `evaluate` modules.
+PACKAGE_DATA = [
+    "model_card.md",
+    "demo_data/*",
+    "configs/*.yaml",
+    "configs/accelerate/*.yaml",
+    "evaluate_modules/*/*.py",
+]
+
 setup(
     name="alip-hf",
     version="0.1.0",
@@ -8,8 +19,15 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["modeling_alip", "recaption"],
-    py_modules=["data", "recipes", "train", "eval"],
+    # Only the project's own top-level names: the library, the Hub remote-code model, the caption producers.
+    packages=["alip_hf", "alip_hf.evaluation", "alip_hf.training", "modeling_alip", "recaption"],
+    package_data={"alip_hf": PACKAGE_DATA},
+    entry_points={
+        "console_scripts": [
+            "alip-train = alip_hf.train:main",
+            "alip-eval = alip_hf.eval:main",
+        ]
+    },
     install_requires=[
         # Tested with torch 2.14.1 / torchvision 0.29.1.
         "torch>=2.4",

@@ -92,7 +92,7 @@ def main(argv=None):
     # The whole step: PNG decode, generation, join on id, Parquet write, markers, summary.
     import datasets
 
-    from data import FEATURES, load_source
+    from alip_hf.data import FEATURES, load_source
 
     buffers = []
     for image in images:

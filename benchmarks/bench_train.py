@@ -39,20 +39,24 @@ def measure(argv: list[str], steps: int, warmup: int) -> dict:
     import torch
     from accelerate import Accelerator
 
-    import recipes
-    import train
+    from alip_hf import recipes
+    from alip_hf.models import build_model, build_processor, core_model
+    from alip_hf.training.arguments import parse_args
+    from alip_hf.training.data import build_train_data
+    from alip_hf.training.loop import forward_backward
+    from alip_hf.training.optim import build_optimizer
 
-    model_args, data_args, train_args, recipe_args = train.parse_args(argv)
+    model_args, data_args, train_args, recipe_args = parse_args(argv)
     accelerator = Accelerator(mixed_precision=train_args.mixed_precision)
     recipe = recipes.get_recipe(recipe_args)
-    model = train.build_model(model_args)
-    processor = train.build_processor(model_args, train.core_model(accelerator, model))
+    model = build_model(model_args)
+    processor = build_processor(model_args, core_model(model, accelerator))
     total = warmup + steps
     train_args.max_steps = total
-    loaded = train.build_train_data(data_args, train_args, recipe, processor, accelerator, 0)
-    optimizer, _ = train.build_optimizer(model, train_args, total)
+    loaded = build_train_data(data_args, train_args, recipe, processor, accelerator, 0)
+    optimizer, _ = build_optimizer(model, train_args, total)
     model, optimizer = accelerator.prepare(model, optimizer)
-    core = train.core_model(accelerator, model)
+    core = core_model(model, accelerator)
     batches, waits, computes = iter(loaded.loader), [], []
     k = train_args.gradient_accumulation_steps
     model.train()
@@ -61,7 +65,7 @@ def measure(argv: list[str], steps: int, warmup: int) -> dict:
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(k)]
         t1 = time.perf_counter()
-        train.forward_backward(model, core, recipe, micro, accelerator, train_args.local_loss)
+        forward_backward(model, core, recipe, micro, accelerator, train_args.local_loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         t2 = time.perf_counter()
@@ -91,7 +95,7 @@ def memory_rows(model_config: str, batch: int) -> dict[str, list[str]]:
     """Gradient checkpointing on and off for a larger model on the demo data (memory rows)."""
     common = ["--model_config", model_config, "--per_device_train_batch_size", str(batch), "--report_to", "none",
               "--eval_data", "none", "--output_dir", tempfile.mkdtemp(prefix="bench_train_"),
-              "--train_data", str(ROOT / "demo_data"), "--dataloader_num_workers", "2"]
+              "--train_data", str(ROOT / "alip_hf" / "demo_data"), "--dataloader_num_workers", "2"]
     return {f"{model_config} batch {batch}, no checkpointing": common,
             f"{model_config} batch {batch}, grad. checkpointing": common + ["--gradient_checkpointing", "true"]}
 
@@ -100,7 +104,7 @@ def rows(shards: str, batch: int, model_config: str) -> dict[str, list[str]]:
     """Row name -> train.py flags."""
     common = ["--model_config", model_config, "--per_device_train_batch_size", str(batch), "--report_to", "none",
               "--eval_data", "none", "--output_dir", tempfile.mkdtemp(prefix="bench_train_")]
-    demo = ["--train_data", str(ROOT / "demo_data"), *common]
+    demo = ["--train_data", str(ROOT / "alip_hf" / "demo_data"), *common]
     wds = ["--train_data", shards, "--streaming", "true", "--image_column", "jpg", "--text_column", "txt",
            "--caption_column", "caption.txt", "--shuffle_buffer", "256", *common]
     return {

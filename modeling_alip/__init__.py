@@ -6,11 +6,16 @@ Importing the package registers ALIP with transformers' Auto classes.
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
 
 from .configuration_alip import ALIPConfig
-from .gates import ALIPGates, DescriptionConsistencyGate, GateOutput, LanguageConsistencyGate
+from .gates import (
+    ALIPGates,
+    DescriptionConsistencyGate,
+    GateOutput,
+    LanguageConsistencyGate,
+)
+from .image_processing_veclip import VeCLIPImageProcessor
 from .loss import contrastive_loss, gather_features
 from .modeling_alip import ALIPModel, ALIPOutput
 from .processing_alip import ALIPProcessor, clean_clip_text, clip_tokenizer
-from .image_processing_veclip import VeCLIPImageProcessor
 from .processing_veclip import align_text_config, check_text_token_ids, veclip_processor
 
 AutoConfig.register("alip", ALIPConfig, exist_ok=True)

@@ -45,8 +45,9 @@ from pathlib import Path
 
 import torch
 
+from alip_hf.io import save_directory_atomically
+
 from .configuration_alip import ALIPConfig
-from .convert_to_clip import save_directory_atomically
 from .modeling_alip import ALIPModel
 
 logger = logging.getLogger(__name__)
@@ -432,7 +433,7 @@ def main(argv=None) -> Path:
         if processor is not None:
             processor.save_pretrained(tmp_dir)
 
-    save_directory_atomically(args.output, write, overwrite=args.overwrite)
+    save_directory_atomically(args.output, write, overwrite=args.overwrite, overwrite_flag="--overwrite")
     print(f"ALIP model written to {args.output}")
     return Path(args.output)
 

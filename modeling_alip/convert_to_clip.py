@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 from transformers import CLIPConfig, CLIPModel
+
+from alip_hf.io import save_directory_atomically
 
 from .configuration_alip import ALIPConfig
 from .modeling_alip import ALIPModel
@@ -32,41 +31,6 @@ logger = logging.getLogger(__name__)
 GATE_CONFIG_FIELDS = tuple(sorted({f.name for f in fields(ALIPConfig)} - {f.name for f in fields(CLIPConfig)}))
 # Configuration keys that only make sense for the ALIP class (remote-code pointers, the architecture name).
 _ALIP_ONLY_KEYS = ("auto_map", "architectures", "model_type", "transformers_version")
-
-
-def replace_directory(staging: Path, output_dir: Path):
-    """Renames the complete directory `staging` to `output_dir` (same file system), replacing an existing one."""
-    old_dir = None
-    if output_dir.exists():
-        # `os.replace` cannot replace a non-empty directory: move the old one aside first, remove it after.
-        old_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
-        os.replace(output_dir, old_dir / output_dir.name)
-    os.replace(staging, output_dir)
-    if old_dir is not None:
-        shutil.rmtree(old_dir, ignore_errors=True)
-
-
-def save_directory_atomically(output_dir: str | os.PathLike, write: Callable[[Path], None], overwrite: bool = False):
-    """Runs `write(tmp_dir)` in a temporary sibling of `output_dir`, then renames it into place.
-
-    A reader never sees a half-written model directory: either the old one (or nothing) or the complete new
-    one. The temporary directory sits next to `output_dir` so the final `os.replace` is a rename on one
-    file system.
-
-    Raises:
-        FileExistsError: `output_dir` exists, is not empty and `overwrite` is false.
-    """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"--output {output_dir} exists and is not empty; pass --overwrite to replace it")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
-        write(tmp_dir)
-        replace_directory(tmp_dir, output_dir)
-    finally:
-        if tmp_dir.exists():
-            shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def clip_config_from_alip(config: ALIPConfig) -> CLIPConfig:
@@ -129,7 +93,7 @@ def export_to_clip(model: ALIPModel, output_dir: str | os.PathLike, processor=No
         if clip_processor is not None:
             clip_processor.save_pretrained(tmp_dir)
 
-    save_directory_atomically(output_dir, write, overwrite=overwrite)
+    save_directory_atomically(output_dir, write, overwrite=overwrite, overwrite_flag="--overwrite")
     logger.info("wrote CLIPModel to %s (dropped gate buffers and fields: %s)", output_dir, ", ".join(GATE_CONFIG_FIELDS))
     return Path(output_dir)
 

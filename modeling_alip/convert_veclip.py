@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel, HfArgumentParser
 from transformers.utils import logging
 
-from .convert_to_clip import replace_directory
+from alip_hf.io import replace_directory
+
 from .processing_veclip import align_text_config, veclip_processor
 
 logger = logging.get_logger(__name__)

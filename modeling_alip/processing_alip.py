@@ -21,6 +21,7 @@ import unicodedata
 from functools import lru_cache
 
 from transformers import BatchFeature, CLIPImageProcessor, CLIPTokenizer
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
@@ -32,9 +33,8 @@ CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 CLIP_NUM_MERGES = 49152 - 256 - 2
 CLIP_START_TOKEN = "<|startoftext|>"
 CLIP_END_TOKEN = "<|endoftext|>"
-# CLIP's normalisation of the input images (OpenAI CLIP, also used by open_clip for the OpenAI models).
-CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+# CLIP's normalisation of the input images (OpenAI CLIP, also used by open_clip): transformers' constants.
+CLIP_IMAGE_MEAN, CLIP_IMAGE_STD = list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
 TEXT_CLEANINGS = ("clip", "none")
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import datasets
 
-from data import CAPTION, CAPTION_MODEL, CAPTION_PROMPT_VERSION, ERROR
+from alip_hf.schema import CAPTION, CAPTION_MODEL, CAPTION_PROMPT_VERSION, ERROR
 from recaption.common import (
     GenerationArguments,
     RunArguments,

@@ -33,7 +33,9 @@ import datasets
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from data import ERROR, ID, IMAGE, decode_image, load_source, require_columns, undecoded_images
+from alip_hf.data import decode_image, load_source, require_columns, undecoded_images
+from alip_hf.io import write_json_atomic, write_with_atomically
+from alip_hf.schema import ERROR, ID, IMAGE
 
 WEBDATASET_KEY = "__key__"
 
@@ -138,23 +140,18 @@ def load_image(value):
 
 
 def atomic_write_json(path: str, payload: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+    write_json_atomic(path, payload, indent=2, sort_keys=True, default=str)
 
 
 def atomic_write_parquet(dataset: datasets.Dataset, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
     # One bar per run, not one per shard written.
     bars_were_on = not datasets.utils.are_progress_bars_disabled()
     datasets.utils.disable_progress_bars()
     try:
-        dataset.to_parquet(tmp)
+        write_with_atomically(path, dataset.to_parquet)
     finally:
         if bars_were_on:
             datasets.utils.enable_progress_bars()
-    os.replace(tmp, path)
 
 
 def shard_name(split: str, index: int) -> str:
@@ -235,7 +232,7 @@ def _prepare_output(args: RunArguments, config: dict, accelerator) -> None:
         for sub in ("data", "shards"):
             os.makedirs(os.path.join(args.output_dir, sub), exist_ok=True)
         # Leftovers of a killed run; nobody is writing yet, every process waits below.
-        for stale in glob.glob(os.path.join(args.output_dir, "*", "*.tmp-*")):
+        for stale in glob.glob(os.path.join(args.output_dir, "*", ".*.tmp")):
             os.remove(stale)
     accelerator.wait_for_everyone()
     path = os.path.join(args.output_dir, "run_config.json")

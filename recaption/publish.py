@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from data import load_source
+from alip_hf.data import load_source
+from alip_hf.io import write_text_atomic, write_with_atomically
 from recaption.common import atomic_write_json
 
 UNKNOWN_LICENSE = "unknown"
@@ -175,13 +176,6 @@ def _size_category(rows: int) -> str:
     return "n>1T" if rows > 10**12 else "100M<n<1B"
 
 
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def publish(args: PublishArguments) -> str:
     """Pushes data + card to `args.repo_id`, or writes them under the dry-run dir; returns where they went."""
     chain = provenance_chain(args.output_dir)
@@ -193,9 +187,8 @@ def publish(args: PublishArguments) -> str:
         os.makedirs(os.path.join(target, "data"), exist_ok=True)
         for path in sorted(glob.glob(os.path.join(data_dir, f"{args.split}-*.parquet"))):
             destination = os.path.join(target, "data", os.path.basename(path))
-            shutil.copyfile(path, f"{destination}.tmp-{os.getpid()}")
-            os.replace(f"{destination}.tmp-{os.getpid()}", destination)
-        _write_text(os.path.join(target, "README.md"), card)
+            write_with_atomically(destination, lambda tmp, source=path: shutil.copyfile(source, tmp))
+        write_text_atomic(os.path.join(target, "README.md"), card)
         atomic_write_json(os.path.join(target, "provenance.json"), {"runs": chain, "license": license})
         return target
     if license == UNKNOWN_LICENSE:

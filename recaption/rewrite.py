@@ -20,7 +20,13 @@ from typing import Any, Callable
 
 import datasets
 
-from data import ALT_TEXT, CAPTION, REWRITE_MODEL, REWRITE_PROMPT_VERSION, VECAP
+from alip_hf.schema import (
+    ALT_TEXT,
+    CAPTION,
+    REWRITE_MODEL,
+    REWRITE_PROMPT_VERSION,
+    VECAP,
+)
 from recaption.common import (
     GenerationArguments,
     RunArguments,

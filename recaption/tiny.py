@@ -116,7 +116,12 @@ def save_tiny_chat_lm(path: str, seed: int = 0) -> str:
 def save_tiny_chat_captioner(path: str, seed: int = 0, image_size: int = 30) -> str:
     """A `LlavaForConditionalGeneration` (tiny CLIP vision tower + tiny Llama) whose processor has a chat
     template with an image slot: the path that LLaVA, Qwen-VL or SmolVLM captioners take."""
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import (
+        CLIPImageProcessor,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     tokenizer = _word_level_tokenizer(("<image>",))
     vision = dict(_TOWER, model_type="clip_vision_model", image_size=image_size, patch_size=2,

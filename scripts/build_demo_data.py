@@ -17,7 +17,7 @@ One row per drawing, in the project's data contract (`data.FEATURES`) plus `cate
 Rendering uses the PNG package (no SVG renderer needed); SVG files are parsed only for metadata. The same
 packages and the same Pillow/pyarrow/datasets versions give byte-identical files.
 
-    python scripts/build_demo_data.py                  # reads /usr/share/openclipart, writes demo_data/
+    python scripts/build_demo_data.py                  # reads /usr/share/openclipart, writes alip_hf/demo_data/
     python scripts/build_demo_data.py --install        # first `apt-get install` the two packages (as root)
 """
 
@@ -29,11 +29,9 @@ import dataclasses
 import gzip
 import hashlib
 import io
-import os
 import re
 import subprocess
 import sys
-import tempfile
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -42,9 +40,10 @@ import datasets
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere: `data` is at the root
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout: `alip_hf` is at the root
 
-import data  # noqa: E402
+from alip_hf import data  # noqa: E402
+from alip_hf.io import write_with_atomically  # noqa: E402
 
 SOURCE_PACKAGES = ("openclipart-png", "openclipart-svg")
 DEFAULT_SOURCE_ROOT = "/usr/share/openclipart"
@@ -325,18 +324,7 @@ def split_rows(rows: dict[str, list[dict]], test_fraction: float) -> dict[str, l
 
 def write_atomic(path: Path, write) -> None:
     """Calls `write(temp_path)` on a temporary file next to `path`, then renames it into place."""
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    try:
-        write(temp_name)
-        # mkstemp creates the file private (0600); a dataset is meant to be read by others.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp_name, 0o666 & ~umask)
-        os.replace(temp_name, path)
-    except BaseException:
-        os.unlink(temp_name)
-        raise
+    write_with_atomically(path, write)
 
 
 def write_split(split_rows_: list[dict], path: Path) -> int:
@@ -368,7 +356,7 @@ def debian_version(source_root: Path, package: str) -> str:
 
 def build(
     source_root: str | Path = DEFAULT_SOURCE_ROOT,
-    output_dir: str | Path = "demo_data",
+    output_dir: str | Path = "alip_hf/demo_data",
     *,
     image_size: int = 64,
     per_category: int = 400,
@@ -416,7 +404,7 @@ def build(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source-root", default=DEFAULT_SOURCE_ROOT, help="directory holding png/ and svg/")
-    parser.add_argument("--output-dir", default="demo_data", help="where the Parquet files and README.md go")
+    parser.add_argument("--output-dir", default="alip_hf/demo_data", help="where the Parquet files and README.md go")
     parser.add_argument("--install", action="store_true", help=f"run `{' '.join(APT_COMMAND)}` when missing (root)")
     parser.add_argument("--image-size", type=int, default=64, help="side of the square output images, pixels")
     parser.add_argument("--per-category", type=int, default=400, help="at most this many drawings per category")
@@ -554,8 +542,8 @@ names; that is intended for a demo and one more reason not to treat scores on it
 ## Use
 
 ```python
-import data
-test = data.load_source("demo_data", split="test")
+from alip_hf import data
+test = data.load_source("alip_hf/demo_data", split="test")
 ```
 
 Intended for the quickstart, smoke tests and tutorials of this project. Not for reporting results.

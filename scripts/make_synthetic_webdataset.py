@@ -21,14 +21,17 @@ import argparse
 import hashlib
 import io
 import json
-import os
 import random
+import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout: `alip_hf` is at the root
+
+from alip_hf.io import replaced_atomically  # noqa: E402
 
 COLOURS = ("red", "green", "blue", "yellow", "black", "white", "orange", "purple", "pink", "brown", "grey")
 NOUNS = ("cat", "dog", "car", "house", "tree", "flower", "boat", "chair", "bird", "cup", "lamp", "bicycle", "apple")
@@ -85,22 +88,12 @@ def make_sample(index: int, rng: random.Random, image_size: int, extra_text_keys
 
 def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
     """One tar with fixed headers (mtime 0, root owner), written to a temp file and renamed into place."""
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as file, tarfile.open(fileobj=file, mode="w") as tar:
-            for key, members in samples:
-                for suffix, payload in members.items():
-                    info = tarfile.TarInfo(f"{key}.{suffix}")
-                    info.size, info.mode, info.mtime = len(payload), 0o644, 0
-                    tar.addfile(info, io.BytesIO(payload))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp_name, 0o666 & ~umask)  # mkstemp makes it 0600; shards are meant to be shared
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
+    with replaced_atomically(path, "wb") as file, tarfile.open(fileobj=file, mode="w") as tar:
+        for key, members in samples:
+            for suffix, payload in members.items():
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size, info.mode, info.mtime = len(payload), 0o644, 0
+                tar.addfile(info, io.BytesIO(payload))
 
 
 def write_shards(

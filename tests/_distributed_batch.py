@@ -1,8 +1,8 @@
 """A fixed tiny model and global batch shared by the single- and multi-process distributed tests."""
 
 import torch
-
 from conftest import tiny_alip_config
+
 from modeling_alip import ALIPModel
 
 GLOBAL_BATCH = 8

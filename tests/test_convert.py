@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _isolation import HIDE_PACKAGE
 from safetensors.torch import load_file, save_file
 
-from _isolation import HIDE_PACKAGE
 from modeling_alip import ALIPModel
 from modeling_alip.convert_open_clip import (
     alip_config_from_state_dict,
@@ -26,7 +26,11 @@ from modeling_alip.convert_open_clip import (
     resolve_quick_gelu,
 )
 from modeling_alip.convert_open_clip import main as convert_open_clip_main
-from modeling_alip.convert_to_clip import GATE_CONFIG_FIELDS, export_to_clip, save_directory_atomically
+from modeling_alip.convert_to_clip import (
+    GATE_CONFIG_FIELDS,
+    export_to_clip,
+    save_directory_atomically,
+)
 from modeling_alip.convert_to_clip import main as convert_to_clip_main
 
 open_clip = pytest.importorskip("open_clip")

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_train_fixtures import make_rows, tiny_data, write_parquet  # noqa: F401 - fixture
 from transformers import AutoTokenizer
 
-import data
-from recipes import RecipeArguments, get_recipe
-from test_train_fixtures import make_rows, tiny_data, write_parquet  # noqa: F401 - fixture
+from alip_hf import data
+from alip_hf.recipes import RecipeArguments, get_recipe
 
 
 @pytest.fixture(scope="module")

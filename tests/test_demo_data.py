@@ -10,10 +10,11 @@ import pytest
 import yaml
 from PIL import Image
 
-import data
+from alip_hf import data
+from alip_hf.resources import DEMO_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_DIR = ROOT / "demo_data"
+DEMO_DIR = DEMO_DATA
 OPENCLIPART = Path("/usr/share/openclipart")
 
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _distributed_batch import global_batch, tiny_model
 
 TESTS = Path(__file__).parent

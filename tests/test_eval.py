@@ -13,11 +13,14 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_alip_config
 from PIL import Image
 
-import eval as ev
+from alip_hf import eval as eval_cli
+from alip_hf import evaluation as ev
+from alip_hf.evaluation import runners
+from alip_hf.resources import DEMO_DATA, EVALUATE_MODULES
 from modeling_alip import ALIPModel, ALIPProcessor
-from conftest import tiny_alip_config
 
 FEATURE_ATOL = 1e-6  # float32 features of the same texts encoded in different batches
 
@@ -102,13 +105,13 @@ def test_evaluate_modules_loaded_from_local_paths_equal_the_eval_functions():
     rng = np.random.default_rng(0)
     logits, labels = rng.normal(size=(50, 8)).astype(np.float32), rng.integers(0, 8, 50)
     expected = ev.classification_metrics(torch.from_numpy(logits), labels)
-    got = evaluate.load("metrics/zeroshot_accuracy").compute(predictions=logits, references=labels)
+    got = evaluate.load(str(EVALUATE_MODULES / "zeroshot_accuracy")).compute(predictions=logits, references=labels)
     assert got == pytest.approx(expected, abs=0)
 
     images, texts = rng.normal(size=(12, 4)).astype(np.float32), rng.normal(size=(30, 4)).astype(np.float32)
     index = np.concatenate([np.arange(12), rng.integers(0, 12, 18)])
     expected = ev.retrieval_metrics(torch.from_numpy(images), torch.from_numpy(texts), index)
-    got = evaluate.load("metrics/retrieval_recall").compute(predictions=texts @ images.T, references=index)
+    got = evaluate.load(str(EVALUATE_MODULES / "retrieval_recall")).compute(predictions=texts @ images.T, references=index)
     # eval.py averages in float32 as CLIP_benchmark does, the module in float64: equal hits, 1e-7 apart.
     assert got == pytest.approx(expected, abs=1e-7)
 
@@ -211,7 +214,7 @@ def test_cifar10_preset_reads_its_hub_layout_with_its_class_label_names(model_an
     model, processor = model_and_processor
     names = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
     source = classification_dir(tmp_path, names=names, n=20)
-    task = ev.replace(ev.PRESETS["cifar10"][0], source=source)
+    task = dataclasses.replace(ev.PRESETS["cifar10"][0], source=source)
     (record,) = ev.run_evaluation(model, processor, task, settings=ev.EvalSettings(batch_size=8))
     assert record["task"] == "zeroshot_classification" and record["dataset"] == "cifar10"
     assert (record["num_images"], record["num_classes"], record["num_templates"]) == (20, 10, 18)
@@ -227,7 +230,7 @@ def test_flickr30k_preset_keeps_the_karpathy_test_rows_and_every_caption(model_a
         features=datasets.Features({"image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string")),
                                     "split": datasets.Value("string")}))
     dataset.to_parquet(str(tmp_path / "test-00000-of-00001.parquet"))
-    task = ev.replace(ev.PRESETS["flickr30k"][0], source=str(tmp_path))
+    task = dataclasses.replace(ev.PRESETS["flickr30k"][0], source=str(tmp_path))
     (record,) = ev.run_evaluation(model, processor, task)
     assert (record["num_images"], record["num_texts"]) == (8, 40)
     assert set(record["metrics"]) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
@@ -298,7 +301,7 @@ def test_images_shared_by_tasks_of_one_run_are_encoded_once(model_and_processor,
     model, processor = model_and_processor
     calls = []
     original = ev.encode_images
-    monkeypatch.setattr(ev, "encode_images", lambda *a, **k: calls.append(len(a[2])) or original(*a, **k))
+    monkeypatch.setattr(runners, "encode_images", lambda *a, **k: calls.append(len(a[2])) or original(*a, **k))
     records = ev.run_evaluation(model, processor, "demo", settings=ev.EvalSettings(max_samples=30))
     assert [r["task"] for r in records] == ["zeroshot_classification", "zeroshot_retrieval"]
     assert calls == [30]
@@ -311,7 +314,7 @@ def test_images_shared_by_tasks_of_one_run_are_encoded_once(model_and_processor,
 
 def test_evaluate_model_accepts_the_demo_data_path_and_returns_eval_namespaced_keys(model_and_processor):
     model, processor = model_and_processor
-    flat = ev.evaluate_model(model, processor, str(ev.DEMO_DATA), split="test", max_samples=24)
+    flat = ev.evaluate_model(model, processor, str(DEMO_DATA), split="test", max_samples=24)
     assert set(flat) == {"eval/demo/acc1", "eval/demo/acc5", "eval/demo/mean_per_class_recall",
                          *(f"eval/demo/{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10))}
     assert all(isinstance(v, float) and 0 <= v <= 1 for v in flat.values())
@@ -322,7 +325,7 @@ def test_cli_writes_results_json_and_a_model_card_rendered_from_it(model_and_pro
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     out, card = tmp_path / "out" / "results.json", tmp_path / "README.md"
-    records = ev.main(["--model", str(tmp_path / "model"), "--preset", "demo", "--max_samples", "24",
+    records = eval_cli.main(["--model", str(tmp_path / "model"), "--preset", "demo", "--max_samples", "24",
                        "--output", str(out), "--model_card", str(card)])
     payload = json.loads(out.read_text())
     assert payload["results"] == json.loads(json.dumps(records))
@@ -336,9 +339,9 @@ def test_cli_writes_results_json_and_a_model_card_rendered_from_it(model_and_pro
 
 def test_cli_rejects_dataset_without_task_and_both_sources():
     with pytest.raises(ValueError, match="--task"):
-        ev.main(["--model", "m", "--dataset", "d"])
+        eval_cli.main(["--model", "m", "--dataset", "d"])
     with pytest.raises(ValueError, match="exactly one"):
-        ev.main(["--model", "m", "--dataset", "d", "--preset", "demo", "--task", "zeroshot"])
+        eval_cli.main(["--model", "m", "--dataset", "d", "--preset", "demo", "--task", "zeroshot"])
 
 
 def test_model_card_renders_train_py_flat_metrics_and_rejects_unknown_placeholders(tmp_path):
@@ -357,9 +360,9 @@ def test_model_card_renders_train_py_flat_metrics_and_rejects_unknown_placeholde
 def test_model_card_of_train_py_shows_its_eval_split_and_a_command_for_its_eval_data(tmp_path):
     flat = {"eval/demo/acc1": 0.5, "eval/demo/image_retrieval_recall@1": 0.125}
     reproduce = "python eval.py --model <this directory> "
-    card = ev.render_model_card(flat, train_args={"eval_data": str(ev.DEMO_DATA), "eval_split": "test"})
+    card = ev.render_model_card(flat, train_args={"eval_data": str(DEMO_DATA), "eval_split": "test"})
     assert "| demo | test | 50.00 |" in card and reproduce + "--preset demo\n" in card
-    card = ev.render_model_card(flat, train_args={"eval_data": str(ev.DEMO_DATA), "eval_split": "train"})
+    card = ev.render_model_card(flat, train_args={"eval_data": str(DEMO_DATA), "eval_split": "train"})
     assert "| demo | train | 50.00 |" in card and reproduce + "--preset demo --split train\n" in card
     other = str(tmp_path / "val.parquet")
     card = ev.render_model_card({"eval/val.parquet/image_retrieval_recall@1": 0.25},
@@ -384,10 +387,10 @@ def test_integer_labels_without_class_names_are_an_error():
 
 def test_cli_help_lists_every_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        ev.main(["--help"])
+        eval_cli.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert all(f"--{f.name}" in out for f in dataclasses.fields(ev.EvalArguments))
+    assert all(f"--{f.name}" in out for f in dataclasses.fields(eval_cli.EvalArguments))
 
 
 def test_in_memory_classifier_cache_keeps_only_the_most_recent_entries():

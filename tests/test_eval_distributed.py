@@ -12,16 +12,16 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
-
-import eval as ev
 from conftest import tiny_alip_config
+
+from conftest import REPO_ROOT
+from alip_hf import evaluation as ev
 from modeling_alip import ALIPModel, ALIPProcessor
 
-ROOT = Path(ev.__file__).resolve().parent
+ROOT = REPO_ROOT
 # 45 rows in batches of 8: six batches, the last one short, so the two processes get uneven shares.
 MAX_SAMPLES, BATCH_SIZE = 45, 8
 
@@ -29,10 +29,11 @@ WORKER = textwrap.dedent("""
     import json, sys
     from dataclasses import replace
     from accelerate import Accelerator
-    import eval as ev
+    from alip_hf import eval as eval_cli
+    from alip_hf import evaluation as ev
 
     accelerator = Accelerator()
-    model, processor = ev.load_model_and_processor(sys.argv[1], accelerator.device)
+    model, processor = eval_cli.load_model_and_processor(sys.argv[1], accelerator.device)
     encoded = []  # rows this process pushes through the image tower
     get_image_features = model.get_image_features
     model.get_image_features = lambda pixel_values: encoded.append(len(pixel_values)) or get_image_features(

@@ -7,11 +7,11 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_alip_config
 from PIL import Image
 from transformers import AutoModel, AutoProcessor, CLIPModel
 
-import eval as ev
-from conftest import tiny_alip_config
+from alip_hf import evaluation as ev
 from modeling_alip import ALIPModel, ALIPProcessor
 
 clip_benchmark_zeroshot = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")

@@ -9,9 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-import eval as ev
 from test_eval import model_and_processor  # noqa: F401 - the tiny ALIP model fixture
+
+from alip_hf import eval as eval_cli
+from alip_hf import evaluation as ev
+from alip_hf.io import write_json_atomic
 
 CURVES = ("image_retrieval_recall", "text_retrieval_recall")
 
@@ -70,7 +72,7 @@ def test_plot_writes_a_png_of_the_figure_size_from_records_or_a_results_file(tmp
     assert_png(path)
 
     results = tmp_path / "results.json"
-    ev.write_json_atomic(results, {"model": "m", "results": records})
+    write_json_atomic(results, {"model": "m", "results": records})
     assert_png(ev.plot_recall_at_k(str(results), tmp_path / "again.png", figsize=(6, 3), dpi=50), size=(300, 150))
 
 
@@ -100,7 +102,7 @@ def test_cli_plot_writes_the_curves_stored_in_results_json_and_links_them_from_t
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     out, plot, card = tmp_path / "out" / "results.json", tmp_path / "out" / "recall.png", tmp_path / "README.md"
-    ev.main(["--model", str(tmp_path / "model"), "--preset", "demo", "--max_samples", "24", "--output", str(out),
+    eval_cli.main(["--model", str(tmp_path / "model"), "--preset", "demo", "--max_samples", "24", "--output", str(out),
              "--plot", str(plot), "--model_card", str(card)])
     assert_png(plot)
 
@@ -117,7 +119,7 @@ def test_cli_plot_writes_the_curves_stored_in_results_json_and_links_them_from_t
 
 def test_cli_plot_without_a_retrieval_task_fails_before_evaluating(tmp_path):
     with pytest.raises(ValueError, match="no retrieval task"):
-        ev.main(["--model", str(tmp_path / "no-model"), "--preset", "cifar10", "--plot", str(tmp_path / "r.png")])
+        eval_cli.main(["--model", str(tmp_path / "no-model"), "--preset", "cifar10", "--plot", str(tmp_path / "r.png")])
 
 
 def test_model_card_without_a_plot_has_no_image_link():

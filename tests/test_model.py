@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import tiny_alip_config
 from transformers import CLIPConfig, CLIPModel
 
-from conftest import tiny_alip_config
 from modeling_alip import ALIPModel, contrastive_loss
 
 EOS = 49407

@@ -4,13 +4,16 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from conftest import tiny_alip_config
 from PIL import Image
 from transformers import T5Tokenizer
 
 from modeling_alip import ALIPProcessor, clean_clip_text, clip_tokenizer
-from modeling_alip.processing_alip import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, clip_vocab_and_merges
-
-from conftest import tiny_alip_config
+from modeling_alip.processing_alip import (
+    CLIP_IMAGE_MEAN,
+    CLIP_IMAGE_STD,
+    clip_vocab_and_merges,
+)
 
 # Within the context length; text that clean_clip_text leaves unchanged apart from whitespace and case.
 PLAIN_TEXTS = [

@@ -21,12 +21,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import ALT_TEXT, CAPTION, ERROR, FEATURES, ID, IMAGE, VECAP, load_source
+from alip_hf.data import (
+    ALT_TEXT,
+    CAPTION,
+    ERROR,
+    FEATURES,
+    ID,
+    IMAGE,
+    VECAP,
+    load_source,
+)
 from recaption.caption import CaptionArguments, Captioner, caption
 from recaption.common import GenerationArguments, RunArguments
 from recaption.publish import PublishArguments, publish, source_license
 from recaption.rewrite import RewriteArguments, rewrite, select_vecap
-from recaption.tiny import save_tiny_captioner, save_tiny_chat_captioner, save_tiny_chat_lm
+from recaption.tiny import (
+    save_tiny_captioner,
+    save_tiny_chat_captioner,
+    save_tiny_chat_lm,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = 10

@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 
-import data
-import recipes
-from recipes import RecipeArguments, get_recipe
+from alip_hf import data, recipes
+from alip_hf.recipes import RecipeArguments, get_recipe
 
 ROW = {data.ALT_TEXT: "web text", data.CAPTION: "a caption", data.VECAP: "a vecap text"}
 
@@ -64,8 +63,9 @@ def test_veclip_probability_extremes_always_pick_one_text(p, expected):
 def test_only_recipes_module_names_the_recipes():
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    for name in ("train.py", "data.py"):
-        source = (root / name).read_text().lower()
+    root = Path(__file__).resolve().parent.parent / "alip_hf"
+    for path in [root / "data.py", *sorted((root / "training").glob("*.py"))]:
+        name = path.name
+        source = path.read_text().lower()
         for recipe in ("'alip'", '"alip"', '"veclip"', "'veclip'", '"clip"', "'clip'"):
             assert recipe not in source, f"{name} mentions the recipe {recipe}"

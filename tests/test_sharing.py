@@ -10,13 +10,12 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from _isolation import HIDE_PACKAGE
+from conftest import tiny_alip_config
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoProcessor
 
-from _isolation import HIDE_PACKAGE
 from modeling_alip import ALIPConfig, ALIPModel, ALIPProcessor
-
-from conftest import tiny_alip_config
 
 SHIPPED_MODULES = ["configuration_alip.py", "gates.py", "loss.py", "modeling_alip.py", "processing_alip.py"]
 TEXTS = ["a photo of a cat", "“Two” dogs &amp; a ball, 3 of them!"]

@@ -6,14 +6,18 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import REPO_ROOT
 from safetensors.torch import load_file
+from test_train_fixtures import make_rows, read_metrics, tiny_data  # noqa: F401 - fixture
 from transformers import AutoTokenizer
 
-import data
-import train
+from alip_hf import data, train
+from alip_hf.models import build_model
+from alip_hf.recipes import RecipeArguments, get_recipe
+from alip_hf.resources import CONFIGS_DIR
+from alip_hf.training import checkpoints, loop
+from alip_hf.training.arguments import parse_args
 from modeling_alip import ALIPModel
-from recipes import RecipeArguments, get_recipe
-from test_train_fixtures import make_rows, read_metrics, tiny_data  # noqa: F401 - fixture
 
 COMMON_KEYS = {"loss/total", "loss/text", "train/lr", "train/logit_scale", "data/skipped_images",
                "data/skipped_texts", "data/truncated_texts", "train/samples_per_second"}
@@ -68,7 +72,7 @@ def test_invalid_flag_combinations_fail_before_training(tiny_data, tmp_path, fla
 @pytest.mark.parametrize("flags", [["--mixed_precision", "fp8"], ["--recipe", "simclr"], ["--nonfinite", "ignore"]])
 def test_invalid_choice_is_rejected_by_the_parser(tiny_data, tmp_path, flags):
     with pytest.raises(SystemExit):
-        train.parse_args(tiny_data.argv(tmp_path, *flags))
+        parse_args(tiny_data.argv(tmp_path, *flags))
 
 
 def test_streaming_without_max_steps_is_rejected(tiny_data, tmp_path):
@@ -87,21 +91,20 @@ def test_streaming_run_trains_from_a_split_stream(tiny_data, tmp_path):
 def test_yaml_config_with_flag_overrides(tiny_data, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("recipe: clip\nlearning_rate: 0.001\nmax_steps: 5\nreport_to: [none]\n")
-    model_args, data_args, train_args, recipe_args = train.parse_args([str(config), "--max_steps", "3"])
+    model_args, data_args, train_args, recipe_args = parse_args([str(config), "--max_steps", "3"])
     assert (recipe_args.recipe, train_args.learning_rate, train_args.max_steps) == ("clip", 0.001, 3)
     assert train_args.report_to == []
-    *_, again = train.parse_args(["--config", str(config)])
+    *_, again = parse_args(["--config", str(config)])
     assert again.recipe == "clip"
 
 
 def test_shipped_configs_parse():
-    from pathlib import Path
 
-    configs = sorted((Path(train.ROOT) / "configs").glob("*.yaml"))
+    configs = sorted((CONFIGS_DIR).glob("*.yaml"))
     assert {c.name for c in configs} >= {"tiny.yaml", "alip-vit-b-32.yaml", "alip-vit-b-16.yaml",
                                           "clip-vit-b-32.yaml", "veclip-vit-b-16.yaml"}
     for config in configs:
-        train.parse_args([str(config)])
+        parse_args([str(config)])
 
 
 def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_path):
@@ -123,13 +126,13 @@ def test_checkpoints_keep_the_last_k_and_are_complete(tiny_data, tmp_path):
     train.main(tiny_data.argv(tmp_path, "--max_steps", "3", "--save_steps", "1", "--save_total_limit", "2"))
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step_000002", "step_000003"]
-    assert (tmp_path / "checkpoints" / "step_000003" / train.STATE_FILE).exists()
+    assert (tmp_path / "checkpoints" / "step_000003" / checkpoints.STATE_FILE).exists()
 
 
 def test_incomplete_checkpoint_is_never_picked_as_latest(tmp_path):
     (tmp_path / "checkpoints" / ".tmp-step_000004").mkdir(parents=True)
     (tmp_path / "checkpoints" / "step_000003").mkdir()  # no trainer_state.json: killed before completion
-    assert train.resolve_checkpoint("latest", str(tmp_path)) is None
+    assert checkpoints.resolve_checkpoint("latest", str(tmp_path)) is None
 
 
 def test_lora_weights_are_merged_into_the_saved_model(tiny_data, tmp_path):
@@ -212,7 +215,7 @@ def test_accumulated_step_equals_one_k_times_larger_batch(tiny_data, tiny_config
         torch.manual_seed(0)
         model = ALIPModel(tiny_config).train()
         accelerator = Accelerator(cpu=True)
-        output = train.forward_backward(model, model, recipe, _micro_batches(tokenizer, recipe, 12, 12 // k),
+        output = loop.forward_backward(model, model, recipe, _micro_batches(tokenizer, recipe, 12, 12 // k),
                                         accelerator, local_loss=False)
         torch.optim.SGD(model.parameters(), lr=0.1).step()  # plain SGD: the update is the gradient itself
         results.append((output.loss.detach(), dict(model.named_parameters()), dict(model.named_buffers())))
@@ -235,19 +238,19 @@ def test_run_killed_by_sigkill_resumes_to_the_same_weights(tiny_data, tmp_path):
     flags = ("--max_steps", "12", "--save_steps", "1", "--save_total_limit", "2")
     train.main(tiny_data.argv(tmp_path / "full", *flags))
     killed = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(train.ROOT))
-    process = subprocess.Popen([sys.executable, str(train.ROOT / "train.py"), *tiny_data.argv(killed, *flags)],
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), *tiny_data.argv(killed, *flags)],
                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
-        while not train._checkpoints(str(killed)) and time.time() < deadline and process.poll() is None:
+        while not checkpoints._checkpoints(str(killed)) and time.time() < deadline and process.poll() is None:
             time.sleep(0.02)
         process.send_signal(signal.SIGKILL)
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL
     assert not (killed / "model.safetensors").exists(), "the run finished before it was killed"
-    assert train._checkpoints(str(killed)), "killed before the first checkpoint"
+    assert checkpoints._checkpoints(str(killed)), "killed before the first checkpoint"
     train.main(tiny_data.argv(killed, *flags, "--resume_from_checkpoint", "latest"))
     full, resumed = _weights(tmp_path / "full"), _weights(killed)
     for name in full:
@@ -267,11 +270,11 @@ def test_evaluation_runs_every_eval_steps_and_at_the_end(tiny_data, tmp_path):
 
 
 def test_defaults_train_alip_on_the_bundled_demo_data_as_configs_demo_yaml_says():
-    defaults = train.parse_args([])
+    defaults = parse_args([])
     model_args, data_args, train_args, recipe_args = defaults
     assert (model_args.model_config, recipe_args.recipe) == ("small", "alip")
     assert data_args.train_data.endswith("demo_data") and data_args.eval_data.endswith("demo_data")
-    from_yaml = train.parse_args([str(train.ROOT / "configs" / "demo.yaml")])
+    from_yaml = parse_args([str(CONFIGS_DIR / "demo.yaml")])
     for default, spelled_out in zip(defaults, from_yaml):
         default_values, yaml_values = dict(vars(default)), dict(vars(spelled_out))
         for name in ("train_data", "eval_data"):  # relative in the file, absolute as defaults
@@ -305,8 +308,8 @@ def test_training_continues_from_a_saved_model_directory(tiny_data, tmp_path):
 
 
 def test_gradient_checkpointing_is_enabled_and_gives_the_same_weights(tiny_data, tmp_path):
-    model_args, *_ = train.parse_args(tiny_data.argv(tmp_path, "--gradient_checkpointing", "true"))
-    assert train.build_model(model_args).is_activation_checkpointing
+    model_args, *_ = parse_args(tiny_data.argv(tmp_path, "--gradient_checkpointing", "true"))
+    assert build_model(model_args).is_activation_checkpointing
     train.main(tiny_data.argv(tmp_path / "plain", "--max_steps", "1"))
     train.main(tiny_data.argv(tmp_path / "ckpt", "--max_steps", "1", "--gradient_checkpointing", "true"))
     plain, ckpt = _weights(tmp_path / "plain"), _weights(tmp_path / "ckpt")

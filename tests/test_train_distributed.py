@@ -9,16 +9,17 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-
-import train
 from test_train_fixtures import read_metrics, tiny_data  # noqa: F401 - fixture
 
-ROOT = Path(train.__file__).resolve().parent
+from alip_hf import train
+from alip_hf.training.checkpoints import STATE_FILE
+from conftest import REPO_ROOT
+
+ROOT = REPO_ROOT
 
 
 def _free_port() -> int:
@@ -45,7 +46,7 @@ def test_two_processes_checkpoint_resume_accumulate_and_match_one_process_loss_c
     two = tmp_path / "two"
     _launch_two_processes(tiny_data.argv(two, *flags, "--per_device_train_batch_size", "4",
                                          "--stop_after_steps", "2"))
-    assert (two / "checkpoints" / "step_000002" / train.STATE_FILE).exists()
+    assert (two / "checkpoints" / "step_000002" / STATE_FILE).exists()
     _launch_two_processes(tiny_data.argv(two, *flags, "--per_device_train_batch_size", "4",
                                          "--resume_from_checkpoint", "latest"))
 

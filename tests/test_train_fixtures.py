@@ -11,7 +11,7 @@ from pathlib import Path
 import datasets
 from PIL import Image
 
-import data
+from alip_hf import data
 
 WORDS = ("a photo of the red green blue cat dog car tree house small big on in with one two sky grass road "
          "boat bird").split()

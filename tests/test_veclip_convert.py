@@ -11,10 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoImageProcessor, AutoModel, AutoProcessor, CLIPConfig, CLIPModel, T5Tokenizer
-
-import modeling_alip
 from _isolation import HIDE_PACKAGE
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    AutoProcessor,
+    CLIPConfig,
+    CLIPModel,
+    T5Tokenizer,
+)
+
 from modeling_alip import ALIPModel, ALIPProcessor, VeCLIPImageProcessor
 from modeling_alip.convert_veclip import convert_veclip, main
 from modeling_alip.processing_veclip import check_text_token_ids
@@ -252,8 +258,9 @@ def test_missing_tokenizer_is_an_error_naming_the_flag(release, tmp_path):
 
 @pytest.mark.parametrize("recipe", ["veclip", "alip"])
 def test_train_fine_tunes_a_converted_checkpoint_with_its_t5_tokenizer_and_veclip_preprocessing(converted, tmp_path, recipe):
-    import train
     from test_train_fixtures import write_parquet
+
+    import train
 
     rows = write_parquet(tmp_path / "train.parquet", 16)
     output = tmp_path / "out"

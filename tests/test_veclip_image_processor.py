@@ -15,7 +15,10 @@ from PIL import Image
 from transformers import AutoImageProcessor
 
 import modeling_alip  # noqa: F401  (registers VeCLIPImageProcessor)
-from modeling_alip.image_processing_veclip import VeCLIPImageProcessor, veclip_resize_shape
+from modeling_alip.image_processing_veclip import (
+    VeCLIPImageProcessor,
+    veclip_resize_shape,
+)
 
 REFERENCE = Path(__file__).parent / "data" / "veclip" / "tf_reference.npz"
 TOLERANCE = 1e-4  # max abs difference after whitening (measured: ~2e-6)

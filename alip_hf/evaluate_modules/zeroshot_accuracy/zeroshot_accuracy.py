@@ -1,7 +1,7 @@
 """Zero-shot classification metrics of CLIP_benchmark as an `evaluate` module: `acc1`, `acc5`,
 `mean_per_class_recall`.
 
-    metric = evaluate.load("metrics/zeroshot_accuracy")
+    metric = evaluate.load(str(alip_hf.resources.EVALUATE_MODULES / "zeroshot_accuracy"))
     metric.compute(predictions=logits, references=labels)  # logits (N, C), labels (N,)
 
 Self-contained (numpy only) so that `evaluate` can copy and import it anywhere; eval.py's
@@ -22,7 +22,7 @@ Args:
 Returns:
     acc1, acc5, mean_per_class_recall (floats in [0, 1]).
 Examples:
-    >>> metric = evaluate.load("metrics/zeroshot_accuracy")
+    >>> metric = evaluate.load(str(alip_hf.resources.EVALUATE_MODULES / "zeroshot_accuracy"))
     >>> metric.compute(predictions=[[0.1, 0.9], [0.8, 0.2]], references=[1, 1])["acc1"]
     0.5
 """

@@ -1,9 +1,6 @@
-"""The data contract between recaption/ and train.py, loading image-text data from any source, and the
-training input pipeline.
+"""Loading image-text data from any source, and the training input pipeline.
 
-Column names and their `datasets.Features` are defined once here; `recaption/` writes them and `train.py`
-reads them by default, so a recaptioned dataset trains without flags. Users whose data uses other names
-map them by argument.
+Column names are the data contract of `alip_hf.schema` (re-exported here for convenience).
 
 The pipeline (second half of the file): decode an image (corrupt ones are skipped and counted), draw its
 crop (`ImageTransform`, RandomResizedCrop scale (0.9, 1.0) as the official ALIP code), pick its text(s) with
@@ -21,7 +18,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import datasets
 import numpy as np
@@ -29,36 +26,25 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, RandomResizedCrop
 from torchvision.transforms import functional as TF
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-# The data contract.
-ID = "id"  # stable key: new columns are joined on it, never on row order
-IMAGE = "image"
-ALT_TEXT = "alt_text"  # the web text (AltText, title, ...)
-CAPTION = "caption"  # synthetic caption written from the image alone
-VECAP = "vecap"  # LLM fusion of alt_text and caption (VeCLIP)
-CAPTION_MODEL = "caption_model"
-CAPTION_PROMPT_VERSION = "caption_prompt_version"
-REWRITE_MODEL = "rewrite_model"
-REWRITE_PROMPT_VERSION = "rewrite_prompt_version"
-ERROR = "error"  # why a row failed (empty when it did not)
+if TYPE_CHECKING:
+    from alip_hf.recipes import TextSelector
 
-FEATURES = datasets.Features(
-    {
-        ID: datasets.Value("string"),
-        IMAGE: datasets.Image(),
-        ALT_TEXT: datasets.Value("string"),
-        CAPTION: datasets.Value("string"),
-        VECAP: datasets.Value("string"),
-        CAPTION_MODEL: datasets.Value("string"),
-        CAPTION_PROMPT_VERSION: datasets.Value("string"),
-        REWRITE_MODEL: datasets.Value("string"),
-        REWRITE_PROMPT_VERSION: datasets.Value("string"),
-        ERROR: datasets.Value("string"),
-    }
+from alip_hf.schema import (  # noqa: F401  (re-exported: the contract's names are part of this module's API)
+    ALT_TEXT,
+    CAPTION,
+    CAPTION_MODEL,
+    CAPTION_PROMPT_VERSION,
+    ERROR,
+    FEATURES,
+    ID,
+    IMAGE,
+    PRODUCED_BY,
+    REWRITE_MODEL,
+    REWRITE_PROMPT_VERSION,
+    VECAP,
 )
-
-# Columns that only exist after a recaption step, with the step that writes them.
-PRODUCED_BY = {CAPTION: "python -m recaption.caption", VECAP: "python -m recaption.rewrite"}
 
 _FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tar": "webdataset"}
 
@@ -165,8 +151,7 @@ logger = logging.getLogger(__name__)
 # The official ALIP training transform: RandomResizedCrop(scale=(0.9, 1.0), bicubic) (src/open_alip/transform.py).
 ALIP_CROP_SCALE = (0.9, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)  # torchvision's default aspect-ratio range, which the official code keeps
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN, CLIP_STD = tuple(OPENAI_CLIP_MEAN), tuple(OPENAI_CLIP_STD)  # transformers' constants, CLIP's normalisation
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -261,18 +246,6 @@ def undecoded_images(dataset, image_column: str):
     return dataset
 
 
-@dataclass
-class TextSelector:
-    """How a recipe picks the text(s) of one sample.
-
-    `select(example, rng)` returns `({"text": str, "caption": str | None}, stats)` where `stats` holds integer
-    counts to sum over a batch (e.g. how many samples drew the VeCap text). Defined by `recipes.py`.
-    """
-
-    columns: dict[str, str]
-    select: Callable[[dict, np.random.Generator], tuple[dict[str, str | None], dict[str, int]]]
-
-
 def _is_empty(text: Any) -> bool:
     return text is None or not isinstance(text, str) or not text.strip()
 
@@ -285,7 +258,7 @@ class ExampleBuilder:
     """
 
     image_column: str
-    selector: TextSelector
+    selector: TextSelector  # alip_hf.recipes.TextSelector
     transform: ImageTransform
     seed: int = 0
 

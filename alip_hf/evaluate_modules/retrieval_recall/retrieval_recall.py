@@ -1,16 +1,17 @@
 """Image-text retrieval recall@k of CLIP_benchmark as an `evaluate` module, several captions per image.
 
-    metric = evaluate.load("metrics/retrieval_recall")
+    metric = evaluate.load(str(alip_hf.resources.EVALUATE_MODULES / "retrieval_recall"))
     metric.compute(predictions=scores, references=text_image_index, k_values=[1, 5, 10])
 
 `predictions[t]` holds text t's similarity to every image (T rows of I scores); `references[t]` is the index of
-text t's image. A query is a hit when at least one of its matches is in its top k. Self-contained (numpy only);
-eval.py's `retrieval_metrics` computes the same numbers (tests/test_eval.py checks it).
+text t's image. A query is a hit when at least one of its matches is in its top k. The recall is
+`alip_hf.evaluation.metrics.recall_at_ks`, the routine eval.py reports with.
 """
 
 import datasets
 import evaluate
 import numpy as np
+import torch
 
 _DESCRIPTION = """`image_retrieval_recall@k`: fraction of texts whose image is among the k images most similar to
 them (text -> image). `text_retrieval_recall@k`: fraction of images with at least one of their captions among the
@@ -24,23 +25,13 @@ Args:
 Returns:
     image_retrieval_recall@k and text_retrieval_recall@k for each k.
 Examples:
-    >>> metric = evaluate.load("metrics/retrieval_recall")
+    >>> metric = evaluate.load(str(alip_hf.resources.EVALUATE_MODULES / "retrieval_recall"))
     >>> metric.compute(predictions=[[0.9, 0.1], [0.2, 0.3], [0.6, 0.4]], references=[0, 1, 1], k_values=[1])
     {'image_retrieval_recall@1': 0.6666666666666666, 'text_retrieval_recall@1': 1.0}
 """
 
 _CITATION = """@inproceedings{radford2021clip, title={Learning Transferable Visual Models From Natural Language
 Supervision}, author={Radford, Alec and others}, booktitle={ICML}, year={2021}}"""
-
-
-def recall_at_k(scores: np.ndarray, text_image_index: np.ndarray, k: int) -> tuple[float, float]:
-    """(text -> image, image -> text) recall@k of `scores (T, I)`."""
-    num_texts, num_images = scores.shape
-    top_images = np.argsort(-scores, axis=1, kind="stable")[:, : min(k, num_images)]
-    image_recall = float((top_images == text_image_index[:, None]).any(axis=1).mean())
-    top_texts = np.argsort(-scores.T, axis=1, kind="stable")[:, : min(k, num_texts)]
-    text_recall = float((text_image_index[top_texts] == np.arange(num_images)[:, None]).any(axis=1).mean())
-    return image_recall, text_recall
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -65,8 +56,8 @@ class RetrievalRecall(evaluate.Metric):
         if len(np.unique(index)) != scores.shape[1]:
             raise ValueError("every image needs at least one text among the references (an image without captions "
                              "can never be retrieved by image -> text)")
-        metrics = {}
-        for k in k_values:
-            image_recall, text_recall = recall_at_k(scores, index, k)
-            metrics[f"image_retrieval_recall@{k}"], metrics[f"text_retrieval_recall@{k}"] = image_recall, text_recall
-        return metrics
+        # The package's one recall routine (this module ships inside it as package data).
+        from alip_hf.evaluation.metrics import recall_at_ks
+
+        recalls = recall_at_ks(torch.from_numpy(scores), index, list(k_values))
+        return {f"{name}@{k}": recalls[name][i] for name in recalls for i, k in enumerate(k_values)}

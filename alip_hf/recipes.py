@@ -16,13 +16,11 @@ VeCap as its second text is `--recipe alip --caption_column vecap`; CLIP on synt
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
-import torch
 
-import data
-from data import TextSelector
+from alip_hf import schema
 
 
 @dataclass
@@ -32,12 +30,12 @@ class RecipeArguments:
     _argument_group_name = "recipe"
 
     recipe: Literal["clip", "alip", "veclip"] = field(default="alip", metadata={"help": "Training method."})
-    text_column: str = field(default=data.ALT_TEXT, metadata={"help": "Column of the web text (AltText)."})
+    text_column: str = field(default=schema.ALT_TEXT, metadata={"help": "Column of the web text (AltText)."})
     caption_column: str = field(
-        default=data.CAPTION,
+        default=schema.CAPTION,
         metadata={"help": "Column of the second text of the bi-path recipe (synthetic caption, or 'vecap')."},
     )
-    vecap_column: str = field(default=data.VECAP, metadata={"help": "Column of the VeCap rewrite (mixed recipe)."})
+    vecap_column: str = field(default=schema.VECAP, metadata={"help": "Column of the VeCap rewrite (mixed recipe)."})
     vecap_probability: float = field(
         default=0.5, metadata={"help": "Mixed recipe: probability of drawing the VeCap text instead of the AltText."}
     )
@@ -49,7 +47,20 @@ class RecipeArguments:
             raise ValueError(f"--vecap_probability must be in [0, 1], got {self.vecap_probability}")
 
 
-def _mean(x: torch.Tensor) -> float:
+@dataclass
+class TextSelector:
+    """How a recipe picks the text(s) of one sample.
+
+    `select(example, rng)` returns `({"text": str, "caption": str | None}, stats)` where `stats` holds integer
+    counts to sum over a batch (e.g. how many samples drew the VeCap text). 
+    """
+
+    columns: dict[str, str]
+    select: Callable[[dict, np.random.Generator], tuple[dict[str, str | None], dict[str, int]]]
+
+
+
+def _mean(x) -> float:
     return float(x.float().mean())
 
 
@@ -63,8 +74,8 @@ class Recipe:
         self.args = args
 
     def columns(self) -> dict[str, str]:
-        """Role -> column name of every text column read (roles are `data`'s contract names)."""
-        return {data.ALT_TEXT: self.args.text_column}
+        """Role -> column name of every text column read (roles are `schema`'s contract names)."""
+        return {schema.ALT_TEXT: self.args.text_column}
 
     def text_selector(self) -> TextSelector:
         column = self.args.text_column
@@ -93,8 +104,8 @@ class AlipRecipe(Recipe):
 
     def columns(self) -> dict[str, str]:
         # The caption's role decides the hint given when it is missing (run recaption.caption or .rewrite).
-        role = data.VECAP if self.args.caption_column == data.VECAP else data.CAPTION
-        return {data.ALT_TEXT: self.args.text_column, role: self.args.caption_column}
+        role = schema.VECAP if self.args.caption_column == schema.VECAP else schema.CAPTION
+        return {schema.ALT_TEXT: self.args.text_column, role: self.args.caption_column}
 
     def text_selector(self) -> TextSelector:
         text, caption = self.args.text_column, self.args.caption_column
@@ -126,7 +137,7 @@ class VeclipRecipe(Recipe):
     name = "veclip"
 
     def columns(self) -> dict[str, str]:
-        return {data.ALT_TEXT: self.args.text_column, data.VECAP: self.args.vecap_column}
+        return {schema.ALT_TEXT: self.args.text_column, schema.VECAP: self.args.vecap_column}
 
     def text_selector(self) -> TextSelector:
         text, vecap, p = self.args.text_column, self.args.vecap_column, self.args.vecap_probability

@@ -1,0 +1,122 @@
+"""Loading a task's split: its images, class names and labels, or its captions per image."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from alip_hf import data as data_lib
+from alip_hf.evaluation.classnames import named_list
+from alip_hf.evaluation.presets import EvalTask
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading a task's data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_split(task: EvalTask, split: str):
+    """The rows of `split` (filtered by `task.row_filter`), images left undecoded, and the image column name.
+
+    Raises:
+        ValueError: a missing column, no image column to pick, or no rows.
+    """
+    dataset = data_lib.load_source(task.source, split=split)
+    image_column = task.image_column or _only_image_column(dataset, task)
+    columns = {"image": image_column, "label": task.label_column}
+    columns.update({f"caption {i}": c for i, c in enumerate(task.caption_columns)})
+    if task.row_filter:
+        columns["row_filter"] = task.row_filter[0]
+    data_lib.require_columns(dataset, columns)
+    if task.row_filter:
+        column, value = task.row_filter
+        dataset = dataset.filter(lambda v: v == value, input_columns=column)
+    if len(dataset) == 0:
+        raise ValueError(f"{task.name}: {task.source} split {split!r} has no rows" +
+                         (f" with {task.row_filter[0]} == {task.row_filter[1]!r}" if task.row_filter else ""))
+    return data_lib.undecoded_images(dataset, image_column), image_column
+
+
+def _only_image_column(dataset, task: EvalTask) -> str:
+    import datasets
+
+    found = [name for name, feature in dataset.features.items() if isinstance(feature, datasets.Image)]
+    if len(found) != 1:
+        raise ValueError(f"{task.name}: pass image_column; image columns found: {found} among {dataset.column_names}")
+    return found[0]
+
+
+def class_names_and_labels(task: EvalTask, dataset, full_dataset=None) -> tuple[list[str], np.ndarray]:
+    """The class names and each row's class id `(N,)`.
+
+    Integer labels index the class names; string labels are looked up among them. Class names not given by the
+    task or a `ClassLabel` are the distinct strings of the label column of `full_dataset` (the whole split, so
+    that evaluating a subset keeps every class as a candidate).
+
+    Raises:
+        ValueError: a missing label, an unknown class name, a label out of range, or a class-name list whose
+            length differs from the dataset's `ClassLabel` count.
+    """
+    feature = dataset.features[task.label_column]
+    labels = list(dataset[task.label_column])
+    if task.class_names is not None:
+        names = named_list(task.class_names, "classnames")
+    elif hasattr(feature, "names"):
+        names = list(feature.names)
+    else:
+        source_labels = labels if full_dataset is None else full_dataset[task.label_column]
+        names = sorted({label for label in source_labels if isinstance(label, str)})
+    if not names:
+        raise ValueError(f"{task.name}: column {task.label_column!r} holds integer labels without ClassLabel names; "
+                         "pass class_names")
+    if hasattr(feature, "names") and len(feature.names) != len(names):
+        raise ValueError(f"{task.name}: {len(names)} class names for {len(feature.names)} classes in column "
+                         f"{task.label_column!r}; pass class_names matching the dataset's label order")
+    index = {name: i for i, name in enumerate(names)}  # string labels are looked up before any renaming
+    if task.class_name_style == "underscores":
+        names = [n.replace("_", " ").replace("/", " ") for n in names]
+    ids = np.empty(len(labels), dtype=np.int64)
+    for row, label in enumerate(labels):
+        if label is None:
+            raise ValueError(f"{task.name}: row {row} has no label in column {task.label_column!r}")
+        if isinstance(label, str):
+            if label not in index:
+                raise ValueError(f"{task.name}: row {row}: label {label!r} is not among the {len(names)} class names")
+            label = index[label]
+        if not 0 <= int(label) < len(names):
+            raise ValueError(f"{task.name}: row {row}: label {label} out of range for {len(names)} classes")
+        ids[row] = int(label)
+    return names, ids
+
+
+def captions_per_image(task: EvalTask, dataset) -> tuple[list[str], np.ndarray]:
+    """All captions and, for each, the row of its image: `(texts, text_image_index (T,))`.
+
+    A caption cell is a string or a list of strings; empty strings are not captions.
+
+    Raises:
+        ValueError: rows without any caption (they could never be retrieved, and would lower text retrieval
+            recall without being a model error).
+    """
+    texts, image_index, missing = [], [], []
+    columns = [dataset[c] for c in task.caption_columns]
+    for row in range(len(dataset)):
+        found = 0
+        for column in columns:
+            cell = column[row]
+            for text in [cell] if isinstance(cell, str) or cell is None else cell:
+                if isinstance(text, str) and text.strip():
+                    texts.append(text)
+                    image_index.append(row)
+                    found += 1
+        if not found:
+            missing.append(row)
+    if missing:
+        raise ValueError(f"{task.name}: {len(missing)} images have no caption in columns {list(task.caption_columns)} "
+                         f"(rows {missing[:10]}); filter them out (or fill them) before evaluating retrieval")
+    return texts, np.asarray(image_index, dtype=np.int64)
+
+

@@ -1,0 +1,168 @@
+"""Metrics as pure functions of features: top-k accuracy, mean per-class recall, retrieval recall (one
+routine for recall@k and the recall curve), and the linear probe."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from alip_hf.evaluation.presets import RECALL_CURVE_MAX_K, RECALL_KS
+
+logger = logging.getLogger(__name__)
+
+# The linear probe's sweep of the inverse regularisation C (CLIP searched lambda = 1/C over [1e-6, 1e6]).
+LINEAR_PROBE_CS = tuple(float(c) for c in np.logspace(-6, 6, 13))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics (pure functions of features)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Fraction of rows of `logits (N, C)` whose label `(N,)` is among the k highest; NaN when `C < k`."""
+    if logits.shape[1] < k:
+        return float("nan")
+    top = logits.topk(k, dim=1, largest=True, sorted=True).indices
+    return int((top == labels.view(-1, 1)).any(dim=1).sum()) / len(labels)
+
+
+def mean_per_class_recall(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over the classes present in `labels` of the fraction of their rows predicted right (sklearn's
+    `balanced_accuracy_score`, which CLIP_benchmark uses): classes without rows do not count."""
+    classes = np.unique(labels)
+    recalls = np.array([(predictions[labels == c] == c).mean() for c in classes], dtype=np.float64)
+    return float(recalls.mean())
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor | np.ndarray, prefix: str = "") -> dict:
+    """`acc1`, `acc5` (NaN with fewer than 5 classes) and `mean_per_class_recall` of `logits (N, C)`."""
+    labels = torch.as_tensor(np.asarray(labels))
+    if len(labels) == 0:
+        raise ValueError("no samples to score")
+    predictions = logits.argmax(dim=1).numpy()
+    return {
+        f"{prefix}acc1": topk_accuracy(logits, labels, 1),
+        f"{prefix}acc5": topk_accuracy(logits, labels, 5),
+        f"{prefix}mean_per_class_recall": mean_per_class_recall(predictions, labels.numpy()),
+    }
+
+
+def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_image_index, ks=RECALL_KS) -> dict:
+    """Recall@k both ways, a query counting as a hit when at least one of its matches is in its top k.
+
+    Args:
+        image_embeds: `(I, D)` normalised. text_embeds: `(T, D)` normalised.
+        text_image_index: `(T,)`, the image row of each text (several texts may share an image).
+        ks: cut-offs; a k above the number of candidates scores every query as a hit (all are retrieved).
+
+    Returns:
+        `image_retrieval_recall@k` (text -> image, over T queries) and `text_retrieval_recall@k` (image -> text,
+        over I queries), CLIP_benchmark's names.
+    """
+    recalls = recall_at_ks(text_embeds @ image_embeds.T, text_image_index, ks)
+    return {f"{name}@{k}": recalls[name][i] for name in recalls for i, k in enumerate(ks)}
+
+
+def recall_curve(image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_image_index,
+                 max_k: int = RECALL_CURVE_MAX_K) -> dict[str, list]:
+    """Recall at every k from 1 to `max_k`, or to the larger candidate count if that is smaller (where every
+    query is a hit both ways).
+
+    Args:
+        image_embeds: `(I, D)` normalised. text_embeds: `(T, D)` normalised. text_image_index: `(T,)`.
+
+    Returns:
+        `{"k": [1, ..., K], "image_retrieval_recall": [K values], "text_retrieval_recall": [K values]}`, the
+        recall at `k[i]` at index i, non-decreasing in k.
+    """
+    scores = text_embeds @ image_embeds.T  # (T, I)
+    ks = list(range(1, min(max_k, max(scores.shape)) + 1))
+    return {"k": ks, **recall_at_ks(scores, text_image_index, ks)}
+
+
+def recall_at_ks(scores: torch.Tensor, text_image_index, ks) -> dict[str, list[float]]:
+    """The one recall routine: text -> image and image -> text recall at each k of `ks`, from `scores (T, I)`.
+
+    Each direction is ranked once, to the largest k: a query is a hit at k when one of its matches is among
+    its first k candidates (every candidate, if there are fewer). The recall is a count over queries, so it is
+    exact in float32. `topk` may order candidates that tie exactly in score differently from a ranking to
+    another k (CLIP_benchmark ranks once per k); with real-valued features such ties do not occur.
+
+    Returns:
+        `{"image_retrieval_recall": [one value per k], "text_retrieval_recall": [...]}`.
+    """
+    text_image_index = torch.as_tensor(np.asarray(text_image_index), dtype=torch.long)
+    num_texts, num_images = scores.shape
+    depth = max(ks)
+    top_images = scores.topk(min(depth, num_images), dim=1).indices  # (T, K)
+    top_texts = scores.T.topk(min(depth, num_texts), dim=1).indices  # (I, K)
+    hits = {"image_retrieval_recall": top_images == text_image_index[:, None],
+            "text_retrieval_recall": text_image_index[top_texts] == torch.arange(num_images)[:, None]}
+    recalls = {}
+    for name, hit in hits.items():
+        found = hit.cumsum(dim=1) > 0  # (queries, K): a match within the first j + 1 candidates
+        recalls[name] = [found[:, min(k, found.shape[1]) - 1].float().mean().item() for k in ks]
+    return recalls
+
+
+def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
+                 test_labels: np.ndarray, val_features: np.ndarray | None = None, val_labels: np.ndarray | None = None,
+                 val_fraction: float = 0.2, cs: Sequence[float] = LINEAR_PROBE_CS, seed: int = 0,
+                 max_iter: int = 1000, num_classes: int | None = None) -> dict:
+    """Logistic regression on frozen features `(N, D)`: C swept on validation, refit on train + validation.
+
+    The CLIP paper (appendix A.3) searches the L2 penalty over [1e-6, 1e6] on a validation split with
+    L-BFGS; here the sweep is `cs` (13 log-spaced values by default) followed by a finer pass of four values
+    around the best (+-0.25 and +-0.5 decades), ties going to the stronger regularisation. Without a validation
+    split, a stratified `val_fraction` of the training rows is held out (seeded). CLIP_benchmark's linear probe
+    instead trains a torch linear layer with a weight-decay sweep, so `lp_*` numbers are comparable in meaning
+    with its, not equal to the digit.
+
+    Returns:
+        `lp_acc1`, `lp_acc5`, `lp_mean_per_class_recall` (CLIP_benchmark's names) and `lp_C`, the chosen C.
+    """
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+
+    if val_features is None:
+        stratify = train_labels if np.unique(train_labels, return_counts=True)[1].min() >= 2 else None
+        train_features, val_features, train_labels, val_labels = train_test_split(
+            train_features, train_labels, test_size=val_fraction, random_state=seed, stratify=stratify)
+
+    def fit(c, x, y):
+        # Weakly regularised fits (large C) on separable features do not converge within max_iter; the sweep
+        # scores them on validation like the others, so the warning carries no information here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return LogisticRegression(C=c, max_iter=max_iter, random_state=seed).fit(x, y)
+
+    def val_accuracy(c):
+        return float((fit(c, train_features, train_labels).predict(val_features) == val_labels).mean())
+
+    scores = {c: val_accuracy(c) for c in tqdm(list(cs), desc="linear probe C sweep", leave=False)}
+    best = max(sorted(scores), key=lambda c: scores[c])  # sorted ascending: a tie keeps the smallest C
+    for c in (best * 10 ** d for d in (-0.5, -0.25, 0.25, 0.5)):
+        scores[c] = val_accuracy(c)
+    best = max(sorted(scores), key=lambda c: scores[c])
+    classifier = fit(best, np.concatenate([train_features, val_features]), np.concatenate([train_labels, val_labels]))
+    # The decision function's columns are the classes seen in training; classes never seen score -inf.
+    num_classes = int(num_classes or max(classifier.classes_.max(), test_labels.max()) + 1)
+    logits = np.full((len(test_features), num_classes), -np.inf)
+    logits[:, classifier.classes_] = _class_scores(classifier, test_features)
+    metrics = classification_metrics(torch.from_numpy(logits), test_labels, prefix="lp_")
+    return {**metrics, "lp_C": best}
+
+
+def _class_scores(classifier, features: np.ndarray) -> np.ndarray:
+    """`(N, len(classes_))` scores; sklearn gives one score for two classes, turned into the logits (-s/2, s/2)."""
+    scores = classifier.decision_function(features)
+    return scores if scores.ndim == 2 else np.stack([-scores / 2, scores / 2], axis=1)
+
+

@@ -1,0 +1,230 @@
+"""Reports: the results file, the Markdown results table, recall@k plots and the model card."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shlex
+from pathlib import Path
+
+from alip_hf import data as data_lib
+from alip_hf.evaluation.presets import (
+    LINEAR_PROBE,
+    PRESET_GROUPS,
+    PRESETS,
+    RECALL_KS,
+    RETRIEVAL,
+    ZEROSHOT,
+    preset_of_source,
+    resolve_tasks,
+)
+from alip_hf.io import replaced_atomically
+from alip_hf.resources import MODEL_CARD_TEMPLATE
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results file and model card
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _records_from(results) -> list[dict]:
+    """Records from a results file payload, a list of records, or train.py's flat `eval/<dataset>/<metric>`."""
+    if isinstance(results, dict) and "results" in results:
+        return list(results["results"])
+    if isinstance(results, dict):
+        grouped: dict[tuple[str, str], dict] = {}
+        for key, value in results.items():
+            parts = key.split("/")
+            if len(parts) >= 3 and parts[0] == "eval":
+                metric = "/".join(parts[2:])
+                grouped.setdefault((parts[1], _task_of(metric)), {})[metric] = value
+        return [{"dataset": d, "task": t, "split": "", "metrics": m} for (d, t), m in grouped.items()]
+    return list(results)
+
+
+def _task_of(metric: str) -> str:
+    if metric.startswith("lp_"):
+        return LINEAR_PROBE
+    return RETRIEVAL if "retrieval_recall" in metric else ZEROSHOT
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+
+
+def results_table(results) -> str:
+    """Markdown tables (one per task kind) of the records, values in percent."""
+    records = _records_from(results)
+    if not records:
+        return "_Not evaluated._"
+    sections = []
+    titles = {ZEROSHOT: "Zero-shot classification", RETRIEVAL: "Retrieval", LINEAR_PROBE: "Linear probe"}
+    for task, title in titles.items():
+        rows = [r for r in records if r["task"] == task]
+        if not rows:
+            continue
+        metrics = [m for m in rows[0]["metrics"] if m != "lp_C"]
+        header = "| dataset | split | " + " | ".join(metrics) + " |"
+        lines = [f"**{title}** (%)", "", header, "|---|---|" + "---:|" * len(metrics)]
+        for r in rows:
+            lines.append(f"| {r['dataset']} | {r.get('split', '')} | " +
+                         " | ".join(_percent(r["metrics"].get(m)) for m in metrics) + " |")
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections)
+
+
+def _matplotlib():
+    """matplotlib's `Figure` and Agg canvas, imported only when a plot is drawn (an optional dependency). The Agg
+    canvas is attached per figure: the process-wide backend (a notebook's, say) is left alone."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+    except ImportError as error:
+        raise ImportError("plotting recall@k curves needs matplotlib: pip install matplotlib "
+                          "(or pip install -e '.[plot]')") from error
+    return Figure, FigureCanvasAgg, ScalarFormatter, NullFormatter
+
+
+def _curve_labels(records: list[dict]) -> list[str]:
+    """One legend entry per record: the dataset, plus the model and the split where they tell records apart."""
+    models = {r.get("model") for r in records}
+    labels = [r["dataset"] + (f" ({Path(str(r.get('model'))).name})" if len(models) > 1 else "") for r in records]
+    if len(set(labels)) < len(labels):
+        labels = [f"{label} [{r.get('split', '')}]" for label, r in zip(labels, records)]
+    return labels
+
+
+def plot_recall_at_k(results, path: str | os.PathLike, figsize: tuple[float, float] = (10.0, 4.0),
+                     dpi: int = 100) -> Path:
+    """Draws the retrieval recall@k curves of every retrieval record, image -> text and text -> image side by side
+    (log-scaled k, recall in percent, R@1/5/10 marked), and writes them to a PNG of `figsize * dpi` pixels.
+
+    Args:
+        results: records (`run_evaluation`), a results file's payload, or the path of a results file: the plot is
+            drawn from each record's `recall_curve`, so it can be redrawn from `results.json` alone.
+        path: the PNG, written atomically (its folder created).
+
+    Raises:
+        ImportError: matplotlib is missing (`pip install matplotlib`, or the `plot` extra).
+        ValueError: no record has a recall curve (no retrieval task, `recall_curve_max_k=0`, or train.py's flat
+            metrics, which hold R@1/5/10 only).
+    """
+    if isinstance(results, (str, os.PathLike)):
+        results = json.loads(Path(results).read_text(encoding="utf-8"))
+    records = [r for r in _records_from(results) if r.get("recall_curve")]
+    if not records:
+        raise ValueError("no retrieval results with a recall_curve to plot: evaluate a retrieval task "
+                         "(recall_curve_max_k > 0)")
+    Figure, FigureCanvasAgg, ScalarFormatter, NullFormatter = _matplotlib()
+    figure = Figure(figsize=figsize, dpi=dpi, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(1, 2, sharey=True)
+    max_k = max(r["recall_curve"]["k"][-1] for r in records)
+    # CLIP_benchmark's names are those of the retrieved side: text_retrieval is image -> text.
+    panels = (("text_retrieval_recall", "image \u2192 text"), ("image_retrieval_recall", "text \u2192 image"))
+    for ax, (name, direction) in zip(axes, panels):
+        for record, label in zip(records, _curve_labels(records)):
+            ks = record["recall_curve"]["k"]
+            marked = [i for i, k in enumerate(ks) if k in RECALL_KS]
+            ax.plot(ks, [100 * v for v in record["recall_curve"][name]], marker="o", markevery=marked,
+                    markersize=4, linewidth=1.5, label=label)
+        ax.set_xscale("log")
+        ax.set_xlim(0.9, 1.1 * max(max_k, 2))  # padded: the k = 1 markers and 100% lines stay off the frame
+        ax.set_xticks([k for k in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if k <= max(max_k, 2)])
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_ylim(-2, 102)
+        ax.set_yticks(range(0, 101, 20))
+        ax.grid(True, which="major", alpha=0.3)
+        ax.set_xlabel("k (log scale)")
+        ax.set_title(f"{direction} ({name}@k)", fontsize=10)
+    axes[0].set_ylabel("recall@k (%)")
+    axes[1].legend(loc="lower right", fontsize=8)
+    figure.suptitle("Retrieval recall@k (a query is a hit when one of its matches is in the top k)", fontsize=11)
+    with replaced_atomically(path, "wb") as file:
+        figure.savefig(file, format="png", dpi=dpi)
+    return Path(path)
+
+
+def render_model_card(results, template: str | os.PathLike | None = None, **info) -> str:
+    """The model card: `model_card.md` with its `{{placeholders}}` filled from the results and `info`.
+
+    Args:
+        results: records (`run_evaluation`), a results file's payload, or train.py's flat metrics.
+        template: a template path (default: this repository's `model_card.md`).
+        info: `model_name`, `base_model`, `description`, `train_args` (dict), `eval_command`, `recall_plot` (the
+            path of `plot_recall_at_k`'s PNG, relative to the card: embedded as an image); missing ones get
+            neutral defaults so every placeholder is filled.
+
+    Raises:
+        KeyError: a placeholder in the template that nothing fills.
+    """
+    train_args = info.pop("train_args", None) or {}
+    records = _records_from(results)
+    if train_args.get("eval_split"):  # train.py's flat metrics hold no split; its arguments name the one it used
+        records = [{**r, "split": r.get("split") or train_args["eval_split"]} for r in records]
+    recall_plot = info.pop("recall_plot", None)
+    values = {
+        "model_name": info.pop("model_name", None) or Path(str(train_args.get("output_dir", ""))).name
+        or (records[0].get("model") if records else None) or "model",
+        "base_model": info.pop("base_model", None) or train_args.get("model_name_or_path") or "trained from scratch",
+        "description": info.pop("description", None) or "A CLIP-style dual encoder.",
+        "training": _training_summary(train_args),
+        "results_table": results_table(records),
+        "eval_command": info.pop("eval_command", None) or _eval_command(records, train_args.get("eval_data")),
+        "evaluated_datasets": ", ".join(sorted({r["dataset"] for r in records})) or "none",
+        "recall_plot": f"![Retrieval recall@k]({Path(recall_plot).as_posix()})" if recall_plot else "",
+    }
+    values.update({k: str(v) for k, v in info.items()})
+    text = Path(template or MODEL_CARD_TEMPLATE).read_text(encoding="utf-8")
+
+    def fill(match):
+        if match.group(1) not in values:
+            name = match.group(1)
+            raise KeyError(f"model card placeholder {{{{{name}}}}} has no value; pass it as {name}=")
+        return str(values[match.group(1)])
+
+    return re.sub(r"\{\{\s*(\w+)\s*\}\}", fill, text)
+
+
+def _eval_command(records: list[dict], eval_data: str | None = None) -> str:
+    """The eval.py command that evaluates the card's datasets again.
+
+    The data is train.py's `--eval_data` when given, else the records' datasets when all are presets, else the
+    demo preset; the split is added where the records share one that differs from the presets' own.
+    """
+    splits = {r.get("split") for r in records} - {None, ""}
+    split = splits.pop() if len(splits) == 1 else None
+    names = {r["dataset"] for r in records}
+    if eval_data is None:
+        presets = sorted(names) if names and names <= set(PRESETS) else ["demo"]
+    elif eval_data in PRESETS or eval_data in PRESET_GROUPS:
+        presets = [eval_data]
+    else:
+        presets = [name for name in [preset_of_source(eval_data)] if name]
+    if presets:
+        flags = ["--preset", *presets]
+        default_splits = {t.split for name in presets for t in resolve_tasks(name)}
+        if split is not None and default_splits != {split}:
+            flags += ["--split", split]
+    else:  # train.py evaluated retrieval over the contract's caption columns; flat metrics do not say which it had
+        columns = next((r["caption_columns"] for r in records if r.get("caption_columns")),
+                       [data_lib.ALT_TEXT, data_lib.CAPTION])
+        flags = ["--dataset", eval_data, "--task", RETRIEVAL, "--split", split or "test", "--caption_columns", *columns]
+    return "python eval.py --model <this directory> " + shlex.join(flags)
+
+
+def _training_summary(train_args: dict) -> str:
+    if not train_args:
+        return "Not recorded."
+    keys = [k for k in ("recipe", "model_config", "model_name_or_path", "train_data", "max_steps",
+                        "per_device_train_batch_size", "learning_rate", "seed") if k in train_args]
+    return "\n".join(f"- `{k}`: `{train_args[k]}`" for k in keys) or "See the saved arguments."
+
+

@@ -1,0 +1,221 @@
+"""Training arguments: typed dataclasses grouped by concern, parsed from flags or a run YAML.
+
+Only light modules are imported here, so that `train.py --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from transformers import HfArgumentParser
+
+from alip_hf import recipes, schema
+from alip_hf.io import write_text_atomic
+from alip_hf.resources import DEMO_DATA, run_config
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train and which parts of it."""
+
+    _argument_group_name = "model"
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A saved ALIP/CLIP model directory (or Hub id) to start from."}
+    )
+    model_config: Literal["tiny", "small", "vit-b-32", "vit-b-16"] = field(
+        default="small", metadata={"help": "Architecture trained from scratch when --model_name_or_path is not set "
+                                   "(tiny: smoke tests; small: the demo run; vit-b-32/16: the published towers)."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer directory; default: the model directory's, else the CLIP BPE tokenizer."},
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    freeze_vision: bool = field(default=False, metadata={"help": "Freeze the image tower and its projection."})
+    freeze_text: bool = field(default=False, metadata={"help": "Freeze the text tower and its projection."})
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank; 0 trains all (unfrozen) weights."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA scaling numerator."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Module names LoRA wraps (required with --lora_rank), e.g. q_proj v_proj."}
+    )
+
+    def __post_init__(self):
+        if self.lora_rank < 0:
+            raise ValueError(f"--lora_rank must be >= 0, got {self.lora_rank}")
+        if self.lora_rank > 0 and not self.lora_target_modules:
+            raise ValueError("--lora_rank needs --lora_target_modules (e.g. q_proj v_proj)")
+        if self.lora_target_modules and self.lora_rank == 0:
+            raise ValueError("--lora_target_modules is set but --lora_rank is 0")
+        if self.freeze_vision and self.freeze_text:
+            raise ValueError("--freeze_vision and --freeze_text together leave only logit_scale to train")
+
+
+@dataclass
+class DataArguments:
+    """Where the training data comes from and how it is read."""
+
+    _argument_group_name = "data"
+
+    train_data: str = field(
+        default=str(DEMO_DATA),
+        metadata={"help": "Training data: save_to_disk dir, parquet/json/csv files or glob, WebDataset tars, Hub id."},
+    )
+    train_split: str = field(default="train", metadata={"help": "Split of --train_data to train on."})
+    streaming: bool = field(default=False, metadata={"help": "Read lazily (needs --max_steps); for large data."})
+    image_column: str = field(default=schema.IMAGE, metadata={"help": "Column holding the image."})
+    max_text_length: int = field(default=77, metadata={"help": "Tokens per text; longer texts keep their end token."})
+    crop_scale_min: float = field(default=0.9, metadata={"help": "RandomResizedCrop lower area bound (ALIP: 0.9)."})
+    crop_scale_max: float = field(default=1.0, metadata={"help": "RandomResizedCrop upper area bound."})
+    shuffle_buffer: int = field(default=1000, metadata={"help": "Streaming: shuffle buffer size (0: no shuffle)."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes per process."})
+    preprocessing_num_proc: int | None = field(
+        default=None, metadata={"help": "Processes for the one-off image/text validation of map-style data."}
+    )
+    eval_data: str | None = field(
+        default=str(DEMO_DATA), metadata={"help": "Evaluation data (zero-shot + retrieval); 'none' disables evaluation."}
+    )
+    eval_split: str = field(default="test", metadata={"help": "Split of --eval_data."})
+
+    def __post_init__(self):
+        if not 0 < self.crop_scale_min <= self.crop_scale_max <= 1:
+            raise ValueError(f"need 0 < --crop_scale_min <= --crop_scale_max <= 1, got {self.crop_scale_min}, "
+                             f"{self.crop_scale_max}")
+        if self.max_text_length < 2:
+            raise ValueError("--max_text_length must leave room for the start and end tokens")
+        if self.eval_data is not None and self.eval_data.lower() == "none":
+            self.eval_data = None
+
+
+@dataclass
+class TrainArguments:
+    """Optimisation, precision, checkpoints and logging."""
+
+    _argument_group_name = "training"
+
+    output_dir: str = field(default="outputs/alip-demo", metadata={"help": "Where everything is written."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Samples per process per micro-batch."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches per optimizer step; the loss sees all k*B negatives at once."}
+    )
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs over the data (map-style data)."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; overrides --num_train_epochs if > 0."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "Peak learning rate of AdamW."})
+    weight_decay: float = field(
+        default=0.2, metadata={"help": "AdamW weight decay (not on biases, norms, embeddings, logit_scale)."}
+    )
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.98, metadata={"help": "AdamW beta2 (CLIP/ALIP use 0.98)."})
+    adam_epsilon: float = field(default=1e-6, metadata={"help": "AdamW epsilon."})
+    warmup_steps: int = field(default=-1, metadata={"help": "Linear warm-up steps; -1 uses --warmup_ratio."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Warm-up as a fraction of all steps."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (official ALIP: 1); 0 off."})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="no", metadata={"help": "Autocast precision."})
+    local_loss: bool = field(
+        default=False, metadata={"help": "Each process computes the loss of its rows against the global batch."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed of initialisation, data order, crops and text draws."})
+    logging_steps: int = field(default=10, metadata={"help": "Log metrics every N optimizer steps."})
+    save_steps: int = field(default=0, metadata={"help": "Save a resumable checkpoint every N steps (0: never)."})
+    save_total_limit: int = field(default=3, metadata={"help": "Keep the last K checkpoints."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "'latest' (in output_dir/checkpoints) or a checkpoint directory."}
+    )
+    stop_after_steps: int = field(
+        default=-1,
+        metadata={"help": "Stop after this step as if interrupted: no final save, eval or export (resume tests)."},
+    )
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: only at the end)."})
+    report_to: list[str] = field(
+        default_factory=lambda: ["tensorboard"],
+        metadata={"help": "Trackers (tensorboard, wandb, ...; 'none'); metrics.jsonl is always written."},
+    )
+    nonfinite: Literal["stop", "skip"] = field(
+        default="stop", metadata={"help": "On a non-finite loss: stop naming the step, or skip the step and count."}
+    )
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload output_dir to the Hub at the end."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository id for --push_to_hub."})
+
+    def __post_init__(self):
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError("set --max_steps > 0 or --num_train_epochs > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id")
+        if self.save_total_limit < 1:
+            raise ValueError("--save_total_limit must be >= 1")
+        self.report_to = [r for r in self.report_to if r != "none"]
+        if "tensorboard" in self.report_to and importlib.util.find_spec("tensorboard") is None:
+            logger.warning("tensorboard is not installed; not reporting to it")
+            self.report_to.remove("tensorboard")
+
+
+ARGUMENT_GROUPS = (ModelArguments, DataArguments, TrainArguments, recipes.RecipeArguments)
+
+
+def _yaml_to_argv(path: str) -> list[str]:
+    """A YAML mapping of flag -> value as command-line tokens (lists become several tokens)."""
+    with open(path, encoding="utf-8") as file:
+        values = yaml.safe_load(file) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of argument names to values")
+    argv = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        items = value if isinstance(value, list) else [value]
+        argv += [f"--{key}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in items)]
+    return argv
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parses flags, or a YAML file (`train.py run.yaml` or `--config run.yaml`) followed by flag overrides.
+
+    Returns `(model_args, data_args, train_args, recipe_args)`; unknown flags and invalid combinations raise.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config = None
+    if argv and not argv[0].startswith("-"):  # a run YAML: a path, or a packaged config's name
+        config = argv.pop(0)
+    elif "--config" in argv:
+        i = argv.index("--config")
+        config = argv[i + 1]
+        del argv[i : i + 2]
+    if config is not None:
+        argv = _yaml_to_argv(str(run_config(config))) + argv  # flags after the file override it: argparse keeps the last value
+    parser = HfArgumentParser(ARGUMENT_GROUPS, description=(
+        "Train CLIP/ALIP/VeCLIP. Usage: train.py [RUN.yaml | --config RUN.yaml] [--flag value ...]; flags after "
+        "the YAML file override it. RUN is a path or a packaged config's name (alip-vit-b-32, clip-vit-b-32, "
+        "veclip-vit-b-16, demo, tiny). With no arguments: a small ALIP model on the bundled demo data."))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def save_args(groups, path: Path):
+    """Writes the resolved arguments of every group as one YAML file (atomically)."""
+    resolved = {}
+    for group in groups:
+        resolved.update(dataclasses.asdict(group))
+    write_text_atomic(path, yaml.safe_dump(resolved, sort_keys=False))
+
+
+
+

@@ -1,0 +1,87 @@
+"""The training data of a run: load, check columns, validate rows, and the per-process DataLoader."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from accelerate import Accelerator
+
+from alip_hf import data, recipes
+from modeling_alip import clean_clip_text
+
+if TYPE_CHECKING:
+    from alip_hf.training.arguments import DataArguments, TrainArguments
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainData:
+    loader: torch.utils.data.DataLoader
+    max_steps: int  # optimizer steps of the run
+    num_rows: int | None  # usable rows (map-style), None when streaming
+    skipped: dict[str, int]  # rows dropped by validation before training (map-style)
+    resume_skips_batches: bool  # streaming: resuming replays and discards consumed batches
+
+
+def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes.Recipe, processor,
+                     accelerator: Accelerator, start_step: int) -> TrainData:
+    """Loads, checks columns, validates rows, and builds the per-process DataLoader of micro-batches that
+    starts at optimizer step `start_step`."""
+    dataset = data.load_source(args.train_data, split=args.train_split, streaming=args.streaming)
+    data.require_columns(dataset, {data.IMAGE: args.image_column, **recipe.columns()})
+    dataset = data.undecoded_images(dataset, args.image_column)
+    transform = data.ImageTransform.from_image_processor(
+        processor.image_processor, train=True, crop_scale=(args.crop_scale_min, args.crop_scale_max))
+    build = data.ExampleBuilder(args.image_column, recipe.text_selector(), transform, seed=train.seed)
+    # The processor's text cleaning (CLIP's ftfy + whitespace + lower-case for the CLIP tokenizer) applies too.
+    clean = clean_clip_text if processor.text_cleaning != "none" else None
+    collate = data.Collator(processor.tokenizer, max_length=args.max_text_length, clean=clean)
+    batch = train.per_device_train_batch_size
+    common = dict(collate_fn=collate, num_workers=args.dataloader_num_workers,
+                  persistent_workers=False, pin_memory=False)
+    if args.streaming:
+        from datasets.distributed import split_dataset_by_node
+
+        dataset = dataset.select_columns([args.image_column, *recipe.columns().values()])
+        if args.shuffle_buffer:
+            dataset = dataset.shuffle(seed=train.seed, buffer_size=args.shuffle_buffer)
+        dataset = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
+        stream = data.StreamingExamples(dataset, build, rank=accelerator.process_index)
+        loader = torch.utils.data.DataLoader(stream, batch_size=batch, drop_last=True, **common)
+        return TrainData(loader, steps_for(train, accelerator, None), None,
+                         {"skipped_images": 0, "skipped_texts": 0}, resume_skips_batches=True)
+    dataset = dataset.select_columns([args.image_column, *recipe.columns().values()])
+    with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
+        dataset, skipped = data.filter_valid_rows(dataset, build, num_proc=args.preprocessing_num_proc)
+    max_steps = steps_for(train, accelerator, len(dataset))
+    sampler = data.GlobalBatchSampler(
+        len(dataset), batch, num_batches=max_steps * train.gradient_accumulation_steps,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, seed=train.seed,
+        start=start_step * train.gradient_accumulation_steps)
+    loader = torch.utils.data.DataLoader(data.MapStyleExamples(dataset, build), batch_sampler=sampler, **common)
+    return TrainData(loader, max_steps, len(dataset), skipped, resume_skips_batches=False)
+
+
+def steps_for(train: TrainArguments, accelerator: Accelerator, num_rows: int | None) -> int:
+    """Optimizer steps of the run: `--max_steps`, else epochs over the usable rows."""
+    if train.max_steps > 0:
+        return train.max_steps
+    if num_rows is None:
+        raise ValueError("--streaming needs --max_steps (the length of a stream is unknown)")
+    global_micro = train.per_device_train_batch_size * accelerator.num_processes
+    steps = int(train.num_train_epochs * (num_rows // global_micro) // train.gradient_accumulation_steps)
+    if steps < 1:
+        raise ValueError(f"{num_rows} usable rows give no optimizer step with a global batch of "
+                         f"{global_micro * train.gradient_accumulation_steps}; lower the batch size")
+    return steps
+
+

@@ -1,0 +1,181 @@
+"""The training loop: one optimizer step (forward, backward, exact accumulation, update) repeated."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from alip_hf import recipes
+from alip_hf.models import core_model
+from alip_hf.training.checkpoints import save_checkpoint
+from modeling_alip import ALIPModel, ALIPOutput
+from modeling_alip.loss import gather_features
+
+if TYPE_CHECKING:
+    from alip_hf.training.arguments import TrainArguments
+    from alip_hf.training.data import TrainData
+
+logger = logging.getLogger(__name__)
+
+LOGIT_SCALE_MAX = math.log(100)  # CLIP's clamp of the learnable temperature, kept by the official ALIP code
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One optimizer step
+# ----------------------------------------------------------------------------------------------------------------
+
+_EMBEDS = ("image_embeds", "text_embeds", "caption_embeds")
+
+
+def _model_inputs(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "stats"}
+
+
+def forward_backward(model, core: ALIPModel, recipe: recipes.Recipe, micro_batches: list[dict],
+                     accelerator: Accelerator, local_loss: bool) -> ALIPOutput:
+    """Loss of the whole (accumulated) batch and its gradient; returns the output with the loss and gates.
+
+    With `k > 1` micro-batches this is open_clip's exact accumulation for contrastive losses: embed all `k`
+    micro-batches without gradient, compute the gates ONCE on the cached global batch, then re-embed each
+    micro-batch with gradient, splice it into the cached batch, and back-propagate the loss of the whole batch.
+    The `k` backward passes sum to the gradient of one k-times larger batch. Deviation: the official ALIP code
+    accumulates per-micro-batch losses (fewer negatives) and updates the gate running means every micro-step;
+    here they update once per optimizer step.
+    """
+    device = accelerator.device
+    if len(micro_batches) == 1:
+        with accelerator.autocast():
+            output = model(**_model_inputs(micro_batches[0], device), return_loss=False)
+        recipe.loss(core, output, local_loss)
+        accelerator.backward(output.loss)
+        return output
+    with torch.no_grad(), accelerator.autocast():
+        cached = [model(**_model_inputs(mb, device), return_loss=False) for mb in micro_batches]
+    gates = None
+    if recipe.uses_caption:  # once, on the global cached batch: one running-mean update per optimizer step
+        with torch.no_grad():
+            gathered, _ = gather_features(*(_cat([getattr(c, name) for c in cached]).float() for name in _EMBEDS))
+            gates = recipe.compute_gates(core, *gathered)
+    for j, micro_batch in enumerate(micro_batches):
+        sync = contextlib.nullcontext() if j == len(micro_batches) - 1 else accelerator.no_sync(model)
+        with sync:
+            with accelerator.autocast():
+                fresh = model(**_model_inputs(micro_batch, device), return_loss=False)
+            spliced = ALIPOutput(**{
+                name: _cat([getattr(fresh if i == j else c, name) for i, c in enumerate(cached)]) for name in _EMBEDS})
+            recipe.loss(core, spliced, local_loss, gates=gates)
+            accelerator.backward(spliced.loss)
+    # logit_scale enters every recomputed loss directly (not through the spliced rows), so each of the k
+    # backward passes added the full d(loss)/d(logit_scale): keep one.
+    if core.logit_scale.grad is not None:
+        core.logit_scale.grad.div_(len(micro_batches))
+    return spliced
+
+
+def _cat(tensors: list):
+    return None if tensors[0] is None else torch.cat(tensors)
+
+
+
+
+def train_loop(model, optimizer, scheduler, recipe, train_data: TrainData, accelerator: Accelerator,
+               args: TrainArguments, start_step: int, counters: dict, run_eval) -> tuple[dict, bool]:
+    """Optimizer steps `start_step + 1 .. max_steps`; returns the metrics of the last logged step and whether
+    the run reached `max_steps` (False when stopped by `--stop_after_steps`)."""
+    max_steps = train_data.max_steps
+    core = core_model(model, accelerator)
+    k = args.gradient_accumulation_steps
+    batches = iter(train_data.loader)
+    if train_data.resume_skips_batches:  # streaming: replay the stream up to the resume point
+        for _ in tqdm(range(start_step * k), desc="skipping consumed batches", disable=not accelerator.is_main_process):
+            next(batches)
+    samples_per_step = args.per_device_train_batch_size * accelerator.num_processes * k
+    progress = tqdm(total=max_steps, initial=start_step, unit="step", disable=not accelerator.is_main_process)
+    model.train()
+    metrics, started = {}, time.perf_counter()
+    for step in range(start_step + 1, max_steps + 1):
+        micro_batches = [next(batches) for _ in range(k)]
+        output = forward_backward(model, core, recipe, micro_batches, accelerator, args.local_loss)
+        stats = _sum_stats(accelerator, micro_batches)
+        if _all_finite(accelerator, output.loss):
+            apply_update(model, core, optimizer, accelerator, args.max_grad_norm)
+        elif args.nonfinite == "stop":
+            raise FloatingPointError(f"non-finite loss {output.loss.item()} at step {step}; "
+                                     "lower the learning rate or pass --nonfinite skip")
+        else:
+            counters["nonfinite_steps"] += 1
+            optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        for key in ("skipped_images", "skipped_texts", "truncated_texts"):
+            counters[key] += stats.get(key, 0)
+        progress.update(1)
+        elapsed = time.perf_counter() - started
+        rate = (step - start_step) * samples_per_step / max(elapsed, 1e-9)
+        progress.set_postfix(loss=f"{output.loss.item():.4f}", samples_per_s=f"{rate:.1f}")
+        evaluate_now = step == max_steps or (args.eval_steps > 0 and step % args.eval_steps == 0)
+        if evaluate_now or step % args.logging_steps == 0:
+            metrics = _step_metrics(accelerator, recipe, output, stats, samples_per_step, scheduler, core, counters)
+            metrics["train/samples_per_second"] = rate
+            if evaluate_now:
+                metrics.update(run_eval())
+            accelerator.log(metrics, step=step)
+        if args.save_steps and step % args.save_steps == 0:
+            save_checkpoint(accelerator, args.output_dir, step, counters, args.save_total_limit)
+        if step == args.stop_after_steps:
+            progress.close()
+            return metrics, False
+    progress.close()
+    return metrics, True
+
+
+def apply_update(model, core: ALIPModel, optimizer, accelerator: Accelerator, max_grad_norm: float):
+    """Clip, AdamW step, zero the gradients, clamp the temperature."""
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():  # CLIP and the official ALIP code: logit_scale in [0, ln 100]
+        core.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+
+
+def _sum_stats(accelerator: Accelerator, micro_batches: list[dict]) -> dict[str, int]:
+    """Per-batch counts summed over micro-batches and processes."""
+    keys = sorted({key for mb in micro_batches for key in mb["stats"]})
+    local = torch.tensor([sum(mb["stats"].get(key, 0) for mb in micro_batches) for key in keys],
+                         dtype=torch.float64, device=accelerator.device)
+    total = accelerator.reduce(local, reduction="sum") if accelerator.num_processes > 1 else local
+    return {key: int(value) for key, value in zip(keys, total.tolist())}
+
+
+def _all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
+    # Every process must take the same decision; with --local_loss their losses differ.
+    finite = torch.isfinite(loss.detach().float()).float().reshape(1)
+    if accelerator.num_processes > 1:
+        finite = accelerator.reduce(finite, reduction="sum") / accelerator.num_processes
+    return bool(finite.item() == 1.0)
+
+
+def _step_metrics(accelerator, recipe, output, stats, samples_per_step, scheduler, core, counters) -> dict:
+    metrics = recipe.metrics(output, stats, samples_per_step)
+    if accelerator.num_processes > 1:  # with --local_loss each process holds a part of the loss
+        keys = sorted(metrics)
+        values = accelerator.reduce(torch.tensor([metrics[k] for k in keys], device=accelerator.device), "mean")
+        metrics = dict(zip(keys, values.tolist()))
+    metrics.update({
+        "train/lr": scheduler.get_last_lr()[0],
+        "train/logit_scale": core.logit_scale.detach().exp().item(),
+        "data/skipped_images": counters["skipped_images"],
+        "data/skipped_texts": counters["skipped_texts"],
+        "data/truncated_texts": counters["truncated_texts"],
+        "train/nonfinite_steps": counters["nonfinite_steps"],
+    })
+    return metrics
+
+

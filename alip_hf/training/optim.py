@@ -1,0 +1,43 @@
+"""AdamW with CLIP's weight-decay groups, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import (
+    get_cosine_schedule_with_warmup,
+)
+
+if TYPE_CHECKING:
+    from alip_hf.training.arguments import TrainArguments
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    # CLIP's convention: no weight decay on gains/biases (1-D), embeddings and the temperature.
+    return param.ndim < 2 or "embedding" in name or "logit_scale" in name or "norm" in name
+
+
+def build_optimizer(model, train: TrainArguments, max_steps: int):
+    """AdamW with two parameter groups, and linear warm-up followed by cosine decay to 0."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if _no_decay(name, param) else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon)
+    warmup = train.warmup_steps if train.warmup_steps >= 0 else int(train.warmup_ratio * max_steps)
+    # Deviation: the official code uses OneCycleLR(pct_start=0.1), whose cosine warm-up starts at lr/25.
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, max_steps)
+    return optimizer, scheduler
+
+

@@ -1,0 +1,82 @@
+"""What a finished run leaves: evaluation during training, the saved model and processor, the CLIPModel
+export, the model card and the Hub upload."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
+from accelerate import Accelerator
+
+from alip_hf.evaluation.reports import render_model_card
+from alip_hf.evaluation.runners import evaluate_model
+from alip_hf.io import write_text_atomic
+from modeling_alip import ALIPModel
+from modeling_alip.convert_to_clip import export_to_clip
+
+if TYPE_CHECKING:
+    from alip_hf.training.arguments import DataArguments
+
+logger = logging.getLogger(__name__)
+
+ARGS_FILE = "train_args.yaml"
+
+
+def evaluate(model: ALIPModel, processor, args: DataArguments, accelerator: Accelerator) -> dict[str, float]:
+    """eval.py's zero-shot + retrieval evaluation on `--eval_data`, as `{"eval/<dataset>/<metric>": value}`.
+
+    Runs on every process (eval.py shards the samples and gathers the features); `{}` when evaluation is off.
+    """
+    if args.eval_data is None:
+        return {}
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate_model(model, processor, args.eval_data, split=args.eval_split, accelerator=accelerator)
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving the result
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def final_model(accelerator: Accelerator, model) -> ALIPModel:
+    """The trained `ALIPModel`, with LoRA weights merged in."""
+    model = accelerator.unwrap_model(model)
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+def save_outputs(model: ALIPModel, processor, output_dir: str, results: dict[str, float]):
+    """`save_pretrained` of model and processor, the CLIPModel export and a model card (main process only)."""
+    out = Path(output_dir)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-final-"))
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    for item in tmp.iterdir():  # each file replaced atomically
+        os.replace(item, out / item.name)
+    tmp.rmdir()
+    export_to_clip(model, str(out / "clip_export"), processor=processor, overwrite=True)
+    write_text_atomic(out / "README.md", model_card(out, results))
+
+
+def model_card(output_dir: Path, results: dict[str, float]) -> str:
+    """The model card: `model_card.md` rendered by eval.py from the results and the training arguments."""
+    args = yaml.safe_load((output_dir / ARGS_FILE).read_text()) if (output_dir / ARGS_FILE).exists() else {}
+    return render_model_card(results, train_args=args, model_name=args.get("hub_model_id") or output_dir.name)
+
+
+def push_to_hub(output_dir: str, repo_id: str):
+    """Uploads `output_dir` (without resumable checkpoints) to the Hub model repository `repo_id`."""
+    import huggingface_hub
+
+    huggingface_hub.create_repo(repo_id, exist_ok=True)
+    huggingface_hub.upload_folder(repo_id=repo_id, folder_path=output_dir,
+                                  ignore_patterns=["checkpoints/*", ".tmp-*", "*.tmp"])
+
+

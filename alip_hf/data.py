@@ -24,7 +24,7 @@ import datasets
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -159,6 +159,36 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, index])
 
 
+def random_resized_crop_params(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+                               rng: np.random.Generator, attempts: int = 10) -> tuple[int, int, int, int]:
+    """`(top, left, crop_height, crop_width)` of a RandomResizedCrop, drawn from the sample's numpy generator.
+
+    The distribution of torchvision's `RandomResizedCrop.get_params` (area fraction uniform in `scale`, log
+    aspect ratio uniform in `log(ratio)`, up to `attempts` tries, then a centre crop clamped to `ratio`), drawn
+    from `rng` instead of torch's global generator: reseeding torch per sample cost more than the crop itself.
+    The crops differ from the earlier torch-drawn ones for the same seed; their distribution does not.
+    """
+    area = height * width
+    log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
+    for _ in range(attempts):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = np.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        crop_w = int(round(np.sqrt(target_area * aspect)))
+        crop_h = int(round(np.sqrt(target_area / aspect)))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            top = int(rng.integers(0, height - crop_h + 1))
+            left = int(rng.integers(0, width - crop_w + 1))
+            return top, left, crop_h, crop_w
+    in_ratio = width / height  # fallback: the largest centred crop whose aspect ratio is within `ratio`
+    if in_ratio < min(ratio):
+        crop_w, crop_h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        crop_h, crop_w = height, int(round(height * max(ratio)))
+    else:
+        crop_w, crop_h = width, height
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+
+
 @dataclass
 class ImageTransform:
     """PIL image -> `(3, image_size, image_size)` normalised float tensor.
@@ -185,11 +215,8 @@ class ImageTransform:
         return TF.normalize(TF.to_tensor(image), self.mean, self.std)
 
     def _crop_params(self, image: Image.Image, rng: np.random.Generator | None) -> tuple[int, int, int, int]:
-        # torchvision's sampler draws from the global torch RNG; fork it and seed it from the sample instead.
-        seed = int(rng.integers(2**62)) if rng is not None else int(torch.randint(2**62, ()).item())
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return RandomResizedCrop.get_params(image, list(self.crop_scale), list(CROP_RATIO))
+        return random_resized_crop_params(image.height, image.width, self.crop_scale, CROP_RATIO,
+                                          rng if rng is not None else np.random.default_rng())
 
     @classmethod
     def from_image_processor(cls, image_processor, train: bool, crop_scale=ALIP_CROP_SCALE) -> "ImageTransform":
@@ -330,36 +357,96 @@ def filter_valid_rows(dataset, build: ExampleBuilder, num_proc: int | None = Non
 
 
 class StreamingExamples(torch.utils.data.IterableDataset):
-    """Examples from an `IterableDataset` already split to this process, cycling over epochs.
+    """Examples from this process's part of an `IterableDataset`, shuffled in blocks, cycling over epochs.
+
+    Resumable in constant time: `state_dict()` (torchdata's `Stateful` protocol, which `StatefulDataLoader`
+    calls in each worker) is the `datasets` stream state at the start of the current block plus the offset in
+    it; `load_state_dict()` makes the next iteration re-read that one block (undecoded rows, at most
+    `shuffle_block` of them) and continue after the last example yielded. Nothing before the block is replayed.
+
+    Shuffling: rows are read in blocks of `shuffle_block` and each block is permuted by a generator seeded from
+    `(seed, epoch, rank, worker, block)`; the shard order comes from the underlying dataset (`shuffle` with a
+    one-row buffer). Deviation from `IterableDataset.shuffle(buffer_size)`: `datasets`' buffer carries half of
+    its rows into the next fill, and its content is lost on resume (`datasets` documents this), so a resumed run
+    would see other rows; disjoint blocks are restored exactly.
 
     Rows that fail are skipped here and counted in the next example's `stats`, so the counts reach the training
     loop through the batches. The stream never ends (training length is `max_steps`), so processes whose shards
     hold different numbers of valid rows never wait for each other at an epoch boundary.
     """
 
-    def __init__(self, dataset, build: ExampleBuilder, rank: int = 0):
-        self.dataset, self.build, self.rank = dataset, build, rank
+    def __init__(self, dataset, build: ExampleBuilder, rank: int = 0, world_size: int = 1, shuffle_block: int = 0,
+                 seed: int = 0):
+        self.dataset, self.build, self.rank, self.world_size = dataset, build, rank, world_size
+        self.shuffle_block, self.seed = shuffle_block, seed
+        self._state = self._resume = None
+
+    def _part(self, worker_id: int, num_workers: int):
+        """The rows of this process and DataLoader worker: whole shards where there are enough of them.
+
+        The split is done here, not by `datasets`' automatic split inside DataLoader workers: that one loads a
+        saved state into the unsplit stream first and fails on a worker's state (datasets 5.2).
+        """
+        from datasets.distributed import split_dataset_by_node
+
+        parts = self.world_size * num_workers
+        if parts == 1:
+            return self.dataset
+        strategy = "shards" if self.dataset.num_shards >= parts else "examples"
+        return split_dataset_by_node(self.dataset, rank=self.rank * num_workers + worker_id, world_size=parts,
+                                     strategy=strategy)
+
+    def state_dict(self) -> dict:
+        """Where the next example comes from: `{epoch, block, position, offset, produced, dataset}` (JSON-able)."""
+        return dict(self._state) if self._state is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = dict(state) if state else None
+
+    def _block_order(self, epoch: int, block: int, size: int, worker_id: int) -> np.ndarray:
+        if not self.shuffle_block:
+            return np.arange(size)
+        return np.random.default_rng([self.seed, epoch, self.rank, worker_id, block]).permutation(size)
 
     def __iter__(self) -> Iterator[dict]:
         worker = torch.utils.data.get_worker_info()
-        worker_id = worker.id if worker is not None else 0
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        part = self._part(worker_id, num_workers)
+        block_size = max(self.shuffle_block, 1)
+        resume, self._resume = self._resume, None
         pending = {"skipped_images": 0, "skipped_texts": 0}
-        for epoch in itertools.count():
-            if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(epoch)
-            produced = 0
-            for position, row in enumerate(self.dataset):
-                # Per-sample seeds from the stream position: unique per process and DataLoader worker.
-                index = (position * 4096 + worker_id) * 4096 + self.rank
-                example, reason = self.build(row, epoch, index)
-                if example is None:
-                    pending[reason] += 1
-                    continue
-                example["stats"] = {**example["stats"], **pending}
-                pending = {k: 0 for k in pending}
-                produced += 1
-                yield example
-            if produced == 0:
+        for epoch in itertools.count(resume["epoch"] if resume else 0):
+            part.set_epoch(epoch)
+            start = resume if resume and resume["epoch"] == epoch else None
+            # `datasets` applies a loaded state only to the epoch it was saved in; None starts the epoch afresh.
+            part.load_state_dict(start["dataset"] if start else None)
+            block, position = (start["block"], start["position"]) if start else (0, 0)
+            offset, produced = (start["offset"], start["produced"]) if start else (0, False)
+            block_state = start["dataset"] if start else None
+            # `.iter(batch_size=1)` rather than `iter(part)`: inside a DataLoader worker the latter would split
+            # the (already split) stream among the workers a second time.
+            rows = ({key: values[0] for key, values in batch.items()} for batch in part.iter(batch_size=1))
+            while True:
+                rows_in_block = list(itertools.islice(rows, block_size))
+                if not rows_in_block:
+                    break
+                next_block_state = part.state_dict()  # after the block's last row: where the next block starts
+                order = self._block_order(epoch, block, len(rows_in_block), worker_id)
+                for j in range(offset, len(rows_in_block)):
+                    # Per-sample seeds from the stream position: unique per process and DataLoader worker.
+                    index = ((position + int(order[j])) * 4096 + worker_id) * 4096 + self.rank
+                    example, reason = self.build(rows_in_block[order[j]], epoch, index)
+                    if example is None:
+                        pending[reason] += 1
+                        continue
+                    example["stats"] = {**example["stats"], **pending}
+                    pending = {k: 0 for k in pending}
+                    produced = True
+                    self._state = {"epoch": epoch, "block": block, "position": position, "offset": j + 1,
+                                   "produced": True, "dataset": block_state}
+                    yield example
+                block, position, offset, block_state = block + 1, position + len(rows_in_block), 0, next_block_state
+            if not produced:
                 return  # nothing valid (or no shard for this worker): stop instead of spinning forever
 
 

@@ -90,7 +90,7 @@ class TinyData:
         return ["--train_data", str(data_file or self.train), "--tokenizer_name_or_path", str(self.tokenizer),
                 "--output_dir", str(output_dir), "--model_config", "tiny", "--per_device_train_batch_size", "8",
                 "--max_steps", "2", "--logging_steps", "1", "--eval_data", "none", "--report_to", "none",
-                "--warmup_steps", "0", *extra]
+                "--warmup_steps", "0", "--dataloader_num_workers", "0", *extra]
 
 
 @pytest.fixture(scope="session")

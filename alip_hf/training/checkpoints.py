@@ -23,14 +23,38 @@ STATE_FILE = "trainer_state.json"
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def data_state_file(rank: int) -> str:
+    return f"data_state_{rank}.json"
+
+
+def load_data_state(path: Path | None, rank: int, world_size: int) -> dict | None:
+    """This process's saved stream position, None for a fresh run or a map-style checkpoint (which has none).
+
+    Raises:
+        ValueError: the checkpoint was written by another number of processes (each stream is split by process).
+    """
+    if path is None:
+        return None
+    saved = sorted(path.glob("data_state_*.json"))
+    if not saved:
+        return None
+    if len(saved) != world_size:
+        raise ValueError(f"{path} holds the stream positions of {len(saved)} process(es); resume a streaming run with "
+                         f"the same number of processes (this run has {world_size})")
+    return json.loads((path / data_state_file(rank)).read_text())
+
+
 def checkpoint_dir(output_dir: str) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, state: dict, keep: int) -> Path:
+def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, state: dict, keep: int,
+                    data_state: dict | None = None) -> Path:
     """`accelerator.save_state` into a temporary directory renamed to `step_XXXXXX` once complete.
 
-    A run killed while saving leaves only a `.tmp-*` directory, which `latest` never picks.
+    `data_state` is this process's stream position (`StatefulDataLoader.state_dict()`), written by each process
+    as `data_state_<rank>.json`. A run killed while saving leaves only a `.tmp-*` directory, which `latest`
+    never picks.
     """
     root = checkpoint_dir(output_dir)
     final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
@@ -40,6 +64,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, state:
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if data_state is not None:
+        write_text_atomic(tmp / data_state_file(accelerator.process_index), json.dumps(data_state))
     if accelerator.is_main_process:
         write_text_atomic(tmp / STATE_FILE, json.dumps({**state, "global_step": step}, indent=1))
     accelerator.wait_for_everyone()

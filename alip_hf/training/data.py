@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from alip_hf import data, recipes
 from modeling_alip import clean_clip_text
@@ -29,13 +31,19 @@ class TrainData:
     max_steps: int  # optimizer steps of the run
     num_rows: int | None  # usable rows (map-style), None when streaming
     skipped: dict[str, int]  # rows dropped by validation before training (map-style)
-    resume_skips_batches: bool  # streaming: resuming replays and discards consumed batches
+
+    @property
+    def stateful(self) -> bool:
+        """Whether the loader's position is saved with checkpoints (streaming); map-style data restarts from the
+        step number alone (`GlobalBatchSampler(start=...)`)."""
+        return isinstance(self.loader, StatefulDataLoader)
 
 
 def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes.Recipe, processor,
-                     accelerator: Accelerator, start_step: int) -> TrainData:
+                     accelerator: Accelerator, start_step: int, data_state: dict | None = None) -> TrainData:
     """Loads, checks columns, validates rows, and builds the per-process DataLoader of micro-batches that
-    starts at optimizer step `start_step`."""
+    starts at optimizer step `start_step`: map-style data from the step number, a stream from `data_state`
+    (this process's `StatefulDataLoader.state_dict()` saved with the checkpoint)."""
     dataset = data.load_source(args.train_data, split=args.train_split, streaming=args.streaming)
     data.require_columns(dataset, {data.IMAGE: args.image_column, **recipe.columns()})
     dataset = data.undecoded_images(dataset, args.image_column)
@@ -49,16 +57,14 @@ def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes
     common = dict(collate_fn=collate, num_workers=args.dataloader_num_workers,
                   persistent_workers=False, pin_memory=False)
     if args.streaming:
-        from datasets.distributed import split_dataset_by_node
-
-        dataset = dataset.select_columns([args.image_column, *recipe.columns().values()])
-        if args.shuffle_buffer:
-            dataset = dataset.shuffle(seed=train.seed, buffer_size=args.shuffle_buffer)
-        dataset = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
-        stream = data.StreamingExamples(dataset, build, rank=accelerator.process_index)
-        loader = torch.utils.data.DataLoader(stream, batch_size=batch, drop_last=True, **common)
-        return TrainData(loader, steps_for(train, accelerator, None), None,
-                         {"skipped_images": 0, "skipped_texts": 0}, resume_skips_batches=True)
+        stream = streaming_examples(dataset, args, train, recipe, build, accelerator)
+        with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch 2.14 deprecates; harmless
+            warnings.filterwarnings("ignore", message=".*set_vital.*")
+            loader = StatefulDataLoader(stream, batch_size=batch, drop_last=True,
+                                        **{**common, "num_workers": streaming_workers(stream, args)})
+        if data_state is not None:
+            loader.load_state_dict(data_state)
+        return TrainData(loader, steps_for(train, accelerator, None), None, {"skipped_images": 0, "skipped_texts": 0})
     dataset = dataset.select_columns([args.image_column, *recipe.columns().values()])
     with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
         dataset, skipped = data.filter_valid_rows(dataset, build, num_proc=args.preprocessing_num_proc)
@@ -68,7 +74,40 @@ def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=train.seed,
         start=start_step * train.gradient_accumulation_steps)
     loader = torch.utils.data.DataLoader(data.MapStyleExamples(dataset, build), batch_sampler=sampler, **common)
-    return TrainData(loader, max_steps, len(dataset), skipped, resume_skips_batches=False)
+    return TrainData(loader, max_steps, len(dataset), skipped)
+
+
+class _EmptyShuffleBufferNotice(logging.Filter):
+    """Hides `datasets`' warning that a loaded state lacks the shuffle buffer's content: the buffer used here holds
+    one row and is empty whenever a state is taken (rows are shuffled by `StreamingExamples` instead)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "shuffle buffer" not in record.getMessage()
+
+
+_EMPTY_BUFFER_NOTICE = _EmptyShuffleBufferNotice()
+
+
+def streaming_examples(dataset, args: DataArguments, train: TrainArguments, recipe: recipes.Recipe,
+                       build: data.ExampleBuilder, accelerator: Accelerator) -> data.StreamingExamples:
+    """This process's part of the stream (whole shards where there are enough), shard order shuffled per epoch
+    and rows shuffled in blocks of `--shuffle_buffer`, resumable from a saved state."""
+    dataset = dataset.select_columns([args.image_column, *recipe.columns().values()])
+    if args.shuffle_buffer:
+        # Only the shard order: a one-row buffer is empty whenever a state is taken, so resuming is exact.
+        dataset = dataset.shuffle(seed=train.seed, buffer_size=1)
+        logging.getLogger("datasets.iterable_dataset").addFilter(_EMPTY_BUFFER_NOTICE)
+    return data.StreamingExamples(dataset, build, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                  shuffle_block=args.shuffle_buffer, seed=train.seed)
+
+
+def streaming_workers(stream: data.StreamingExamples, args: DataArguments) -> int:
+    """DataLoader workers for a stream: each reads whole shards, so no more workers than this process's shards."""
+    shards = max(stream.dataset.num_shards // stream.world_size, 1)
+    if args.dataloader_num_workers > shards:
+        logger.info("%d DataLoader workers for %d stream shard(s) of this process: using %d", args.dataloader_num_workers,
+                    shards, shards)
+    return min(args.dataloader_num_workers, shards)
 
 
 def steps_for(train: TrainArguments, accelerator: Accelerator, num_rows: int | None) -> int:

@@ -92,16 +92,17 @@ def train_loop(model, optimizer, scheduler, recipe, train_data: TrainData, accel
     max_steps = train_data.max_steps
     core = core_model(model, accelerator)
     k = args.gradient_accumulation_steps
+    # A stream starts where its loader's restored state says (see build_train_data); nothing is replayed.
     batches = iter(train_data.loader)
-    if train_data.resume_skips_batches:  # streaming: replay the stream up to the resume point
-        for _ in tqdm(range(start_step * k), desc="skipping consumed batches", disable=not accelerator.is_main_process):
-            next(batches)
     samples_per_step = args.per_device_train_batch_size * accelerator.num_processes * k
     progress = tqdm(total=max_steps, initial=start_step, unit="step", disable=not accelerator.is_main_process)
     model.train()
     metrics, started = {}, time.perf_counter()
+    data_wait = 0.0
     for step in range(start_step + 1, max_steps + 1):
+        waited = time.perf_counter()
         micro_batches = [next(batches) for _ in range(k)]
+        data_wait += time.perf_counter() - waited
         output = forward_backward(model, core, recipe, micro_batches, accelerator, args.local_loss)
         stats = _sum_stats(accelerator, micro_batches)
         if _all_finite(accelerator, output.loss):
@@ -123,11 +124,13 @@ def train_loop(model, optimizer, scheduler, recipe, train_data: TrainData, accel
         if evaluate_now or step % args.logging_steps == 0:
             metrics = _step_metrics(accelerator, recipe, output, stats, samples_per_step, scheduler, core, counters)
             metrics["train/samples_per_second"] = rate
+            metrics["train/data_wait_fraction"] = data_wait / max(elapsed, 1e-9)
             if evaluate_now:
                 metrics.update(run_eval())
             accelerator.log(metrics, step=step)
         if args.save_steps and step % args.save_steps == 0:
-            save_checkpoint(accelerator, args.output_dir, step, counters, args.save_total_limit)
+            data_state = train_data.loader.state_dict() if train_data.stateful else None
+            save_checkpoint(accelerator, args.output_dir, step, counters, args.save_total_limit, data_state)
         if step == args.stop_after_steps:
             progress.close()
             return metrics, False

@@ -19,7 +19,7 @@ from alip_hf.training.arguments import (
     TrainArguments,
     save_args,
 )
-from alip_hf.training.checkpoints import STATE_FILE, load_checkpoint, resolve_checkpoint
+from alip_hf.training.checkpoints import STATE_FILE, load_checkpoint, load_data_state, resolve_checkpoint
 from alip_hf.training.data import build_train_data
 from alip_hf.training.loop import train_loop
 from alip_hf.training.optim import build_optimizer
@@ -57,7 +57,8 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, train_arg
     start_step = json.loads((resume_path / STATE_FILE).read_text())["global_step"] if resume_path else 0
     if start_step == 0 and accelerator.is_main_process:  # a fresh run does not append to an old run's log
         (Path(train_args.output_dir) / METRICS_FILE).unlink(missing_ok=True)
-    train_data = build_train_data(data_args, train_args, recipe, processor, accelerator, start_step)
+    data_state = load_data_state(resume_path, accelerator.process_index, accelerator.num_processes)
+    train_data = build_train_data(data_args, train_args, recipe, processor, accelerator, start_step, data_state)
     max_steps = train_data.max_steps
 
     optimizer, scheduler = build_optimizer(model, train_args, max_steps)

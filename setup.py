@@ -34,7 +34,8 @@ setup(
         "torchvision>=0.19",
         "transformers>=5.0,<6",
         "accelerate>=1.0",
-        "datasets>=3.0",
+        "datasets>=3.4",  # resumable IterableDataset state (state_dict / load_state_dict), shard / reshard
+        "torchdata>=0.8",  # StatefulDataLoader: a streaming run's position is saved with its checkpoints
         "peft>=0.13",
         "evaluate>=0.4",
         "huggingface_hub>=1.0",
@@ -58,5 +59,8 @@ setup(
         "tensorboard": ["tensorboard"],
         "plot": ["matplotlib"],  # eval.py --plot: recall@k curves
         "vllm": ["vllm"],  # recaption.rewrite --backend vllm
+        # alip_hf.web: URL + text tables -> WebDataset shards. img2dataset pins pandas<3 and webdataset<0.3;
+        # where those clash, install it in its own environment and pass --img2dataset (docs/web_data.md).
+        "web": ["img2dataset>=1.45"],
     },
 )

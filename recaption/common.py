@@ -10,18 +10,27 @@ column plus the new ones, as
     <output_dir>/run_config.json                      what produced the run (model, revision, prompt, ...)
     <output_dir>/summary.json                         totals, written once every shard is done
 
+A stream (`--streaming`) is split by its source shards (files, or Parquet row groups when there are fewer
+files than processes): source shard `j` goes to process `j % num_processes`, which alone reads it, in chunks of
+`shard_size` rows written as `data/<split>-<j:05d>-<chunk:05d>.parquet`; each chunk's marker holds the stream
+state after its last row, so a resumed run continues each source shard from there without reading the
+finished chunks again.
+
 A shard counts as done only when its marker exists; the marker is written after the data file, so a run
 killed at any moment and started again skips finished shards, redoes the unfinished one and ends with
 exactly one row per input row.
 
-The id: the `--id_column` (default `id`) when the source has it, else WebDataset's `__key__`; it is
-written as `id`. New values are looked up by id, never by position, and ids must be unique.
+The id: the `--id_column` (default `id`) when the source has it, else the `id` img2dataset saved in each
+sample's `json` (`alip_hf.web` asks it to), else WebDataset's `__key__`; it is written as `id`. New values are looked up by id, never by position, and ids must be unique.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import itertools
 import json
+import logging
 import math
 import os
 import shutil
@@ -37,7 +46,10 @@ from alip_hf.data import decode_image, load_source, require_columns, undecoded_i
 from alip_hf.io import write_json_atomic, write_with_atomically
 from alip_hf.schema import ERROR, ID, IMAGE
 
+logger = logging.getLogger(__name__)
+
 WEBDATASET_KEY = "__key__"
+IMG2DATASET_METADATA = "json"  # img2dataset writes each sample's metadata (url, status, saved columns) there
 
 
 @dataclass
@@ -121,16 +133,32 @@ class StepResult:
 # ----------------------------------------------------------------------------- ids, images, atomic writes
 
 
-def resolve_id_column(column_names: list[str], id_column: str) -> str:
-    """The id column to use: `id_column` if present, else WebDataset's `__key__`; an error naming both otherwise."""
+def resolve_id_column(column_names: list[str], id_column: str, features=None) -> str:
+    """The id column to use: `id_column` if present (`json.id` names a field of a struct column), else the `id`
+    that img2dataset's `--save_additional_columns` put in each sample's `json`, else WebDataset's `__key__`
+    (a position in the download, not stable across downloads); an error naming them otherwise."""
     if id_column in column_names:
         return id_column
+    head, _, field_name = id_column.partition(".")
+    if field_name and head in column_names:
+        return id_column
+    metadata = (features or {}).get(IMG2DATASET_METADATA)
+    if isinstance(metadata, dict) and ID in metadata:
+        return f"{IMG2DATASET_METADATA}.{ID}"
     if WEBDATASET_KEY in column_names:
         return WEBDATASET_KEY
     raise ValueError(
         f"id column {id_column!r} not found and no WebDataset {WEBDATASET_KEY!r}; available columns: {column_names}. "
         "Pass --id_column with a column that identifies each row (new columns are joined on it)."
     )
+
+
+def read_ids(shard: datasets.Dataset, id_column: str) -> list[str]:
+    """The shard's ids as strings; `column.field` reads a field of a struct column (img2dataset's `json.id`)."""
+    if id_column in shard.column_names:
+        return [str(i) for i in shard[id_column]]
+    head, _, field_name = id_column.partition(".")
+    return [str(value[field_name]) for value in shard[head]]
 
 
 def load_image(value):
@@ -178,47 +206,68 @@ def load_input(args: RunArguments, required: dict[str, str]) -> Input:
     decoded one by one so that an unreadable one becomes an `error` value, not a crash)."""
     dataset = load_source(args.source, split=args.split, streaming=args.streaming)
     columns = list(dataset.column_names or (dataset.features or {}).keys())
-    id_column = resolve_id_column(columns, args.id_column)
+    id_column = resolve_id_column(columns, args.id_column, dataset.features)
     require_columns(dataset, required)
     return Input(undecoded_images(dataset, args.image_column), id_column, dataset.features)
 
 
 def iter_shards(
-    dataset: datasets.Dataset | datasets.IterableDataset,
+    dataset: datasets.Dataset,
     shard_size: int,
     rank: int,
     world: int,
     skip: set[int],
-    seen: dict[str, int] | None = None,
 ) -> Iterator[tuple[int, datasets.Dataset | None]]:
-    """(index, rows) for every shard of this process; rows is None for shards in `skip`.
+    """(index, rows) for every shard of this process of a map-style dataset; rows is None for shards in `skip`."""
+    for index in range(rank, math.ceil(len(dataset) / shard_size), world):
+        start = index * shard_size
+        yield index, None if index in skip else dataset.select(range(start, min(start + shard_size, len(dataset))))
 
-    A stream is read whole by every process (each keeps only its own shards), so every process learns the
-    number of input rows, which it stores in `seen["rows"]`.
+
+def stream_sources(dataset: datasets.IterableDataset, world: int) -> datasets.IterableDataset:
+    """The stream with at least `world` source shards where its files allow (Parquet row groups), so that every
+    process gets some; a stream is split by its source shards, never read whole by every process."""
+    if dataset.num_shards < world and hasattr(dataset, "reshard"):
+        dataset = dataset.reshard()
+    if dataset.num_shards < world:
+        logger.warning("the stream has %d source shard(s) for %d processes: %d process(es) will have no work",
+                       dataset.num_shards, world, world - dataset.num_shards)
+    return dataset
+
+
+def stream_chunk_name(split: str, source_shard: int, chunk: int) -> str:
+    return f"{split}-{source_shard:05d}-{chunk:05d}"
+
+
+def iter_stream_chunks(
+    dataset: datasets.IterableDataset, shard_size: int, rank: int, world: int, split: str, markers: dict[str, dict]
+) -> Iterator[tuple[str, datasets.Dataset | None, dict]]:
+    """(name, rows, marker fields) for chunks of `shard_size` rows of the source shards `j` with
+    `j % world == rank`; the other shards are never read.
+
+    Resuming a source shard restores the stream state saved in the marker of its last finished chunk
+    (`IterableDataset.load_state_dict`), so finished chunks are not read again. A source shard ends with a
+    marker whose `last` is true (a final chunk with no rows when the shard ended on a chunk boundary).
     """
-    seen = {} if seen is None else seen
-    if isinstance(dataset, datasets.Dataset):
-        seen["rows"] = len(dataset)
-        for index in range(rank, math.ceil(len(dataset) / shard_size), world):
-            start = index * shard_size
-            yield index, None if index in skip else dataset.select(range(start, min(start + shard_size, len(dataset))))
-        return
-    rows, current, position = [], 0, -1
-    for position, row in enumerate(dataset):
-        index = position // shard_size
-        if index != current:
-            yield from _emit(current, rows, rank, world, skip, dataset.features)
-            rows, current = [], index
-        if index % world == rank and index not in skip:
-            rows.append(row)
-    seen["rows"] = position + 1
-    if position >= 0:
-        yield from _emit(current, rows, rank, world, skip, dataset.features)
-
-
-def _emit(index, rows, rank, world, skip, features):
-    if index % world == rank:
-        yield index, None if index in skip else datasets.Dataset.from_list(rows, features=features)
+    for source_shard in range(rank, dataset.num_shards, world):
+        finished = sorted((m for m in markers.values() if m.get("source_shard") == source_shard),
+                          key=lambda m: m["chunk"])
+        if finished and finished[-1]["last"]:
+            continue
+        part = dataset.shard(num_shards=dataset.num_shards, index=source_shard, contiguous=True)
+        if finished:
+            part.load_state_dict(finished[-1]["stream_state"])
+        chunk = finished[-1]["chunk"] + 1 if finished else 0
+        rows = iter(part)
+        while True:
+            taken = list(itertools.islice(rows, shard_size))
+            fields = {"source_shard": source_shard, "chunk": chunk, "stream_state": part.state_dict(),
+                      "last": len(taken) < shard_size}
+            shard = datasets.Dataset.from_list(taken, features=dataset.features) if taken else None
+            yield stream_chunk_name(split, source_shard, chunk), shard, fields
+            if fields["last"]:
+                break
+            chunk += 1
 
 
 # ----------------------------------------------------------------------------- the run
@@ -250,11 +299,13 @@ def _prepare_output(args: RunArguments, config: dict, accelerator) -> None:
         atomic_write_json(path, config)
 
 
-def _done_shards(args: RunArguments) -> set[int]:
-    done = set()
+def _markers(args: RunArguments) -> dict[str, dict]:
+    """name -> completion marker of every finished shard (or stream chunk) of the split."""
+    found = {}
     for marker in glob.glob(os.path.join(args.output_dir, "shards", f"{args.split}-*.json")):
-        done.add(int(os.path.basename(marker)[len(args.split) + 1 : -len(".json")]))
-    return done
+        with open(marker, encoding="utf-8") as f:
+            found[os.path.basename(marker)[: -len(".json")]] = json.load(f)
+    return found
 
 
 def _join(shard: datasets.Dataset, ids: list[str], result: StepResult, features, image_column: str) -> datasets.Dataset:
@@ -289,48 +340,74 @@ def run_sharded(args: RunArguments, step: Step, accelerator=None, source: Input 
     source = source or load_input(args, step.required_columns())
     config = {"step": step.name, "source": args.source, "split": args.split, "id_column": source.id_column,
               "shard_size": args.shard_size, **step.provenance()}
+    if isinstance(source.dataset, datasets.IterableDataset):
+        source = dataclasses.replace(source, dataset=stream_sources(source.dataset, accelerator.num_processes))
+        config["stream_shards"] = source.dataset.num_shards  # the unit of the work split and of resume
     config = json.loads(json.dumps(config, default=str))  # compared with its JSON copy when resuming
     _prepare_output(args, config, accelerator)
-    done = _done_shards(args)
+    markers = _markers(args)
     rank, world = accelerator.process_index, accelerator.num_processes
 
     total = None
     if isinstance(source.dataset, datasets.Dataset):
+        done = {m["index"] for m in markers.values() if "index" in m}
         owned = range(rank, math.ceil(len(source.dataset) / args.shard_size), world)
         total = sum(min(args.shard_size, len(source.dataset) - i * args.shard_size) for i in owned if i not in done)
+        work = ((shard_name(args.split, i), shard, {"index": i})
+                for i, shard in iter_shards(source.dataset, args.shard_size, rank, world, done))
+    else:
+        work = iter_stream_chunks(source.dataset, args.shard_size, rank, world, args.split, markers)
     bar = tqdm(total=total, unit=step.unit, desc=f"{step.name} [{rank}/{world}]",
                position=rank, dynamic_ncols=True)
     started = time.time()
-    seen: dict[str, int] = {}
-    for index, shard in iter_shards(source.dataset, args.shard_size, rank, world, done, seen):
-        if shard is None:
+    for name, shard, fields in work:
+        marker = {**fields, "rows": 0, "process_index": rank, "counts": {}}
+        if shard is not None:
+            ids = read_ids(shard, source.id_column)
+            if len(set(ids)) != len(ids):
+                duplicate = next(i for i in ids if ids.count(i) > 1)
+                raise ValueError(f"id {duplicate!r} appears twice in column {source.id_column!r}; ids must be unique")
+            result = step.process(shard, ids, bar.update)
+            out = _join(shard, ids, result, source.features, args.image_column)
+            atomic_write_parquet(out, os.path.join(args.output_dir, "data", f"{name}.parquet"))
+            marker.update(rows=len(ids), counts=result.counts)
+        elif "index" in fields:  # a finished map-style shard
             continue
-        ids = [str(i) for i in shard[source.id_column]]
-        if len(set(ids)) != len(ids):
-            duplicate = next(i for i in ids if ids.count(i) > 1)
-            raise ValueError(f"id {duplicate!r} appears twice in column {source.id_column!r}; ids must be unique")
-        result = step.process(shard, ids, bar.update)
-        out = _join(shard, ids, result, source.features, args.image_column)
-        name = shard_name(args.split, index)
-        atomic_write_parquet(out, os.path.join(args.output_dir, "data", f"{name}.parquet"))
-        atomic_write_json(
-            os.path.join(args.output_dir, "shards", f"{name}.json"),
-            {"index": index, "rows": len(ids), "process_index": rank, "counts": result.counts,
-             "seconds": time.time() - started},
-        )
+        atomic_write_json(os.path.join(args.output_dir, "shards", f"{name}.json"),
+                          {**marker, "seconds": time.time() - started})
     bar.close()
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return {}
-    summary = _finalize(args, step, seen["rows"], time.time() - started)
+    expected = (_map_style_names(args, len(source.dataset)) if isinstance(source.dataset, datasets.Dataset)
+                else _stream_names(args, source.dataset.num_shards))
+    summary = _finalize(args, step, expected, time.time() - started)
     accelerator.print(json.dumps(summary, indent=2))
     return summary
 
 
-def _finalize(args: RunArguments, step: Step, rows_in: int, seconds: float) -> dict[str, Any]:
+def _map_style_names(args: RunArguments, rows_in: int) -> tuple[list[str], int]:
+    """The shard names a complete run of `rows_in` map-style rows has, and the row count."""
+    return [shard_name(args.split, i) for i in range(math.ceil(rows_in / args.shard_size))], rows_in
+
+
+def _stream_names(args: RunArguments, num_sources: int) -> tuple[list[str], int]:
+    """The chunk names a complete streaming run has, read from the markers (each source shard's chunks up to the
+    one marked `last`), and the rows they counted; shards not finished are reported as missing."""
+    markers = _markers(args)
+    names, rows = [], 0
+    for source in range(num_sources):
+        chunks = sorted((m for m in markers.values() if m.get("source_shard") == source), key=lambda m: m["chunk"])
+        count = chunks[-1]["chunk"] + 1 if chunks and chunks[-1]["last"] else len(chunks) + 1
+        names += [stream_chunk_name(args.split, source, c) for c in range(count)]
+        rows += sum(m["rows"] for m in chunks)
+    return names, rows
+
+
+def _finalize(args: RunArguments, step: Step, expected: tuple[list[str], int], seconds: float) -> dict[str, Any]:
     """Checks that every shard is there with every id exactly once, sums the counts, writes summary.json."""
-    num_shards = math.ceil(rows_in / args.shard_size)
-    names = [shard_name(args.split, i) for i in range(num_shards)]
+    names, rows_in = expected
+    num_shards = len(names)
     missing = [n for n in names if not os.path.exists(os.path.join(args.output_dir, "shards", f"{n}.json"))]
     if missing:
         raise RuntimeError(f"shards not written: {missing[:10]} ({len(missing)} in all); run again to finish them")
@@ -342,6 +419,9 @@ def _finalize(args: RunArguments, step: Step, rows_in: int, seconds: float) -> d
             marker = json.load(f)
         for key, value in marker["counts"].items():
             totals[key] = totals.get(key, 0) + value
+        if not marker["rows"]:  # a stream's end marker: no data file
+            num_shards -= 1
+            continue
         shard_ids = pq.read_table(os.path.join(args.output_dir, "data", f"{name}.parquet"), columns=[ID])[ID]
         rows_out += len(shard_ids)
         ids.update(shard_ids.to_pylist())

@@ -15,6 +15,7 @@ import glob
 import io
 import itertools
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,29 +165,39 @@ def random_resized_crop_params(height: int, width: int, scale: tuple[float, floa
     """`(top, left, crop_height, crop_width)` of a RandomResizedCrop, drawn from the sample's numpy generator.
 
     The distribution of torchvision's `RandomResizedCrop.get_params` (area fraction uniform in `scale`, log
-    aspect ratio uniform in `log(ratio)`, up to `attempts` tries, then a centre crop clamped to `ratio`), drawn
-    from `rng` instead of torch's global generator: reseeding torch per sample cost more than the crop itself.
-    The crops differ from the earlier torch-drawn ones for the same seed; their distribution does not.
+    aspect ratio uniform in `log(ratio)`, the first of `attempts` tries that fits, else a centre crop clamped to
+    `ratio`), drawn from `rng` in one call instead of torch's global generator: reseeding torch per sample cost
+    more than the crop itself. The crops differ from the earlier torch-drawn
+    ones for the same seed; their distribution does not.
     """
-    area = height * width
-    log_ratio = (np.log(ratio[0]), np.log(ratio[1]))
-    for _ in range(attempts):
-        target_area = area * rng.uniform(scale[0], scale[1])
-        aspect = np.exp(rng.uniform(log_ratio[0], log_ratio[1]))
-        crop_w = int(round(np.sqrt(target_area * aspect)))
-        crop_h = int(round(np.sqrt(target_area / aspect)))
-        if 0 < crop_w <= width and 0 < crop_h <= height:
-            top = int(rng.integers(0, height - crop_h + 1))
-            left = int(rng.integers(0, width - crop_w + 1))
-            return top, left, crop_h, crop_w
+    draws = rng.random(2 * attempts + 2).tolist()  # one call; per-element numpy scalars cost more than the maths
+    area, log_lo, log_hi = height * width, math.log(ratio[0]), math.log(ratio[1])
+    for k in range(attempts):
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * draws[2 * k])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * draws[2 * k + 1])
+        w, h = round(math.sqrt(target_area * aspect)), round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            # top and left uniform over the valid positions, as torch.randint(0, n + 1)
+            return int(draws[-2] * (height - h + 1)), int(draws[-1] * (width - w + 1)), h, w
     in_ratio = width / height  # fallback: the largest centred crop whose aspect ratio is within `ratio`
     if in_ratio < min(ratio):
-        crop_w, crop_h = width, int(round(width / min(ratio)))
+        w, h = width, int(round(width / min(ratio)))
     elif in_ratio > max(ratio):
-        crop_h, crop_w = height, int(round(height * max(ratio)))
+        h, w = height, int(round(height * max(ratio)))
     else:
-        crop_w, crop_h = width, height
-    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def to_normalized_tensor(image: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """RGB PIL image -> `(3, H, W)` float tensor `(x / 255 - mean) / std`.
+
+    The operations of torchvision's `to_tensor` + `normalize`, in the same order (so the same values), without
+    their per-call checks and conversions, which cost more than the arithmetic on small images.
+    `mean`, `std`: `(3, 1, 1)`.
+    """
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+    return pixels.to(dtype=torch.get_default_dtype()).div(255).sub_(mean).div_(std)
 
 
 @dataclass
@@ -203,16 +214,21 @@ class ImageTransform:
     mean: tuple[float, ...] = CLIP_MEAN
     std: tuple[float, ...] = CLIP_STD
 
+    def __post_init__(self):
+        self._mean = torch.tensor(self.mean, dtype=torch.get_default_dtype()).view(-1, 1, 1)
+        self._std = torch.tensor(self.std, dtype=torch.get_default_dtype()).view(-1, 1, 1)
+
     def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> torch.Tensor:
         image = image.convert("RGB")
         if self.train:
             top, left, height, width = self._crop_params(image, rng)
-            image = TF.resized_crop(image, top, left, height, width, [self.image_size, self.image_size],
-                                    InterpolationMode.BICUBIC, antialias=True)
+            # torchvision's resized_crop on a PIL image: PIL crop, then PIL bicubic resize (antialiased).
+            image = image.crop((left, top, left + width, top + height)).resize(
+                (self.image_size, self.image_size), Image.Resampling.BICUBIC)
         else:
             image = TF.resize(image, self.image_size, InterpolationMode.BICUBIC, antialias=True)
             image = TF.center_crop(image, [self.image_size, self.image_size])
-        return TF.normalize(TF.to_tensor(image), self.mean, self.std)
+        return to_normalized_tensor(image, self._mean, self._std)
 
     def _crop_params(self, image: Image.Image, rng: np.random.Generator | None) -> tuple[int, int, int, int]:
         return random_resized_crop_params(image.height, image.width, self.crop_scale, CROP_RATIO,

@@ -146,7 +146,20 @@ class TrainArguments:
         metadata={"help": "Trackers (tensorboard, wandb, ...; 'none'); metrics.jsonl is always written."},
     )
     nonfinite: Literal["stop", "skip"] = field(
-        default="stop", metadata={"help": "On a non-finite loss: stop naming the step, or skip the step and count."}
+        default="stop", metadata={"help": "On a non-finite loss or gradient: stop naming the step, or skip the step "
+                                  "(weights, optimizer and gate running means left as before it) and count."}
+    )
+    max_consecutive_nonfinite: int = field(
+        default=10, metadata={"help": "--nonfinite skip: stop with an error after this many skipped steps in a row."}
+    )
+    resume_allow_changes: list[str] | None = field(
+        default=None, metadata={"help": "Settings that may differ from the resumed checkpoint's run (e.g. "
+                                "learning_rate max_steps, or comma-separated); they are applied and recorded. "
+                                "Any other difference is refused."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "A fresh run in an output_dir holding another run's checkpoints deletes "
+                                 "them (without it, such a run is refused)."}
     )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload output_dir to the Hub at the end."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository id for --push_to_hub."})
@@ -163,6 +176,12 @@ class TrainArguments:
             raise ValueError("--push_to_hub needs --hub_model_id")
         if self.save_total_limit < 1:
             raise ValueError("--save_total_limit must be >= 1")
+        if self.max_consecutive_nonfinite < 1:
+            raise ValueError(f"--max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}")
+        self.resume_allow_changes = [name for item in self.resume_allow_changes or [] for name in item.split(",")
+                                     if name]
+        if self.resume_allow_changes and not self.resume_from_checkpoint:
+            raise ValueError("--resume_allow_changes needs --resume_from_checkpoint")
         self.report_to = [r for r in self.report_to if r != "none"]
         if "tensorboard" in self.report_to and importlib.util.find_spec("tensorboard") is None:
             logger.warning("tensorboard is not installed; not reporting to it")
@@ -209,11 +228,13 @@ def parse_args(argv: list[str] | None = None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def save_args(groups, path: Path):
-    """Writes the resolved arguments of every group as one YAML file (atomically)."""
+def save_args(groups, path: Path, extra: dict | None = None):
+    """Writes the resolved arguments of every group (and `extra`, e.g. the run id and resume changes) as one YAML
+    file (atomically)."""
     resolved = {}
     for group in groups:
         resolved.update(dataclasses.asdict(group))
+    resolved.update(extra or {})
     write_text_atomic(path, yaml.safe_dump(resolved, sort_keys=False))
 
 

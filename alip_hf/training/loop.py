@@ -86,9 +86,12 @@ def _cat(tensors: list):
 
 
 def train_loop(model, optimizer, scheduler, recipe, train_data: TrainData, accelerator: Accelerator,
-               args: TrainArguments, start_step: int, counters: dict, run_eval) -> tuple[dict, bool]:
+               args: TrainArguments, start_step: int, counters: dict, run_eval, checkpoint_state) -> tuple[dict, bool]:
     """Optimizer steps `start_step + 1 .. max_steps`; returns the metrics of the last logged step and whether
-    the run reached `max_steps` (False when stopped by `--stop_after_steps`)."""
+    the run reached `max_steps` (False when stopped by `--stop_after_steps`).
+
+    `run_eval()` gives the `eval/...` metrics (every `--eval_steps`, not at the last step); `checkpoint_state()`
+    the JSON state saved with each checkpoint (counters and run identity)."""
     max_steps = train_data.max_steps
     core = core_model(model, accelerator)
     k = args.gradient_accumulation_steps
@@ -100,18 +103,30 @@ def train_loop(model, optimizer, scheduler, recipe, train_data: TrainData, accel
     progress = tqdm(total=max_steps, initial=start_step, unit="step", disable=not accelerator.is_main_process)
     model.train()
     metrics, started = {}, time.perf_counter()
+    skipped_in_a_row: list[int] = []
     for step in range(start_step + 1, max_steps + 1):
         micro_batches = [next(batches) for _ in range(k)]
+        # The gates update their running means inside the forward pass, before the loss is known to be finite.
+        buffers = _snapshot_buffers(core) if args.nonfinite == "skip" else None
         output = forward_backward(model, core, recipe, micro_batches, accelerator, args.local_loss)
         stats = _sum_stats(accelerator, micro_batches)
-        if _all_finite(accelerator, output.loss):
-            apply_update(model, core, optimizer, accelerator, args.max_grad_norm)
+        updated = _all_finite(accelerator, output.loss) and apply_update(
+            model, core, optimizer, accelerator, args.max_grad_norm)
+        if updated:
+            skipped_in_a_row = []
         elif args.nonfinite == "stop":
-            raise FloatingPointError(f"non-finite loss {output.loss.item()} at step {step}; "
+            raise FloatingPointError(f"non-finite loss or gradient (loss {output.loss.item()}) at step {step}; "
                                      "lower the learning rate or pass --nonfinite skip")
         else:
+            _skip_step(core, optimizer, buffers)
             counters["nonfinite_steps"] += 1
-            optimizer.zero_grad(set_to_none=True)
+            skipped_in_a_row.append(step)
+            logger.warning("step %d: non-finite loss or gradient (loss %s); step skipped", step, output.loss.item())
+            if len(skipped_in_a_row) >= args.max_consecutive_nonfinite:
+                raise FloatingPointError(
+                    f"{len(skipped_in_a_row)} steps in a row had a non-finite loss or gradient (steps "
+                    f"{skipped_in_a_row}; --max_consecutive_nonfinite {args.max_consecutive_nonfinite}); the run "
+                    "diverged: lower the learning rate")
         scheduler.step()
         for key in ("skipped_images", "skipped_texts", "truncated_texts"):
             counters[key] += stats.get(key, 0)
@@ -119,15 +134,16 @@ def train_loop(model, optimizer, scheduler, recipe, train_data: TrainData, accel
         elapsed = time.perf_counter() - started
         rate = (step - start_step) * samples_per_step / max(elapsed, 1e-9)
         progress.set_postfix(loss=f"{output.loss.item():.4f}", samples_per_s=f"{rate:.1f}")
-        evaluate_now = step == max_steps or (args.eval_steps > 0 and step % args.eval_steps == 0)
-        if evaluate_now or step % args.logging_steps == 0:
+        # The final evaluation runs after the final model is saved (trainer.py): a failing evaluation loses nothing.
+        evaluate_now = args.eval_steps > 0 and step % args.eval_steps == 0 and step < max_steps
+        if evaluate_now or step == max_steps or step % args.logging_steps == 0:
             metrics = _step_metrics(accelerator, recipe, output, stats, samples_per_step, scheduler, core, counters)
             metrics["train/samples_per_second"] = rate
             if evaluate_now:
                 metrics.update(run_eval())
             accelerator.log(metrics, step=step)
         if args.save_steps and step % args.save_steps == 0:
-            save_checkpoint(accelerator, args.output_dir, step, counters, args.save_total_limit)
+            save_checkpoint(accelerator, args.output_dir, step, checkpoint_state(), args.save_total_limit, scheduler)
         if step == args.stop_after_steps:
             progress.close()
             return metrics, False
@@ -135,14 +151,32 @@ def train_loop(model, optimizer, scheduler, recipe, train_data: TrainData, accel
     return metrics, True
 
 
-def apply_update(model, core: ALIPModel, optimizer, accelerator: Accelerator, max_grad_norm: float):
-    """Clip, AdamW step, zero the gradients, clamp the temperature."""
+def apply_update(model, core: ALIPModel, optimizer, accelerator: Accelerator, max_grad_norm: float) -> bool:
+    """Clip, AdamW step, zero the gradients, clamp the temperature. Returns False, without stepping, when the
+    gradient norm is not finite (a finite loss can still have an overflowing gradient)."""
     if max_grad_norm > 0:
-        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+        if norm is not None and not torch.isfinite(torch.as_tensor(norm)):  # the norm of all processes' gradients: every process decides the same
+            return False
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():  # CLIP and the official ALIP code: logit_scale in [0, ln 100]
         core.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
+    return True
+
+
+def _snapshot_buffers(core: ALIPModel) -> dict[str, torch.Tensor]:
+    """Copies of every buffer (the gates' running means, a few scalars) to restore if the step is skipped."""
+    return {name: buffer.detach().clone() for name, buffer in core.named_buffers()}
+
+
+def _skip_step(core: ALIPModel, optimizer, buffers: dict[str, torch.Tensor]):
+    """Undoes what the skipped step's forward pass changed: the gradients and the buffers. The weights and the
+    optimizer state were not touched (no optimizer step)."""
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, buffer in core.named_buffers():
+            buffer.copy_(buffers[name])
 
 
 def _sum_stats(accelerator: Accelerator, micro_batches: list[dict]) -> dict[str, int]:

@@ -174,6 +174,19 @@ def _check_rng_state(path: Path, process_index: int):
         raise CheckpointError(f"{file}: unreadable RNG state ({type(error).__name__}: {error})") from error
 
 
+def _unreadable_file(path: Path) -> str | None:
+    """After a failed restore: the first torch file of the checkpoint that safe loading cannot read, to name it."""
+    from accelerate.utils import load
+
+    for name in read_state(path)["files"]:
+        if name.endswith((".bin", ".pkl", ".pt")):
+            try:
+                load(path / name)
+            except Exception:
+                return f"{name} cannot be read with weights_only=True "
+    return None
+
+
 def load_checkpoint(accelerator: Accelerator, path: Path, scheduler=None) -> dict:
     """Restores model (gate running means included), optimizer, scaler, RNG and the scheduler; returns
     `trainer_state.json`. Nothing is unpickled with `weights_only=False`."""
@@ -185,7 +198,8 @@ def load_checkpoint(accelerator: Accelerator, path: Path, scheduler=None) -> dic
     try:
         accelerator.load_state(str(path))
     except Exception as error:
-        raise CheckpointError(f"{path}: cannot be restored ({type(error).__name__}: {error})") from error
+        raise CheckpointError(f"{path}: cannot be restored: {_unreadable_file(path) or ''}"
+                              f"({type(error).__name__}: {error})") from error
     if scheduler is not None:
         scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
     return read_state(path)

@@ -187,14 +187,14 @@ FLAGS = ("--max_steps", "4", "--save_steps", "1")
 
 
 @pytest.mark.parametrize("change, field", [
-    (("--recipe", "clip"), "recipe"),
-    (("--per_device_train_batch_size", "4"), "per_device_train_batch_size"),
-    (("--gradient_accumulation_steps", "2"), "gradient_accumulation_steps"),
-    (("--seed", "7"), "seed"),
-    (("--learning_rate", "0.1"), "learning_rate: checkpoint 0.0005, now 0.1"),
-    (("--max_steps", "6"), "max_steps: checkpoint 4, now 6"),
-    (("--model_config", "small"), "model_config"),
-    ((), "train_data"),  # other data (below)
+    pytest.param(("--recipe", "clip"), "recipe", id="recipe"),
+    pytest.param(("--per_device_train_batch_size", "4"), "per_device_train_batch_size", id="batch"),
+    pytest.param(("--gradient_accumulation_steps", "2"), "gradient_accumulation_steps", id="accumulation"),
+    pytest.param(("--seed", "7"), "seed", id="seed"),
+    pytest.param(("--learning_rate", "0.1"), "learning_rate: checkpoint 0.0005, now 0.1", id="learning_rate"),
+    pytest.param(("--max_steps", "6"), "max_steps: checkpoint 4, now 6", id="max_steps"),
+    pytest.param(("--model_config", "small"), "model_config", id="model"),
+    pytest.param((), "train_data", id="data"),  # the dirty file instead of the clean one (below)
 ])
 def test_resume_with_other_settings_is_refused_naming_the_field(tiny_data, tmp_path, cut_run, change, field):
     out = cut_run(tmp_path / "out")
@@ -291,8 +291,9 @@ def full_run(tiny_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda f: f.unlink(), "model.safetensors is missing"),
-    (lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]), r"model.safetensors is \d+ bytes, \d+ when saved \(truncated or replaced\)"),
+    pytest.param(lambda f: f.unlink(), "model.safetensors is missing", id="missing"),
+    pytest.param(lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]),
+                 r"model.safetensors is \d+ bytes, \d+ when saved \(truncated or replaced\)", id="truncated"),
 ])
 def test_incomplete_newest_checkpoint_falls_back_to_the_previous(tiny_data, tmp_path, cut_run, full_run, caplog,
                                                                  damage, message):

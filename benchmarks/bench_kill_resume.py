@@ -2,8 +2,8 @@
 
     PYTHONPATH=. python benchmarks/bench_kill_resume.py [--kills 8] [--max_steps 12]
 
-Each kill lands somewhere in the run (start-up, mid-step, mid-save, after a rename, the final save); the run is
-then resumed with `--resume_from_checkpoint latest` (in this process) and its final weights (gate running means
+Each kill lands at a named moment (mid-step, mid-save, after a rename, during pruning, during the final save),
+found by watching the output directory; the run is then resumed with `--resume_from_checkpoint latest` (in this process) and its final weights (gate running means
 included) compared bit for bit with the uninterrupted run's. Prints one row per kill and the totals.
 """
 
@@ -41,9 +41,29 @@ def _state_at_kill(out: Path) -> str:
     return ", ".join(parts)
 
 
+def _moments(max_steps: int) -> list[tuple[str, callable]]:
+    """Named moments of a run and a test on its output directory that says the moment has come."""
+    ckpt = lambda out, step, tmp="": out / "checkpoints" / f"{tmp}step_{step:06d}"  # noqa: E731
+    middle = max_steps // 2
+    return [
+        ("the first metrics line is written (after step 1)",
+         lambda out: (out / "metrics.jsonl").exists()),
+        ("the first checkpoint is being saved", lambda out: ckpt(out, 1, ".tmp-").exists()),
+        ("right after the first checkpoint's rename", lambda out: ckpt(out, 1).exists()),
+        (f"checkpoint {middle} is being saved", lambda out: ckpt(out, middle, ".tmp-").exists()),
+        (f"right after checkpoint {middle}'s rename", lambda out: ckpt(out, middle).exists()),
+        (f"checkpoint {middle + 1}'s state file exists (pruning)",
+         lambda out: (ckpt(out, middle + 1) / checkpoints.STATE_FILE).exists()),
+        ("the last checkpoint is being saved", lambda out: ckpt(out, max_steps, ".tmp-").exists()),
+        ("the final model is being saved", lambda out: any(out.glob(".tmp-final-*"))),
+        ("the final model is written (export and card pending)", lambda out: (out / "model.safetensors").exists()),
+        ("the model card is written", lambda out: (out / "README.md").exists()),
+    ]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kills", type=int, default=8)
+    parser.add_argument("--kills", type=int, default=10, help="how many of the named moments (at most 10)")
     parser.add_argument("--max_steps", type=int, default=12)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -60,12 +80,13 @@ def main():
     full = load_file(str(root / "full" / "model.safetensors"))
 
     rows, identical = [], 0
-    for i in range(args.kills):
-        delay = full_seconds * (0.35 + 0.65 * i / max(args.kills - 1, 1))  # from start-up to the final save
+    for i, (moment, reached) in enumerate(_moments(args.max_steps)[: args.kills]):
         out = root / f"killed_{i}"
         process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *data.argv(out, *flags)], env=env,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
+        deadline = time.time() + 600
+        while not reached(out) and process.poll() is None and time.time() < deadline:
+            time.sleep(0.002)
         process.send_signal(signal.SIGKILL)
         process.wait()
         state = _state_at_kill(out) if process.returncode == -signal.SIGKILL else "finished before the kill"
@@ -73,10 +94,10 @@ def main():
         resumed = load_file(str(out / "model.safetensors"))
         same = resumed.keys() == full.keys() and all(torch.equal(resumed[k], full[k]) for k in full)
         identical += same
-        rows.append((f"{delay:.1f}", state, "yes" if same else "NO"))
+        rows.append((moment, state, "yes" if same else "NO"))
 
     print(f"uninterrupted run: {full_seconds:.1f} s ({args.max_steps} steps, a checkpoint per step)\n")
-    print("| kill after (s) | state at the kill | resumed weights bit-identical |")
+    print("| killed when | state at the kill | resumed weights bit-identical |")
     print("|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")

@@ -305,6 +305,16 @@ def test_incomplete_newest_checkpoint_falls_back_to_the_previous(tiny_data, tmp_
     _assert_same(_weights(full_run), _weights(out), "resumed from step 1")
 
 
+def test_no_complete_checkpoint_for_latest_is_an_error_not_a_fresh_start(tiny_data, tmp_path, cut_run):
+    out = cut_run(tmp_path / "out")
+    for step in (1, 2):
+        (_step(out, step) / "model.safetensors").unlink()
+    with pytest.raises(FileExistsError, match=r"latest: none of the checkpoints .*\(step_000001, step_000002\) is "
+                                              "complete"):
+        train.main(tiny_data.argv(out, *FLAGS, "--resume_from_checkpoint", "latest"))
+    assert len(read_metrics(out)) == 2  # the old run's log is kept
+
+
 def test_named_incomplete_checkpoint_is_an_error_naming_the_file(tiny_data, tmp_path, cut_run):
     out = cut_run(tmp_path / "out")
     (_step(out, 2) / "optimizer.bin").unlink()

@@ -171,6 +171,11 @@ def _claim_output_dir(train_args: TrainArguments, resumed: dict | None):
     if not others:
         return
     if not train_args.overwrite_output_dir:
+        if resumed is None and train_args.resume_from_checkpoint == "latest":
+            raise FileExistsError(
+                f"--resume_from_checkpoint latest: none of the checkpoints in {checkpoint_dir(train_args.output_dir)} "
+                f"({', '.join(p.name for p in others)}) is complete (see the warnings); name one with "
+                "--resume_from_checkpoint, or pass --overwrite_output_dir to start afresh")
         what = "a fresh run" if resumed is None else f"resuming run {run_id}"
         raise FileExistsError(
             f"{checkpoint_dir(train_args.output_dir)} holds checkpoints of another run ({', '.join(p.name for p in others)})"

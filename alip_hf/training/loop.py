@@ -156,7 +156,9 @@ def apply_update(model, core: ALIPModel, optimizer, accelerator: Accelerator, ma
     gradient norm is not finite (a finite loss can still have an overflowing gradient)."""
     if max_grad_norm > 0:
         norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-        if norm is not None and not torch.isfinite(torch.as_tensor(norm)):  # the norm of all processes' gradients: every process decides the same
+        # The norm of all processes' gradients, so every process decides the same. Under fp16 the grad scaler
+        # owns overflowing gradients (it skips the step and lowers its scale), as it must early in a run.
+        if norm is not None and accelerator.scaler is None and not torch.isfinite(torch.as_tensor(norm)):
             return False
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -1,10 +1,11 @@
 """Kill train.py with SIGKILL at spread-out moments, resume it, and compare with an uninterrupted run.
 
-    PYTHONPATH=. python benchmarks/bench_kill_resume.py [--kills 8] [--max_steps 12]
+    PYTHONPATH=. python benchmarks/bench_kill_resume.py [--kills 10] [--max_steps 12]
 
 Each kill lands at a named moment (mid-step, mid-save, after a rename, during pruning, during the final save),
-found by watching the output directory; the run is then resumed with `--resume_from_checkpoint latest` (in this process) and its final weights (gate running means
-included) compared bit for bit with the uninterrupted run's. Prints one row per kill and the totals.
+found by watching the output directory; the run is then resumed with `--resume_from_checkpoint latest` (in
+this process) and its final weights (gate running means included) compared bit for bit with the uninterrupted
+run's. Prints one row per kill and the totals.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ Rows of docs/reliability.md point here."""
 
 import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -154,6 +155,23 @@ def test_skipped_step_with_accumulation_restores_the_gates(tiny_data, tmp_path, 
              "--nonfinite", "skip", "--save_steps", "1")
     train.main(tiny_data.argv(tmp_path, *flags))
     _assert_same(_weights(_step(tmp_path, 1)), _weights(_step(tmp_path, 2)), "skipped step 2")
+
+
+def test_finite_loss_with_an_overflowing_gradient_is_skipped_too(tiny_data, tmp_path, monkeypatch):
+    original, calls = loop.forward_backward, []
+
+    def forward_backward(model, core, *args):
+        output = original(model, core, *args)
+        calls.append(1)
+        if len(calls) == 2:  # the loss stays finite; one gradient is not
+            core.text_projection.weight.grad[0, 0] = float("inf")
+        return output
+
+    monkeypatch.setattr(loop, "forward_backward", forward_backward)
+    train.main(tiny_data.argv(tmp_path, "--nonfinite", "skip", "--save_steps", "1"))
+    _assert_same(_weights(_step(tmp_path, 1)), _weights(_step(tmp_path, 2)), "skipped step 2")
+    last = read_metrics(tmp_path)[-1]
+    assert last["train/nonfinite_steps"] == 1 and math.isfinite(last["loss/total"])
 
 
 def test_diverging_run_stops_naming_the_skipped_steps(tiny_data, tmp_path):

@@ -178,9 +178,9 @@ def _claim_output_dir(train_args: TrainArguments, resumed: dict | None):
                 "--resume_from_checkpoint, or pass --overwrite_output_dir to start afresh")
         what = "a fresh run" if resumed is None else f"resuming run {run_id}"
         raise FileExistsError(
-            f"{checkpoint_dir(train_args.output_dir)} holds checkpoints of another run ({', '.join(p.name for p in others)})"
-            f" and this is {what}: pass --resume_from_checkpoint latest to continue that run, another --output_dir, "
-            "or --overwrite_output_dir to delete them")
+            f"{checkpoint_dir(train_args.output_dir)} holds checkpoints of another run "
+            f"({', '.join(p.name for p in others)}) and this is {what}: pass --resume_from_checkpoint latest to "
+            "continue that run, another --output_dir, or --overwrite_output_dir to delete them")
     for path in others:
         logger.warning("--overwrite_output_dir: deleting %s of another run", path)
         shutil.rmtree(path)

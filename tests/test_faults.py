@@ -355,7 +355,7 @@ class _WritesMarker:
 
 
 def _craft(path: Path, marker: Path, update_manifest: bool):
-    path.write_bytes(pickle.dumps(_WritesMarker(marker)))
+    path.write_bytes(pickle.dumps(_WritesMarker(marker), protocol=2))
     if update_manifest:  # a tampered checkpoint whose manifest was rewritten too: only safe loading protects
         state = checkpoints.read_state(path.parent)
         state["files"][path.name] = path.stat().st_size

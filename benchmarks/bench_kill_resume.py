@@ -53,7 +53,7 @@ def _moments(max_steps: int) -> list[tuple[str, callable]]:
         ("right after the first checkpoint's rename", lambda out: ckpt(out, 1).exists()),
         (f"checkpoint {middle} is being saved", lambda out: ckpt(out, middle, ".tmp-").exists()),
         (f"right after checkpoint {middle}'s rename", lambda out: ckpt(out, middle).exists()),
-        (f"checkpoint {middle + 1}'s state file exists (pruning)",
+        (f"right after checkpoint {middle + 1}'s rename (the oldest being pruned)",
          lambda out: (ckpt(out, middle + 1) / checkpoints.STATE_FILE).exists()),
         ("the last checkpoint is being saved", lambda out: ckpt(out, max_steps, ".tmp-").exists()),
         ("the final model is being saved", lambda out: any(out.glob(".tmp-final-*"))),

@@ -73,6 +73,7 @@ def test_eval_data_without_a_caption_column_fails_before_training(tiny_data, tmp
     datasets.Dataset.from_parquet(str(tiny_data.train)).remove_columns(["alt_text", "caption"]).to_parquet(str(path))
     with pytest.raises(ValueError, match="images_only.parquet.*no 'alt_text' or 'caption' column"):
         train.main(_with_eval(tiny_data.argv(tmp_path / "out"), path))
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # before training, not after it
 
 
 def test_failing_final_evaluation_keeps_the_saved_model(tiny_data, tmp_path, monkeypatch):

@@ -158,7 +158,7 @@ def test_pipeline_runs_as_remote_code_where_the_package_is_not_importable(saved,
     result = subprocess.run(
         [sys.executable, "-c", REMOTE_PIPELINE, str(directory), str(image_path), json.dumps(LABELS),
          str(tmp_path / "out.json")],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=300,
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=300, check=False,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     remote = scores_by_label(json.loads((tmp_path / "out.json").read_text()))
@@ -185,6 +185,6 @@ def test_model_directory_without_processor_names_the_missing_files(saved, tmp_pa
     with pytest.raises(FileNotFoundError, match=r"has no processor: missing an image processor \(preprocessor_config"):
         ALIPProcessor.from_pretrained(bare)
     # transformers' pipeline loads the tokenizer itself and fails inside it; the model's loading says why first.
-    with caplog.at_level(logging.WARNING), pytest.raises(Exception):
+    with caplog.at_level(logging.WARNING), pytest.raises((OSError, ValueError)):
         pipeline(TASK, model=str(bare))
     assert "has no processor (missing an image processor" in caplog.text and "tokenizer.json" in caplog.text

@@ -177,7 +177,7 @@ def test_export_refuses_what_open_clip_cannot_express(tmp_path, change, message)
 CLASS_NAMES = ["cat", "dog", "ship", "frog", "horse", "red car", "tree"]
 TEMPLATES = ["a photo of a {c}.", "a drawing of the {c}.", "{c} in the wild"]
 WORDS = ["red", "blue", "green", "small", "large", "cat", "dog", "house", "boat", "tree", "on", "a", "hill"]
-# CLIP_benchmark 1.6.2's `accuracy` calls float() on a 1-element array, which NumPy >= 2.3 rejects; this
+# CLIP_benchmark 1.6.2's `accuracy` calls float() on a 1-element array, which NumPy 2.4 rejects; this
 # module-level `float` accepts it and leaves its arithmetic unchanged. Then its own command line runs.
 CLIP_BENCHMARK = textwrap.dedent(
     """

@@ -350,3 +350,21 @@ def test_compare_renders_a_markdown_table_and_vector_plots(tmp_path):
     assert "<svg" in (tmp_path / "cmp.svg").read_text()
     reports.plot_comparison(paths, tmp_path / "cmp.pdf")
     assert (tmp_path / "cmp.pdf").read_bytes().startswith(b"%PDF")
+
+
+@pytest.mark.slow  # about 50 s on one core: 37 small copies through datasets, one tiny model
+def test_datacomp_preset_runs_its_suite_on_a_mirror_and_stores_the_average(saved_model, tmp_path):
+    mirror = tmp_path / "mirror"
+    for name in ev.PRESET_GROUPS["datacomp"]:
+        if ev.PRESETS[name][0].task == "zeroshot_retrieval":
+            write_retrieval_copy(mirror, name, n=6)
+        else:
+            write_classification_copy(mirror, name, n=6)
+    out = tmp_path / "results.json"
+    records = eval_cli.main(["--model", saved_model, "--preset", "datacomp", "--data_root", str(mirror),
+                             "--output", str(out), "--recall_curve_max_k", "0"])
+    assert len(records) == 37 and {r["status"] for r in records} == {"ok"}
+    summary = json.loads(out.read_text())["suites"]["datacomp"]
+    assert summary["average"] == pytest.approx(np.mean([r["main_score"] for r in records]), abs=1e-12)
+    assert (summary["num_tasks"], summary["missing"], summary["complete"]) == (37, ["winogavil"], False)
+    assert all(r["expected_rows"] != r.get("num_rows", r["num_images"]) for r in records)  # small copies, logged

@@ -100,6 +100,13 @@ def test_flowers_labels_index_the_copy_classnames_so_label_1_is_hard_leaved_pock
     assert [got_names[i] for i in labels] == ["hard-leaved pocket orchid", "blackberry lily"]
 
 
+def test_shards_are_read_in_numeric_order_as_clip_benchmark_reads_them(tmp_path):
+    write_wds_copy(tmp_path / "c", random_images(12), labels=list(range(12)), class_names=[str(i) for i in range(12)],
+                   shard_size=1)  # 0.tar ... 11.tar: a name sort would put 10.tar and 11.tar after 1.tar
+    dataset = loading.load_wds_split(tmp_path / "c", "test")
+    assert dataset["__key__"] == [f"s{i:07d}" for i in range(12)] and dataset["cls"] == list(range(12))
+
+
 def test_a_split_without_nshards_or_with_a_missing_shard_is_an_error_naming_the_file(tmp_path):
     write_classification_copy(tmp_path, "cifar10", n=10)
     root = repo_dir(tmp_path, "cifar10")

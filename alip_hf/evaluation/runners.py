@@ -256,6 +256,8 @@ def run_and_save(model, processor, tasks: list[EvalTask], output: str | os.PathL
     payload = {}
     for task in tasks:
         key = (task.name, task.task, task.split)
+        if images.features and all(source != task.source for source, *_ in images.features):
+            images.features.clear()  # a suite's datasets one after another: keep only the current one's features
         if key in done:
             logger.info("%s %s: already in %s, skipped", task.name, task.task, output)
             continue

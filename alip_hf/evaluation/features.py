@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -62,12 +63,25 @@ def _device_and_dtype(model) -> tuple[torch.device, torch.dtype]:
     return parameter.device, parameter.dtype
 
 
+# `--dtype` names; fp32 runs without autocast.
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision for the towers (`dtype` None: none). The features leave it as float32, so similarities,
+    the classifier and every metric are computed in float32."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 @torch.no_grad()
 def encode_images(model, processor, images: Sequence, batch_size: int = 64, accelerator=None,
-                  desc: str = "images") -> torch.Tensor:
+                  desc: str = "images", autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Images (PIL images or undecoded dataset cells) -> `(N, projection_dim)` L2-normalised float32 features.
 
-    `processor` is anything whose `image_processor` (or itself) maps PIL images to `pixel_values`.
+    `processor` is anything whose `image_processor` (or itself) maps PIL images to `pixel_values`;
+    `autocast_dtype` runs the image tower under `torch.autocast` in that dtype.
     """
     model = core_model(model, accelerator)
     device, dtype = _device_and_dtype(model)
@@ -76,7 +90,9 @@ def encode_images(model, processor, images: Sequence, batch_size: int = 64, acce
     def encode(cells):
         pixels = image_processor([data_lib.decode_image(c).convert("RGB") for c in cells], return_tensors="pt")
         pixel_values = pixels["pixel_values"].to(device=device, dtype=dtype)
-        return F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+        with autocast(device, autocast_dtype):
+            features = model.get_image_features(pixel_values=pixel_values).pooler_output
+        return F.normalize(features.float(), dim=-1)
 
     return _run_sharded(images, encode, batch_size, accelerator, desc)
 
@@ -90,14 +106,17 @@ def tokenize(processor, texts: list[str]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def encode_texts(model, processor, texts: Sequence[str], batch_size: int = 256, accelerator=None,
-                 desc: str = "texts") -> torch.Tensor:
-    """Texts -> `(T, projection_dim)` L2-normalised float32 features (the processor's tokenizer and cleaning)."""
+                 desc: str = "texts", autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Texts -> `(T, projection_dim)` L2-normalised float32 features (the processor's tokenizer and cleaning;
+    the text tower under autocast in `autocast_dtype`, if given)."""
     model = core_model(model, accelerator)
     device, _ = _device_and_dtype(model)
 
     def encode(batch):
         inputs = {k: v.to(device) for k, v in tokenize(processor, list(batch)).items() if v is not None}
-        return F.normalize(model.get_text_features(**inputs).pooler_output, dim=-1)
+        with autocast(device, autocast_dtype):
+            features = model.get_text_features(**inputs).pooler_output
+        return F.normalize(features.float(), dim=-1)
 
     return _run_sharded(texts, encode, batch_size, accelerator, desc)
 
@@ -148,11 +167,15 @@ class ClassifierCache:
         self.hits = self.misses = 0
 
     @staticmethod
-    def key(model, processor, class_names: Sequence[str], templates: Sequence[str]) -> str:
+    def key(model, processor, class_names: Sequence[str], templates: Sequence[str],
+            autocast_dtype: torch.dtype | None = None) -> str:
         tokenizer = getattr(processor, "tokenizer", processor)
         # The tokenizer is identified by its output on every prompt's class-name slot and a probe string.
         probe = tokenize(processor, [*class_names, " ".join(templates)])["input_ids"]
-        payload = json.dumps([type(tokenizer).__name__, list(class_names), list(templates)])
+        payload = [type(tokenizer).__name__, list(class_names), list(templates)]
+        if autocast_dtype is not None:  # kept out of the key otherwise, so that existing caches stay valid
+            payload.append(str(autocast_dtype))
+        payload = json.dumps(payload)
         digest = hashlib.sha256(payload.encode())
         digest.update(probe.numpy().tobytes())
         digest.update(model_fingerprint(model).encode())
@@ -187,7 +210,8 @@ DEFAULT_CACHE = ClassifierCache()
 
 
 def zeroshot_classifier(model, processor, class_names: Sequence[str], templates: Sequence[str],
-                        batch_size: int = 256, accelerator=None, cache: ClassifierCache | None = None) -> torch.Tensor:
+                        batch_size: int = 256, accelerator=None, cache: ClassifierCache | None = None,
+                        autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Prompt-ensembled class embeddings `(D, C)`: for each class, the mean of its L2-normalised template
     embeddings, renormalised (CLIP_benchmark's `zero_shot_classifier`).
 
@@ -198,12 +222,13 @@ def zeroshot_classifier(model, processor, class_names: Sequence[str], templates:
         raise ValueError("class_names: the list is empty")
     cache = DEFAULT_CACHE if cache is None else cache
     core = core_model(model, accelerator)
-    key = cache.key(core, processor, class_names, templates)
+    key = cache.key(core, processor, class_names, templates, autocast_dtype)
     cached = cache.get(key)
     if cached is not None:
         return cached
     prompts = [template.format(name) for name in class_names for template in templates]
-    embeddings = encode_texts(model, processor, prompts, batch_size, accelerator, desc="class prompts")
+    embeddings = encode_texts(model, processor, prompts, batch_size, accelerator, desc="class prompts",
+                              autocast_dtype=autocast_dtype)
     embeddings = embeddings.view(len(class_names), len(templates), -1).mean(dim=1)
     classifier = (embeddings / embeddings.norm(dim=-1, keepdim=True)).T.contiguous()
     cache.put(key, classifier)

@@ -85,7 +85,7 @@ def load_source(
     if os.path.isdir(source):
         check_webdataset_shards(sorted(glob.glob(os.path.join(source, "**", "*.tar"), recursive=True)))
         # Split names come from the file names, as on the Hub (`train-00000.parquet`, `test/...`).
-        return datasets.load_dataset(source, split=split, streaming=streaming)
+        return _load_files(source, source, split=split, streaming=streaming)
     if "{" in source and ".tar" in source:
         files = _expand_braces(source)
     elif _looks_local(source):
@@ -100,7 +100,21 @@ def load_source(
     builder = builders.pop()
     if builder == "webdataset":
         check_webdataset_shards(files)
-    return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming)
+    return _load_files(source, builder, data_files={split: files}, split=split, streaming=streaming)
+
+
+def _load_files(source: str, path: str, split: str, **kwargs):
+    """`datasets.load_dataset` on local files, with an error naming the source when they hold no rows (datasets
+    says "Instruction 'train' corresponds to no data!" for empty Parquet files and raises a bare StopIteration
+    for empty JSON ones)."""
+    try:
+        return datasets.load_dataset(path, split=split, **kwargs)
+    except StopIteration:
+        raise ValueError(f"{source} (split {split!r}) has no rows: its files are empty") from None
+    except ValueError as error:
+        if "corresponds to no data" in str(error):
+            raise ValueError(f"{source} (split {split!r}) has no rows") from error
+        raise
 
 
 def local_files(source: str) -> list[str] | None:
@@ -154,7 +168,7 @@ def _truncation_report(path: str, size: int) -> str:
     """What a cut shard still holds whole: the number of complete samples and where it ends."""
     import tarfile
 
-    keys, members, cut_in = [], 0, None
+    keys, counts, cut_in = [], [], None  # sample keys in order, members per key, the member cut off
     try:
         with tarfile.open(path, "r:") as tar:
             while True:
@@ -164,16 +178,20 @@ def _truncation_report(path: str, size: int) -> str:
                 if member.offset_data + member.size > size:
                     cut_in = member.name
                     break
-                members += 1
                 key = member.name.split(".", 1)[0]  # webdataset's sample key: the name up to the first dot
                 if not keys or keys[-1] != key:
                     keys.append(key)
+                    counts.append(0)
+                counts[-1] += 1
     except tarfile.TarError:
         pass  # the header after the last complete member is cut: what was counted is what there is
-    # The last key read may be missing members that were cut off, so it does not count as a whole sample.
-    whole = len(keys) - 1 if cut_in is None or (keys and cut_in.split(".", 1)[0] == keys[-1]) else len(keys)
+    members = sum(counts)
+    # The last sample read is whole unless the cut member belongs to it or it has fewer members than the others.
+    last_cut = bool(keys) and ((cut_in is not None and cut_in.split(".", 1)[0] == keys[-1])
+                               or counts[-1] < max(counts))
+    whole = len(keys) - int(last_cut)
     where = f"inside member {cut_in!r}" if cut_in else f"after {members} members without the end-of-archive marker"
-    return (f"WebDataset shard {path} is truncated ({size} bytes, ends {where}): only {max(whole, 0)} samples "
+    return (f"WebDataset shard {path} is truncated ({size} bytes, ends {where}): only {whole} samples "
             "can be read from it whole, and readers would stop there without an error. Download or write the "
             "shard again, or leave it out of the source.")
 

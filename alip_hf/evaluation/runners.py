@@ -38,6 +38,7 @@ from alip_hf.evaluation.presets import (
     resolve_tasks,
 )
 from alip_hf.models import core_model
+from alip_hf.schema import ID
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +96,9 @@ class SplitFeatures:
         if key not in self.features:
             self.features[key] = encode_images(self.model, self.processor, dataset[image_column],
                                                self.settings.batch_size, self.accelerator,
-                                               desc=f"{task.name} {role or split} images")
+                                               desc=f"{task.name} {role or split} images",
+                                               row_ids=dataset[ID] if ID in dataset.column_names else None,
+                                               source=f"{task.source} split {split!r}")
         return dataset, self.features[key], full_dataset
 
 

@@ -9,6 +9,7 @@ column plus the new ones, as
     <output_dir>/shards/<split>-<index:05d>.json      completion marker with the shard's counts
     <output_dir>/run_config.json                      what produced the run (model, revision, prompt, ...)
     <output_dir>/summary.json                         totals, written once every shard is done
+    <output_dir>/digest_cache.json                    sha256 of local model files by path, size and mtime
 
 A shard counts as done only when its marker exists; the marker is written after the data file, so a run
 killed at any moment and started again skips finished shards, redoes the unfinished one and ends with
@@ -216,13 +217,16 @@ def ids_digest(ids: list[str]) -> str:
     return hashlib.sha256(json.dumps(ids).encode("utf-8")).hexdigest()
 
 
-_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}  # (real path, size, mtime_ns) -> sha256, for this process
+# "real path|size|mtime_ns" -> sha256 of the file; filled from and saved to <output_dir>/digest_cache.json, so that
+# a resumed run does not read a large model's weights once more just to hash them.
+_FILE_DIGESTS: dict[str, str] = {}
+DIGEST_CACHE = "digest_cache.json"
 
 
 def file_sha256(path: str) -> str:
-    """sha256 of a file, hex (the digest the Hub shows for LFS files); cached by path, size and mtime."""
+    """sha256 of a file, hex (the digest the Hub shows for LFS files); cached by real path, size and mtime."""
     stat = os.stat(path)
-    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    key = f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
     if key not in _FILE_DIGESTS:
         sha = hashlib.sha256()
         with open(path, "rb") as f:
@@ -230,6 +234,22 @@ def file_sha256(path: str) -> str:
                 sha.update(block)
         _FILE_DIGESTS[key] = sha.hexdigest()
     return _FILE_DIGESTS[key]
+
+
+def _load_digest_cache(output_dir: str) -> None:
+    try:
+        with open(os.path.join(output_dir, DIGEST_CACHE), encoding="utf-8") as f:
+            _FILE_DIGESTS.update(json.load(f))
+    except (OSError, ValueError):
+        pass  # no cache yet, or an unreadable one: the files are hashed again
+
+
+def _save_digest_cache(output_dir: str, identity: dict | None) -> None:
+    """Keeps the digests of this run's model files (only those: the cache stays as small as the model)."""
+    files = set((identity or {}).get("files", {}).values())
+    entries = {k: v for k, v in _FILE_DIGESTS.items() if v in files}
+    if entries:
+        atomic_write_json(os.path.join(output_dir, DIGEST_CACHE), entries)
 
 
 def model_identity(model: str, revision: str | None, commit: str | None) -> dict[str, Any]:
@@ -484,6 +504,7 @@ def run_sharded(args: RunArguments, step: Step, accelerator=None, source: Input 
     source = source or load_input(args, step.required_columns())
     provenance = step.provenance()
     model = provenance.get("model")
+    _load_digest_cache(args.output_dir)
     config = {"step": step.name, "source": args.source, "split": args.split, "id_column": source.id_column,
               "shard_size": args.shard_size, "source_identity": source_identity(args), **provenance,
               "model_identity": model_identity(model, provenance.get("revision"), provenance.get("commit"))
@@ -491,6 +512,8 @@ def run_sharded(args: RunArguments, step: Step, accelerator=None, source: Input 
     config = json.loads(json.dumps(config, default=str))  # compared with its JSON copy when resuming
     identity = identity_digests(config)
     _prepare_output(args, config, accelerator)
+    if accelerator.is_main_process:
+        _save_digest_cache(args.output_dir, config["model_identity"])
     done = _done_shards(args)
     rank, world = accelerator.process_index, accelerator.num_processes
     if isinstance(source.dataset, datasets.Dataset):  # a stream's length is known only once read

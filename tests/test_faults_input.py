@@ -362,3 +362,19 @@ def test_eval_on_a_corrupt_image_names_the_row_its_id_and_the_source(tmp_path):
 def test_max_text_length_beyond_the_text_context_is_refused_naming_both(tiny_data, tmp_path):
     with pytest.raises(ValueError, match=r"--max_text_length 78 exceeds the model's text context of 77"):
         train.main(tiny_data.argv(tmp_path, "--recipe", "clip", "--max_text_length", "78"))
+
+
+def test_model_file_digests_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    monkeypatch.setattr(common, "_FILE_DIGESTS", {})
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    stat = os.stat(weights)
+    key = f"{os.path.realpath(weights)}|{stat.st_size}|{stat.st_mtime_ns}"
+    (tmp_path / common.DIGEST_CACHE).write_text(json.dumps({key: "f" * 64}))
+    common._load_digest_cache(str(tmp_path))
+    assert common.file_sha256(str(weights)) == "f" * 64  # from the cache: the file is not read again
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # rewritten: another mtime
+    assert common.file_sha256(str(weights)) == hashlib.sha256(b"weights").hexdigest()

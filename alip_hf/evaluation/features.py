@@ -77,24 +77,39 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def encode_images(model, processor, images: Sequence, batch_size: int = 64, accelerator=None,
-                  desc: str = "images", autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+                  desc: str = "images", autocast_dtype: torch.dtype | None = None, row_ids: Sequence | None = None,
+                  source: str | None = None) -> torch.Tensor:
     """Images (PIL images or undecoded dataset cells) -> `(N, projection_dim)` L2-normalised float32 features.
 
     `processor` is anything whose `image_processor` (or itself) maps PIL images to `pixel_values`;
-    `autocast_dtype` runs the image tower under `torch.autocast` in that dtype.
+    `autocast_dtype` runs the image tower under `torch.autocast` in that dtype. An image that does not decode
+    stops the evaluation with a `ValueError` naming `source`, its row (index, and id from `row_ids`) and file:
+    skipping it would change the denominators of every metric.
     """
     model = core_model(model, accelerator)
     device, dtype = _device_and_dtype(model)
     image_processor = getattr(processor, "image_processor", None) or processor
 
-    def encode(cells):
-        pixels = image_processor([data_lib.decode_image(c).convert("RGB") for c in cells], return_tensors="pt")
+    def encode(rows):
+        decoded = [decode_row(cell, row, source or desc, row_ids) for row, cell in rows]
+        pixels = image_processor(decoded, return_tensors="pt")
         pixel_values = pixels["pixel_values"].to(device=device, dtype=dtype)
         with autocast(device, autocast_dtype):
             features = model.get_image_features(pixel_values=pixel_values).pooler_output
         return F.normalize(features.float(), dim=-1)
 
-    return _run_sharded(images, encode, batch_size, accelerator, desc)
+    return _run_sharded(list(enumerate(images)), encode, batch_size, accelerator, desc)
+
+
+def decode_row(cell, row: int, source: str = "images", row_ids: Sequence | None = None):
+    """One evaluation image as RGB; a decoding failure names the row, its id and its file."""
+    try:
+        return data_lib.decode_image(cell).convert("RGB")
+    except Exception as error:  # noqa: BLE001 - any decoder failure: report where it happened
+        where = f"row {row}" + (f" (id {row_ids[row]!r})" if row_ids is not None else "")
+        path = cell.get("path") if isinstance(cell, dict) else cell if isinstance(cell, str) else None
+        raise ValueError(f"{source}: the image of {where}{f', file {path}' if path else ''} does not decode "
+                         f"({type(error).__name__}: {error}); remove or replace it") from error
 
 
 def tokenize(processor, texts: list[str]) -> dict[str, torch.Tensor]:

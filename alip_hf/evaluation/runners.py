@@ -48,6 +48,7 @@ from alip_hf.evaluation.presets import (
 )
 from alip_hf.io import write_json_atomic
 from alip_hf.models import core_model
+from alip_hf.schema import ID
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,9 @@ class SplitFeatures:
             self.features[key] = encode_images(self.model, self.processor, dataset[image_column],
                                                self.settings.batch_size, self.accelerator,
                                                desc=f"{task.name} {role or split} images",
-                                               autocast_dtype=self.settings.autocast_dtype)
+                                               autocast_dtype=self.settings.autocast_dtype,
+                                               row_ids=dataset[ID] if ID in dataset.column_names else None,
+                                               source=f"{task.source} split {split!r}")
         return dataset, self.features[key], full_dataset
 
 

@@ -29,7 +29,7 @@ from alip_hf.training.checkpoints import (
     read_state,
     resolve_checkpoint,
 )
-from alip_hf.training.data import build_train_data
+from alip_hf.training.data import build_train_data, check_text_context
 from alip_hf.training.loop import train_loop
 from alip_hf.training.optim import build_optimizer, warmup_steps_for
 from alip_hf.training.outputs import (
@@ -99,6 +99,7 @@ def _train(accelerator: Accelerator, model_args: ModelArguments, data_args: Data
 
     model = build_model(model_args)
     processor = build_processor(model_args, core_model(model, accelerator))
+    check_text_context(data_args, core_model(model, accelerator))
 
     resume_path = resolve_checkpoint(train_args.resume_from_checkpoint, train_args.output_dir)
     resumed = read_state(resume_path) if resume_path else None

@@ -47,11 +47,12 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, train_arg
         log_with=[*train_args.report_to, JSONLinesTracker(Path(train_args.output_dir) / METRICS_FILE)])
     set_seed(train_args.seed)
     recipe = recipes.get_recipe(recipe_args)
-    if accelerator.is_main_process:
-        save_args(groups, Path(train_args.output_dir) / ARGS_FILE)
 
-    model = build_model(model_args)
+    model = build_model(model_args, seed=train_args.seed)
     processor = build_processor(model_args, core_model(model, accelerator))
+    if accelerator.is_main_process:
+        save_args(groups, Path(train_args.output_dir) / ARGS_FILE,
+                  model_config=core_model(model, accelerator).config.to_diff_dict())
 
     resume_path = resolve_checkpoint(train_args.resume_from_checkpoint, train_args.output_dir)
     start_step = json.loads((resume_path / STATE_FILE).read_text())["global_step"] if resume_path else 0

@@ -6,8 +6,8 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from test_train_fixtures import make_rows, tiny_data, write_parquet  # noqa: F401 - fixture
+from PIL import Image, UnidentifiedImageError
+from conftest import make_rows, write_parquet
 from transformers import AutoTokenizer
 
 from alip_hf import data
@@ -15,7 +15,7 @@ from alip_hf.recipes import RecipeArguments, get_recipe
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_data):  # noqa: F811
+def tokenizer(tiny_data):
     return AutoTokenizer.from_pretrained(tiny_data.tokenizer)
 
 
@@ -110,7 +110,7 @@ def test_corrupt_images_and_empty_texts_are_skipped_and_counted(tmp_path):
 
 
 def test_decode_image_raises_on_garbage_bytes_and_reads_png_bytes():
-    with pytest.raises(Exception):
+    with pytest.raises(UnidentifiedImageError, match="cannot identify image file"):
         data.decode_image({"bytes": b"garbage", "path": None})
     buffer = io.BytesIO()
     Image.new("RGB", (4, 3)).save(buffer, format="PNG")

@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, make_rows, read_metrics
 from safetensors.torch import load_file
-from test_train_fixtures import make_rows, read_metrics, tiny_data  # noqa: F401 - fixture
 from transformers import AutoTokenizer
 
 from alip_hf import data, train

@@ -254,8 +254,8 @@ RECORD_KEY = "resolved_model_config"
 
 
 def used_arguments(groups) -> dict:
-    """The flags of every group as one flat mapping of what the run uses: `--model_config` is dropped when
-    `--model_name_or_path` replaces it, and `--config_overrides` is a typed mapping."""
+    """The flags of every group as one flat mapping of what the run uses, readable back as a run YAML:
+    `--model_config` is dropped when `--model_name_or_path` replaces it, `--config_overrides` is a typed mapping."""
     resolved = {}
     for group in groups:
         resolved.update(dataclasses.asdict(group))
@@ -263,6 +263,8 @@ def used_arguments(groups) -> dict:
         resolved["model_config"] = None
     if resolved.get("config_overrides"):
         resolved["config_overrides"] = parse_config_overrides(resolved["config_overrides"])
+    if resolved.get("report_to") == []:
+        resolved["report_to"] = ["none"]  # the flag's spelling of no tracker (an empty list is no value)
     return resolved
 
 

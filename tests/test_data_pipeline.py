@@ -6,8 +6,9 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from PIL import Image, UnidentifiedImageError
 from conftest import make_rows, write_parquet
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from PIL import Image, UnidentifiedImageError
 from transformers import AutoTokenizer
 
 from alip_hf import data
@@ -44,7 +45,8 @@ def test_eval_transform_resizes_short_side_and_center_crops_with_clip_normalisat
     image = Image.new("RGB", (60, 40), (255, 255, 255))
     pixels = data.ImageTransform(20, train=False)(image)
     assert pixels.shape == (3, 20, 20)
-    expected = (1 - torch.tensor(data.CLIP_MEAN)) / torch.tensor(data.CLIP_STD)
+    # OpenAI CLIP's normalisation as open_clip publishes it.
+    expected = (1 - torch.tensor(OPENAI_DATASET_MEAN)) / torch.tensor(OPENAI_DATASET_STD)
     torch.testing.assert_close(pixels.mean(dim=(1, 2)), expected, rtol=1e-4, atol=1e-4)
 
 

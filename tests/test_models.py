@@ -5,6 +5,7 @@ import inspect
 import json
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 import yaml
@@ -20,8 +21,6 @@ from alip_hf.models import (
 )
 from alip_hf.training.arguments import ModelArguments, parse_args
 from modeling_alip import ALIPConfig
-
-open_clip = pytest.importorskip("open_clip")
 
 # The open_clip model config each size cites (MODEL_SOURCES names the file).
 OPEN_CLIP_CONFIGS = {"vit-b-32": "ViT-B-32", "vit-b-16": "ViT-B-16", "vit-b-32-quickgelu": "ViT-B-32-quickgelu"}

@@ -181,5 +181,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return records
 
 
+def cli() -> None:
+    """The `alip-eval` command (console scripts exit with the return value, so `main`'s is not returned)."""
+    main(sys.argv[1:])
+
+
 if __name__ == "__main__":
-    main()
+    cli()

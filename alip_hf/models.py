@@ -29,10 +29,9 @@ QUICK_GELU = "quick_gelu"
 # torch.nn.GELU: open_clip's default (`quick_gelu: false`), so the official ALIP code's towers.
 GELU = "gelu"
 
-TINY_TOWER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                  hidden_act=QUICK_GELU)
-SMALL_TOWER = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512,
-                   hidden_act=QUICK_GELU)
+# Tower sizes only (no activation): recaption/tiny.py reuses TINY_TOWER for BLIP and Llama test models.
+TINY_TOWER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
+SMALL_TOWER = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512)
 
 
 def _vit_b(patch_size: int, hidden_act: str) -> dict:
@@ -50,10 +49,12 @@ def _vit_b(patch_size: int, hidden_act: str) -> dict:
 
 # `ALIPConfig` keyword arguments of each `--model_config` (each tower states its activation).
 MODEL_CONFIGS = {
-    "tiny": dict(text_config=dict(TINY_TOWER, vocab_size=49408, max_position_embeddings=77),
-                 vision_config=dict(TINY_TOWER, image_size=30, patch_size=2), projection_dim=16),
-    "small": dict(text_config=dict(SMALL_TOWER, vocab_size=49408, max_position_embeddings=77),
-                  vision_config=dict(SMALL_TOWER, image_size=32, patch_size=4), projection_dim=128),
+    "tiny": dict(text_config=dict(TINY_TOWER, vocab_size=49408, max_position_embeddings=77, hidden_act=QUICK_GELU),
+                 vision_config=dict(TINY_TOWER, image_size=30, patch_size=2, hidden_act=QUICK_GELU),
+                 projection_dim=16),
+    "small": dict(text_config=dict(SMALL_TOWER, vocab_size=49408, max_position_embeddings=77, hidden_act=QUICK_GELU),
+                  vision_config=dict(SMALL_TOWER, image_size=32, patch_size=4, hidden_act=QUICK_GELU),
+                  projection_dim=128),
     "vit-b-32": _vit_b(32, GELU),
     "vit-b-16": _vit_b(16, GELU),
     "vit-b-32-quickgelu": _vit_b(32, QUICK_GELU),

@@ -60,7 +60,7 @@ MODEL_CONFIGS = {
     "vit-b-32-quickgelu": _vit_b(32, QUICK_GELU),
 }
 
-# Where each size comes from (tests/test_models.py pins the architectures to the open_clip files cited).
+# Where each size comes from (tests/test_model_sizes.py pins the architectures to the open_clip files cited).
 MODEL_SOURCES = {
     "tiny": "this project: a smoke-test size that trains on CPU in seconds (odd intermediate size on purpose)",
     "small": "this project: the demo size, learns the bundled 64 px clip art in a few CPU minutes "

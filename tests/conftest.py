@@ -2,7 +2,7 @@
 with a word-level tokenizer, and the prelude that hides this package from a subprocess.
 
 Which file covers what: test_<module>.py covers that module (test_recipes.py: alip_hf/recipes.py,
-test_models.py: alip_hf/models.py, test_train.py: end-to-end `train.main`, test_golden.py: the official ALIP
+test_model_sizes.py: alip_hf/models.py (named sizes, overrides, seed), test_model.py: modeling_alip.ALIPModel, test_train.py: end-to-end `train.main`, test_golden.py: the official ALIP
 step, ...); see each file's docstring.
 """
 

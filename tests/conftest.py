@@ -1,9 +1,9 @@
 """Shared fixtures and helpers of the test suite, offline: tiny models built from configs, tiny training data
 with a word-level tokenizer, and the prelude that hides this package from a subprocess.
 
-Which file covers what: test_<module>.py covers that module (test_recipes.py: alip_hf/recipes.py,
-test_model_sizes.py: alip_hf/models.py (named sizes, overrides, seed), test_model.py: modeling_alip.ALIPModel, test_train.py: end-to-end `train.main`, test_golden.py: the official ALIP
-step, ...); see each file's docstring.
+Which file covers what: test_<module>.py covers that module (test_recipes.py: alip_hf/recipes.py;
+test_model_sizes.py: alip_hf/models.py, named sizes, overrides and seed; test_model.py: modeling_alip.ALIPModel;
+test_train.py: end-to-end `train.main`; test_golden.py: the official ALIP step; ...); see each file's docstring.
 """
 
 import os

@@ -221,3 +221,8 @@ def test_the_scan_finds_a_branch_on_a_recipe_name():
     assert _recipe_names_in(source, "alip_hf/training/loop.py") == [
         'alip_hf/training/loop.py:2: if args.recipe == "veclip":']
     assert _recipe_names_in('x = "clip"\n', "modeling_alip/processing_alip.py") == []
+
+
+def test_arguments_of_one_recipe_cannot_name_another():
+    with pytest.raises(ValueError, match="VeclipArguments holds arguments of another recipe than --recipe clip"):
+        VeclipArguments(recipe="clip")

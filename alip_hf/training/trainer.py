@@ -20,7 +20,7 @@ from alip_hf.training.arguments import (
     save_args,
 )
 from alip_hf.training.checkpoints import STATE_FILE, load_checkpoint, resolve_checkpoint
-from alip_hf.training.data import build_train_data
+from alip_hf.training.data import build_train_data, check_text_context
 from alip_hf.training.loop import train_loop
 from alip_hf.training.optim import build_optimizer
 from alip_hf.training.outputs import (
@@ -50,6 +50,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, train_arg
 
     model = build_model(model_args, seed=train_args.seed)
     processor = build_processor(model_args, core_model(model, accelerator))
+    check_text_context(data_args, core_model(model, accelerator))
     if accelerator.is_main_process:
         save_args(groups, Path(train_args.output_dir) / ARGS_FILE,
                   model_config=core_model(model, accelerator).config.to_diff_dict())

@@ -15,8 +15,7 @@ from tqdm.auto import tqdm
 from alip_hf import recipes
 from alip_hf.models import core_model
 from alip_hf.training.checkpoints import save_checkpoint
-from modeling_alip import ALIPModel, ALIPOutput
-from modeling_alip.loss import gather_features
+from modeling_alip import ALIPModel
 
 if TYPE_CHECKING:
     from alip_hf.training.arguments import TrainArguments
@@ -31,58 +30,46 @@ LOGIT_SCALE_MAX = math.log(100)  # CLIP's clamp of the learnable temperature, ke
 # One optimizer step
 # ----------------------------------------------------------------------------------------------------------------
 
-_EMBEDS = ("image_embeds", "text_embeds", "caption_embeds")
-
-
 def _model_inputs(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "stats"}
 
 
 def forward_backward(model, core: ALIPModel, recipe: recipes.Recipe, micro_batches: list[dict],
-                     accelerator: Accelerator, local_loss: bool) -> ALIPOutput:
-    """Loss of the whole (accumulated) batch and its gradient; returns the output with the loss and gates.
+                     accelerator: Accelerator, local_loss: bool) -> recipes.StepLoss:
+    """Loss of the whole (accumulated) batch and its gradient; the recipe embeds, and forms the loss.
 
     With `k > 1` micro-batches this is open_clip's exact accumulation for contrastive losses: embed all `k`
-    micro-batches without gradient, compute the gates ONCE on the cached global batch, then re-embed each
-    micro-batch with gradient, splice it into the cached batch, and back-propagate the loss of the whole batch.
-    The `k` backward passes sum to the gradient of one k-times larger batch. Deviation: the official ALIP code
-    accumulates per-micro-batch losses (fewer negatives) and updates the gate running means every micro-step;
-    here they update once per optimizer step.
+    micro-batches without gradient (`recipe.embed`), compute what the recipe needs once per step on the cached
+    batch (`recipe.step_state`: ALIP's gates), then re-embed each micro-batch with gradient, splice it into
+    the cached batch, and back-propagate the loss of the whole batch (`recipe.loss`). The `k` backward passes
+    sum to the gradient of one k-times larger batch. Deviation: the official ALIP code accumulates
+    per-micro-batch losses (fewer negatives).
     """
     device = accelerator.device
     if len(micro_batches) == 1:
         with accelerator.autocast():
-            output = model(**_model_inputs(micro_batches[0], device), return_loss=False)
-        recipe.loss(core, output, local_loss)
-        accelerator.backward(output.loss)
-        return output
+            embeds = recipe.embed(model, _model_inputs(micro_batches[0], device))
+        result = recipe.loss(core, embeds, local_loss)
+        accelerator.backward(result.loss)
+        return result
     with torch.no_grad(), accelerator.autocast():
-        cached = [model(**_model_inputs(mb, device), return_loss=False) for mb in micro_batches]
-    gates = None
-    if recipe.uses_caption:  # once, on the global cached batch: one running-mean update per optimizer step
-        with torch.no_grad():
-            gathered, _ = gather_features(*(_cat([getattr(c, name) for c in cached]).float() for name in _EMBEDS))
-            gates = recipe.compute_gates(core, *gathered)
+        cached = [recipe.embed(model, _model_inputs(mb, device)) for mb in micro_batches]
+    with torch.no_grad():
+        state = recipe.step_state(core, {name: torch.cat([c[name] for c in cached]) for name in cached[0]})
     for j, micro_batch in enumerate(micro_batches):
         sync = contextlib.nullcontext() if j == len(micro_batches) - 1 else accelerator.no_sync(model)
         with sync:
             with accelerator.autocast():
-                fresh = model(**_model_inputs(micro_batch, device), return_loss=False)
-            spliced = ALIPOutput(**{
-                name: _cat([getattr(fresh if i == j else c, name) for i, c in enumerate(cached)]) for name in _EMBEDS})
-            recipe.loss(core, spliced, local_loss, gates=gates)
-            accelerator.backward(spliced.loss)
+                fresh = recipe.embed(model, _model_inputs(micro_batch, device))
+            spliced = {name: torch.cat([(fresh if i == j else c)[name] for i, c in enumerate(cached)])
+                       for name in fresh}
+            result = recipe.loss(core, spliced, local_loss, state)
+            accelerator.backward(result.loss)
     # logit_scale enters every recomputed loss directly (not through the spliced rows), so each of the k
     # backward passes added the full d(loss)/d(logit_scale): keep one.
     if core.logit_scale.grad is not None:
         core.logit_scale.grad.div_(len(micro_batches))
-    return spliced
-
-
-def _cat(tensors: list):
-    return None if tensors[0] is None else torch.cat(tensors)
-
-
+    return result
 
 
 def train_loop(model, optimizer, scheduler, recipe, train_data: TrainData, accelerator: Accelerator,

@@ -97,7 +97,7 @@ def _train(accelerator: Accelerator, model_args: ModelArguments, data_args: Data
     recipe = recipes.get_recipe(recipe_args)
     _on_main(accelerator, lambda: check_eval_data(data_args))  # a mistyped path fails now, not after training
 
-    model = build_model(model_args)
+    model = build_model(model_args, seed=train_args.seed)
     processor = build_processor(model_args, core_model(model, accelerator))
     check_text_context(data_args, core_model(model, accelerator))
 
@@ -126,7 +126,8 @@ def _train(accelerator: Accelerator, model_args: ModelArguments, data_args: Data
     else:
         run = _on_main(accelerator, lambda: new_run_record(identity))  # one run id for every process
     if accelerator.is_main_process:
-        save_args(groups, output_dir / ARGS_FILE, extra={"run_id": run["run_id"], "resume_changes": run["changes"]})
+        save_args(groups, output_dir / ARGS_FILE, model_config=core_model(model, accelerator).config.to_diff_dict(),
+                  extra={"run_id": run["run_id"], "resume_changes": run["changes"]})
     global_batch = identity["global_batch_size"]
     logger.info("%s with %d process(es), global batch %d, %d steps", accelerator.distributed_type,
                 accelerator.num_processes, global_batch, max_steps)

@@ -19,9 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, read_metrics, write_parquet
 from safetensors.torch import load_file
-from test_train_fixtures import read_metrics, tiny_data, write_parquet  # noqa: F401 - fixture
 
 from alip_hf import train
 from alip_hf.training import checkpoints, loop, run, trainer

@@ -215,7 +215,7 @@ def _yaml_to_argv(path: str) -> list[str]:
         raise ValueError(f"{path}: expected a mapping of argument names to values")
     argv = []
     for key, value in values.items():
-        if value is None or key in RECORD_KEYS:
+        if value is None or value == [] or key in RECORD_KEYS:  # an empty list is the flag's default: no values
             continue
         if isinstance(value, dict):
             items = [",".join(f"{k}={_yaml_scalar(v)}" for k, v in _dotted(value, path, key).items())]

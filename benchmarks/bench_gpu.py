@@ -66,7 +66,7 @@ class OursStep:
 
         torch.manual_seed(0)
         self.recipe = recipes.get_recipe(recipes.RecipeArguments(recipe=recipe))
-        model = build_model(ModelArguments(model_config=config_name))
+        model = build_model(ModelArguments(model_config=config_name), seed=0)
         optimizer, _ = build_optimizer(model, TrainArguments(output_dir="/tmp/unused", max_steps=10), 10)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.core, self.accelerator = core_model(self.model, accelerator), accelerator
@@ -74,7 +74,7 @@ class OursStep:
         g = torch.Generator().manual_seed(0)
         self.batch = {"pixel_values": torch.randn(args.batch, 3, size, size, generator=g).to(accelerator.device)}
         self.batch["input_ids"], self.batch["attention_mask"] = _texts(args.batch, args.text_tokens, g, accelerator.device)
-        if self.recipe.uses_caption:
+        if "caption" in self.recipe.EMBEDDINGS:
             ids, mask = _texts(args.batch, args.caption_tokens, g, accelerator.device)
             self.batch["caption_input_ids"], self.batch["caption_attention_mask"] = ids, mask
         self.batch["stats"] = {}

@@ -9,7 +9,9 @@ from building the loader to its first batch:
 * replay: what train.py did before: iterate and discard every consumed batch, then one batch.
 
 Medians over `--repeats` (the two methods interleaved). The state column should stay flat: a resume re-reads at
-most the current shuffle block and, inside `datasets`, the current shard up to the position.
+most the current shuffle block and, inside `datasets`, the current shard up to the position. Its constant part
+here is mostly `datasets`' wait for a Parquet stream's reader threads to shut down
+(`datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN`).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_resume.py --shards 16 --rows-per-shard 500 --repeats 3
 """
@@ -82,9 +84,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--positions", type=int, nargs="+", default=None, help="Batches consumed before the resume.")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
+    import logging
     import warnings
 
+    from alip_hf.training.data import _EMPTY_BUFFER_NOTICE
+
     warnings.filterwarnings("ignore", message=".*set_vital.*")
+    logging.getLogger("datasets.iterable_dataset").addFilter(_EMPTY_BUFFER_NOTICE)  # as train.py does
 
     total_batches = args.shards * args.rows_per_shard // BATCH
     positions = sorted(set(args.positions or [1, total_batches // 8, total_batches // 4, total_batches // 2,

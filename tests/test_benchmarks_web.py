@@ -21,7 +21,7 @@ def test_open_clip_gets_the_same_architecture(config, tmp_path):
     (tmp_path / f"same-{config}.json").write_text(json.dumps(bench_gpu.open_clip_config(MODEL_CONFIGS[config])))
     open_clip.add_model_config(tmp_path)
     theirs = open_clip.create_model(f"same-{config}")
-    ours = build_model(ModelArguments(model_config=config))
+    ours = build_model(ModelArguments(model_config=config), seed=0)
     assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in ours.parameters())
 
 

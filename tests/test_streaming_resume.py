@@ -4,7 +4,7 @@
 import datasets
 import pytest
 import torch
-from test_train_fixtures import tiny_data, write_parquet  # noqa: F401 - fixture
+from conftest import write_parquet
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from alip_hf import data

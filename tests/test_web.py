@@ -13,7 +13,6 @@ import time
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from test_train_fixtures import tiny_data  # noqa: F401 - fixture
 
 from alip_hf import web
 from alip_hf.data import load_source

@@ -1,5 +1,5 @@
 """What a finished run leaves: evaluation during training, the saved model and processor, the CLIPModel
-export, the model card and the Hub upload."""
+export, open_clip's files, the model card and the Hub upload."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from alip_hf.evaluation.runners import evaluate_model
 from alip_hf.io import write_text_atomic
 from modeling_alip import ALIPModel
 from modeling_alip.convert_to_clip import export_to_clip
+from modeling_alip.convert_to_open_clip import export_to_open_clip
 
 if TYPE_CHECKING:
     from alip_hf.training.arguments import DataArguments
@@ -41,6 +42,56 @@ def evaluate(model: ALIPModel, processor, args: DataArguments, accelerator: Acce
         model.train(was_training)
 
 
+def check_eval_data(args: DataArguments) -> int:
+    """Checks `--eval_data` before training, as the evaluation will read it: the source loads, each task's
+    columns, labels and captions are there, and every image of every evaluated split decodes. Returns the number
+    of images checked.
+
+    Raises:
+        ValueError: naming the source, split, column, or the row (index and id) of an image that does not decode.
+    """
+    from alip_hf.data import decode_image
+    from alip_hf.evaluation.loading import captions_per_image, class_names_and_labels, load_split
+    from alip_hf.evaluation.presets import LINEAR_PROBE, RETRIEVAL, resolve_tasks
+
+    if args.eval_data is None:
+        return 0
+    try:
+        tasks = resolve_tasks(args.eval_data, args.eval_split)
+    except Exception as error:
+        raise ValueError(f"--eval_data {args.eval_data} (split {args.eval_split!r}) cannot be loaded: "
+                         f"{type(error).__name__}: {error}") from error
+    checked, seen = 0, set()
+    for task in tasks:
+        for split in dict.fromkeys(s for s in (task.split, task.train_split if task.task == LINEAR_PROBE else None,
+                                               task.val_split) if s):
+            try:
+                dataset, image_column = load_split(task, split)
+                if task.task == RETRIEVAL:
+                    captions_per_image(task, dataset)
+                else:
+                    class_names_and_labels(task, dataset)
+            except Exception as error:
+                raise ValueError(f"--eval_data {task.source} split {split!r}: {error}") from error
+            key = (task.source, split, task.row_filter, image_column)
+            if key in seen:  # the demo preset's two tasks read the same images
+                continue
+            seen.add(key)
+            columns = [image_column, *(["id"] if "id" in dataset.column_names else [])]
+            rows = (row for batch in dataset.select_columns(columns).iter(batch_size=256)
+                    for row in zip(*(batch[c] for c in columns)))
+            for row, (cell, *row_id) in enumerate(rows):
+                try:
+                    decode_image(cell)
+                except Exception as error:
+                    name = f"row {row}" + (f" (id {row_id[0]!r})" if row_id else "")
+                    raise ValueError(f"--eval_data {task.source} split {split!r}, column {image_column!r}, {name}: "
+                                     f"the image does not decode ({type(error).__name__}: {error})") from error
+                checked += 1
+    logger.info("--eval_data %s: %d images of %d task(s) checked", args.eval_data, checked, len(tasks))
+    return checked
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Saving the result
 # ----------------------------------------------------------------------------------------------------------------
@@ -62,7 +113,16 @@ def save_outputs(model: ALIPModel, processor, output_dir: str, results: dict[str
         os.replace(item, out / item.name)
     tmp.rmdir()
     export_to_clip(model, str(out / "clip_export"), processor=processor, overwrite=True)
-    write_text_atomic(out / "README.md", model_card(out, results))
+    try:  # open_clip's files beside the transformers ones: CLIP_benchmark and DataComp's evaluation load them
+        export_to_open_clip(model, out, processor=processor)
+    except ValueError as error:  # a model open_clip's CLIP cannot express (e.g. VeCLIP's T5 tokenizer)
+        logger.info("not written in open_clip's format: %s", error)
+    write_model_card(out, results)
+
+
+def write_model_card(output_dir: str | Path, results: dict[str, float]):
+    """`README.md`: the model card with the results (rewritten once the final evaluation has run)."""
+    write_text_atomic(Path(output_dir) / "README.md", model_card(Path(output_dir), results))
 
 
 def model_card(output_dir: Path, results: dict[str, float]) -> str:
@@ -77,6 +137,6 @@ def push_to_hub(output_dir: str, repo_id: str):
 
     huggingface_hub.create_repo(repo_id, exist_ok=True)
     huggingface_hub.upload_folder(repo_id=repo_id, folder_path=output_dir,
-                                  ignore_patterns=["checkpoints/*", ".tmp-*", "*.tmp"])
+                                  ignore_patterns=["checkpoints/*", ".tmp-*", "*.tmp", ".train.lock"])
 
 

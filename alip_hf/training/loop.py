@@ -34,8 +34,11 @@ LOGIT_SCALE_MAX = math.log(100)  # CLIP's clamp of the learnable temperature, ke
 _EMBEDS = ("image_embeds", "text_embeds", "caption_embeds")
 
 
+_NOT_MODEL_INPUTS = ("stats", "ids")
+
+
 def _model_inputs(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "stats"}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
 
 
 def forward_backward(model, core: ALIPModel, recipe: recipes.Recipe, micro_batches: list[dict],
@@ -86,9 +89,10 @@ def _cat(tensors: list):
 
 
 def train_loop(model, optimizer, scheduler, recipe, train_data: TrainData, accelerator: Accelerator,
-               args: TrainArguments, start_step: int, counters: dict, run_eval) -> tuple[dict, bool]:
+               args: TrainArguments, start_step: int, counters: dict, run_eval, sample_log=None) -> tuple[dict, bool]:
     """Optimizer steps `start_step + 1 .. max_steps`; returns the metrics of the last logged step and whether
-    the run reached `max_steps` (False when stopped by `--stop_after_steps`)."""
+    the run reached `max_steps` (False when stopped by `--stop_after_steps`). `sample_log` (a
+    `SampleWeightLog`) records per-sample gate values of the steps it wants."""
     max_steps = train_data.max_steps
     core = core_model(model, accelerator)
     k = args.gradient_accumulation_steps
@@ -103,6 +107,8 @@ def train_loop(model, optimizer, scheduler, recipe, train_data: TrainData, accel
     for step in range(start_step + 1, max_steps + 1):
         micro_batches = [next(batches) for _ in range(k)]
         output = forward_backward(model, core, recipe, micro_batches, accelerator, args.local_loss)
+        if sample_log is not None:
+            sample_log.record(step, output, micro_batches)
         stats = _sum_stats(accelerator, micro_batches)
         if _all_finite(accelerator, output.loss):
             apply_update(model, core, optimizer, accelerator, args.max_grad_norm)

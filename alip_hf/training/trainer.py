@@ -23,6 +23,7 @@ from alip_hf.training.checkpoints import STATE_FILE, load_checkpoint, resolve_ch
 from alip_hf.training.data import build_train_data
 from alip_hf.training.loop import train_loop
 from alip_hf.training.optim import build_optimizer
+from alip_hf.training.sample_weights import SampleWeightLog, clear_sample_weights
 from alip_hf.training.outputs import (
     ARGS_FILE,
     evaluate,
@@ -76,9 +77,13 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, train_arg
                 accelerator.num_processes, global_batch, max_steps)
     accelerator.init_trackers("train", config=tracker_config(groups))
 
+    sample_log = build_sample_log(recipe, train_data, train_args, accelerator, start_step)
     metrics, finished = train_loop(
         model, optimizer, scheduler, recipe, train_data, accelerator, train_args, start_step, counters,
-        run_eval=lambda: evaluate(core_model(model, accelerator), processor, data_args, accelerator))
+        run_eval=lambda: evaluate(core_model(model, accelerator), processor, data_args, accelerator),
+        sample_log=sample_log)
+    if sample_log is not None:
+        sample_log.save()
     if not finished:  # --stop_after_steps: leave the run as a kill would, resumable from its checkpoints
         accelerator.end_training()
         return metrics
@@ -94,3 +99,20 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, train_arg
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
+
+
+def build_sample_log(recipe, train_data, train_args: TrainArguments, accelerator: Accelerator,
+                     start_step: int) -> SampleWeightLog | None:
+    """The `--log_sample_weights` recorder, or None when the flag is off."""
+    if not train_args.log_sample_weights:
+        return None
+    if type(recipe).sample_values is recipes.Recipe.sample_values:
+        raise ValueError(f"--log_sample_weights: --recipe {recipe.name} has no per-sample gate values to log")
+    if start_step == 0 and accelerator.is_main_process:
+        clear_sample_weights(train_args.output_dir)
+    batches_per_epoch = None
+    if train_data.num_rows is not None:
+        batches_per_epoch = train_data.num_rows // (train_args.per_device_train_batch_size * accelerator.num_processes)
+    return SampleWeightLog(recipe, train_args.output_dir, train_data.max_steps, train_args.gradient_accumulation_steps,
+                           batches_per_epoch, train_args.log_sample_weights_steps, accelerator.process_index,
+                           accelerator.num_processes)

@@ -180,6 +180,27 @@ def weights_digest(model) -> str:
     return model_fingerprint(model)
 
 
+def _image_embeds(model, processor, images: list):
+    """PIL images -> `(B, D)` L2-normalised float32 embeddings (eval preprocessing: resize + centre crop)."""
+    import torch.nn.functional as F
+
+    parameter = next(model.parameters())
+    image_processor = getattr(processor, "image_processor", None) or processor
+    pixels = image_processor(images, return_tensors="pt")["pixel_values"].to(parameter.device, parameter.dtype)
+    return F.normalize(model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
+
+
+def _text_embeds(model, processor, texts: list[str]):
+    """Texts -> `(B, D)` L2-normalised float32 embeddings (the processor's cleaning and truncation, as eval.py)."""
+    import torch.nn.functional as F
+
+    from alip_hf.evaluation.features import tokenize
+
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in tokenize(processor, texts).items() if v is not None}
+    return F.normalize(model.get_text_features(**inputs).pooler_output.float(), dim=-1)
+
+
 class GateScorer:
     """Per-row gate values of a trained ALIP model and the CLIP-score of `clip_model` (default: the same model).
 
@@ -213,19 +234,15 @@ class GateScorer:
         """PIL images and their two texts -> `{column: (B,) float64}` for every column of `AUDIT_SCORES`."""
         import torch
 
-        from alip_hf.evaluation.features import encode_images, encode_texts
-
-        size = len(images)
         with torch.inference_mode():
-            image = encode_images(self.model, self.processor, images, batch_size=size, desc="audit images")
-            text = encode_texts(self.model, self.processor, texts, batch_size=size, desc="audit texts")
-            caption = encode_texts(self.model, self.processor, captions, batch_size=size, desc="audit captions")
+            image = _image_embeds(self.model, self.processor, images)
+            text = _text_embeds(self.model, self.processor, texts)
+            caption = _text_embeds(self.model, self.processor, captions)
             gates = self.model.gates(image, text, caption)  # eval mode: fixed H, no update
             clip_score = gates.similarity_image_text
             if self.clip_model is not None:
-                clip_image = encode_images(self.clip_model, self.clip_processor, images, batch_size=size)
-                clip_text = encode_texts(self.clip_model, self.clip_processor, texts, batch_size=size)
-                clip_score = (clip_image * clip_text).sum(dim=1)
+                clip_image = _image_embeds(self.clip_model, self.clip_processor, images)
+                clip_score = (clip_image * _text_embeds(self.clip_model, self.clip_processor, texts)).sum(dim=1)
         values = {
             LCG_WEIGHT: gates.sample_weight, LCG_WEIGHT_RAW: gates.sample_weight_raw,
             DCG_TEXT_WEIGHT: gates.text_pair_weight, DCG_CAPTION_WEIGHT: gates.caption_pair_weight,

@@ -379,6 +379,12 @@ class LoggedWeightsStep(_AuditStepBase):
             raise FileNotFoundError(f"--sample_weights {args.sample_weights!r}: no .parquet files (written by "
                                     "train.py --log_sample_weights in <output_dir>/sample_weights)")
         self.values = self._read_log()
+        digest = hashlib.sha256()
+        for path in self.files:
+            with open(path, "rb") as f:
+                digest.update(hashlib.sha256(f.read()).digest())
+        self.digest = digest.hexdigest()
+        self.label = f"train-log@{self.digest[:12]}"
 
     def _read_log(self) -> dict[str, dict[str, float]]:
         import pyarrow.parquet as pq
@@ -397,12 +403,8 @@ class LoggedWeightsStep(_AuditStepBase):
         return by_id
 
     def provenance(self) -> dict[str, Any]:
-        digest = hashlib.sha256()
-        for path in self.files:
-            with open(path, "rb") as f:
-                digest.update(hashlib.sha256(f.read()).digest())
-        return {AUDIT_MODEL: f"train-log@{digest.hexdigest()[:12]}", "sample_weights": self.args.sample_weights,
-                "sample_weights_sha256": digest.hexdigest(), "text_column": self.args.text_column,
+        return {AUDIT_MODEL: self.label, "sample_weights": self.args.sample_weights,
+                "sample_weights_sha256": self.digest, "text_column": self.args.text_column,
                 "caption_column": self.args.caption_column}
 
     def process(self, shard: datasets.Dataset, ids: list[str], progress: Callable[[int], None]) -> StepResult:
@@ -413,9 +415,8 @@ class LoggedWeightsStep(_AuditStepBase):
         values = {column: {i: (math.nan if i in errors else float(self.values[i][column])) for i in ids}
                   for column in GATE_COLUMNS}
         progress(len(ids))
-        label = self.provenance()[AUDIT_MODEL]
         return StepResult(
-            columns={**values, AUDIT_MODEL: dict.fromkeys(ids, label), ERROR: error_column(shard, ids, errors)},
+            columns={**values, AUDIT_MODEL: dict.fromkeys(ids, self.label), ERROR: error_column(shard, ids, errors)},
             counts=self.counts(ids, errors, values))
 
 

@@ -180,6 +180,15 @@ def test_killed_run_resumes_scoring_only_the_unfinished_shard(assets, audited, t
             assert again[row_id][column] == pytest.approx(row[column], rel=1e-5, nan_ok=True)
 
 
+def test_a_streamed_source_gets_the_same_scores(assets, audited, tmp_path):
+    out = tmp_path / "out"
+    audit(run_args(assets, out, streaming=True), audit_args(assets))
+    streamed = {r[ID]: r for r in read_output(out)}
+    for row in read_output(audited[0]):
+        for column in AUDIT_SCORES:
+            assert streamed[row[ID]][column] == pytest.approx(row[column], rel=1e-5, nan_ok=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Filtering and detection
 

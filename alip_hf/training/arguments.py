@@ -21,6 +21,7 @@ from alip_hf.io import write_text_atomic
 from alip_hf.resources import DEMO_DATA, run_config
 
 logger = logging.getLogger(__name__)
+DEMO_DATA_NAME = "demo"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -74,7 +75,8 @@ class DataArguments:
 
     train_data: str = field(
         default=str(DEMO_DATA),
-        metadata={"help": "Training data: save_to_disk dir, parquet/json/csv files or glob, WebDataset tars, Hub id."},
+        metadata={"help": "Training data: save_to_disk dir, parquet/json/csv files or glob, WebDataset tars, Hub id; "
+                          "'demo': the bundled demo data."},
     )
     train_split: str = field(default="train", metadata={"help": "Split of --train_data to train on."})
     streaming: bool = field(default=False, metadata={"help": "Read lazily (needs --max_steps); for large data."})
@@ -103,6 +105,9 @@ class DataArguments:
             raise ValueError("--max_text_length must leave room for the start and end tokens")
         if self.eval_data is not None and self.eval_data.lower() == "none":
             self.eval_data = None
+        # `demo` names the bundled demo data wherever the package is installed (the packaged run YAMLs use it).
+        self.train_data = str(DEMO_DATA) if self.train_data == DEMO_DATA_NAME else self.train_data
+        self.eval_data = str(DEMO_DATA) if self.eval_data == DEMO_DATA_NAME else self.eval_data
 
 
 @dataclass

@@ -36,17 +36,23 @@ def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes
                      accelerator: Accelerator, start_step: int) -> TrainData:
     """Loads, checks columns, validates rows, and builds the per-process DataLoader of micro-batches that
     starts at optimizer step `start_step`. With `--log_sample_weights` the batches carry their rows' ids."""
+    check_global_batch(train, accelerator.num_processes)
+    source = f"--train_data {args.train_data} (split {args.train_split!r})"
     dataset = data.load_source(args.train_data, split=args.train_split, streaming=args.streaming)
     data.require_columns(dataset, {data.IMAGE: args.image_column, **recipe.columns()})
+    data.require_text_columns(dataset, recipe.columns(), source)
+    if not args.streaming and len(dataset) == 0:
+        raise ValueError(f"{source} has no rows")
     id_column = _id_column(dataset, args.id_column) if train.log_sample_weights else None
     kept_columns = [args.image_column, *recipe.columns().values(), *([id_column] if id_column else [])]
     dataset = data.undecoded_images(dataset, args.image_column)
     transform = data.ImageTransform.from_image_processor(
         processor.image_processor, train=True, crop_scale=(args.crop_scale_min, args.crop_scale_max))
-    build = data.ExampleBuilder(args.image_column, recipe.text_selector(), transform, seed=train.seed,
-                                id_column=id_column)
-    # The processor's text cleaning (CLIP's ftfy + whitespace + lower-case for the CLIP tokenizer) applies too.
+    # The processor's text cleaning (CLIP's ftfy + whitespace + lower-case for the CLIP tokenizer) applies too;
+    # the builder uses it to skip (and count) texts that clean to nothing, which would train as empty prompts.
     clean = clean_clip_text if processor.text_cleaning != "none" else None
+    build = data.ExampleBuilder(args.image_column, recipe.text_selector(), transform, seed=train.seed, clean=clean,
+                                id_column=id_column)
     collate = data.Collator(processor.tokenizer, max_length=args.max_text_length, clean=clean)
     batch = train.per_device_train_batch_size
     common = dict(collate_fn=collate, num_workers=args.dataloader_num_workers,
@@ -58,13 +64,16 @@ def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes
         if args.shuffle_buffer:
             dataset = dataset.shuffle(seed=train.seed, buffer_size=args.shuffle_buffer)
         dataset = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
-        stream = data.StreamingExamples(dataset, build, rank=accelerator.process_index)
+        stream = data.StreamingExamples(dataset, build, rank=accelerator.process_index, source=source)
         loader = torch.utils.data.DataLoader(stream, batch_size=batch, drop_last=True, **common)
         return TrainData(loader, steps_for(train, accelerator, None), None,
                          {"skipped_images": 0, "skipped_texts": 0}, resume_skips_batches=True)
     dataset = dataset.select_columns(kept_columns)
     with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
         dataset, skipped = data.filter_valid_rows(dataset, build, num_proc=args.preprocessing_num_proc)
+    if len(dataset) == 0:
+        raise ValueError(f"no usable row in {source}: {skipped['skipped_images']} unreadable images, "
+                         f"{skipped['skipped_texts']} missing or empty texts in columns {list(recipe.columns().values())}")
     max_steps = steps_for(train, accelerator, len(dataset))
     sampler = data.GlobalBatchSampler(
         len(dataset), batch, num_batches=max_steps * train.gradient_accumulation_steps,
@@ -82,6 +91,26 @@ def _id_column(dataset, id_column: str) -> str:
             return name
     raise ValueError(f"--log_sample_weights: id column {id_column!r} not found (nor WebDataset '__key__'); "
                      f"available columns: {available}. Pass --id_column with a column that identifies each row.")
+
+
+def check_global_batch(train: TrainArguments, num_processes: int) -> None:
+    """Refuses a global batch of one pair: its contrastive loss has no negative and is identically 0."""
+    global_batch = train.per_device_train_batch_size * num_processes * train.gradient_accumulation_steps
+    if global_batch < 2:
+        raise ValueError(
+            f"a global batch of {global_batch} (--per_device_train_batch_size {train.per_device_train_batch_size} "
+            f"x {num_processes} process(es) x --gradient_accumulation_steps {train.gradient_accumulation_steps}) "
+            "holds one image-text pair: the contrastive loss has no negative and is identically 0; use at least 2")
+
+
+def check_text_context(args: DataArguments, model) -> None:
+    """Refuses `--max_text_length` beyond the text tower's position embeddings, naming both numbers (a longer
+    text would otherwise crash the first batch that holds one)."""
+    context = model.config.text_config.max_position_embeddings
+    if args.max_text_length > context:
+        raise ValueError(f"--max_text_length {args.max_text_length} exceeds the model's text context of {context} "
+                         "positions (text_config.max_position_embeddings); pass --max_text_length "
+                         f"{context} or less")
 
 
 def steps_for(train: TrainArguments, accelerator: Accelerator, num_rows: int | None) -> int:

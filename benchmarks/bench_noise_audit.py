@@ -15,6 +15,7 @@ whose new text equals the old one are not counted as noisy); the column `noisy` 
 
     python benchmarks/bench_noise_audit.py                      # about 15 min on 2 CPU cores
     python benchmarks/bench_noise_audit.py --epochs 1           # a quicker look
+    python benchmarks/bench_noise_audit.py --resume             # continue an interrupted run (finished trainings kept)
 
 Prints two Markdown tables (detection, evaluation) and writes `<work_dir>/results.json`.
 """
@@ -60,18 +61,29 @@ def make_noisy(out_dir: Path, fraction: float, seed: int) -> dict:
 
 
 def train(output_dir: Path, train_data: Path, recipe: str, args, max_steps: int | None = None) -> dict:
+    """Trains (or, when this run's summary is already there, reuses) one model; returns its steps, time, eval."""
     from alip_hf.train import main as train_main
+
+    done = output_dir / "bench_run.json"
+    if done.exists():
+        return json.loads(done.read_text())
 
     argv = ["--model_config", args.model_config, "--recipe", recipe, "--train_data", str(train_data),
             "--eval_data", str(DEMO_DATA), "--output_dir", str(output_dir), "--report_to", "none",
             "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", "5e-4",
             "--seed", str(args.seed), "--logging_steps", "50"]
     argv += ["--max_steps", str(max_steps)] if max_steps else ["--num_train_epochs", str(args.epochs)]
-    started = time.perf_counter()
-    metrics = train_main(argv)
-    state = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"steps": state[-1]["step"], "seconds": round(time.perf_counter() - started, 1),
-            **{k: metrics[k] for k in EVAL_KEYS if k in metrics}}
+    train_main(argv)
+    result = run_summary(output_dir, args.batch_size)
+    done.write_text(json.dumps(result))
+    return result
+
+
+def run_summary(output_dir: Path, batch_size: int) -> dict:
+    """Steps, training-loop seconds (from the logged samples/s) and the final evaluation of a finished run."""
+    last = json.loads((output_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    return {"steps": last["step"], "seconds": round(last["step"] * batch_size / last["train/samples_per_second"], 1),
+            **{k: last[k] for k in EVAL_KEYS if k in last}}
 
 
 def audit(output_dir: Path, source: Path, model: Path, clip_model: Path, score: str, keep_fraction: float) -> dict:
@@ -91,14 +103,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--model_config", default="small")
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep --work_dir and reuse the finished trainings of an interrupted run of the same settings")
     args = parser.parse_args(argv)
     keep = args.keep_fraction if args.keep_fraction is not None else 1 - args.noise_fraction
     work = Path(args.work_dir)
-    if work.exists():
+    settings_file = work / "settings.json"
+    settings = json.dumps({k: v for k, v in vars(args).items() if k != "resume"}, sort_keys=True)
+    if work.exists() and not (args.resume and settings_file.exists() and settings_file.read_text() == settings):
         shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(settings)
     started = time.perf_counter()
 
-    results = {"settings": vars(args) | {"keep_fraction": keep}}
+    results = {"settings": {k: v for k, v in vars(args).items() if k != "resume"} | {"keep_fraction": keep}}
     results["data"] = make_noisy(work / "noisy", args.noise_fraction, args.seed)
     runs = {"alip (noisy data)": train(work / "alip", work / "noisy", "alip", args),
             "clip (noisy data, unfiltered)": train(work / "clip", work / "noisy", "clip", args)}
@@ -109,6 +127,7 @@ def main(argv=None) -> dict:
     for score in (LCG_WEIGHT_RAW, CLIP_SCORE):
         summary = audit(work / "audit", work / "noisy", work / "alip", work / "clip", score, keep)
         filtered[score] = work / f"filtered-{score}"
+        shutil.rmtree(filtered[score], ignore_errors=True)
         os.replace(work / "audit" / "filtered", filtered[score])
         results.setdefault("filter", {})[score] = summary["filter"]
     results["detection"] = summary["noise_detection"]
@@ -134,7 +153,8 @@ def tables(results: dict) -> str:
         m = detection["scores"][score]
         lines.append(f"| {names.get(score, score)} | {m['auc']:.3f} | {m['kept_clean_precision']:.3f} | "
                      f"{m['dropped_noisy_precision']:.3f} |")
-    lines += ["", "| run | train rows | steps | zero-shot top-1 | T->I R@1 | T->I R@10 | I->T R@1 | I->T R@10 | s |",
+    lines += ["", "| run | train rows | steps | zero-shot top-1 | T->I R@1 | T->I R@10 | I->T R@1 | I->T R@10 | "
+              "training loop s |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, run in results["runs"].items():
         rows = d["rows"]
@@ -143,7 +163,7 @@ def tables(results: dict) -> str:
                 rows = summary["kept"]
         cells = [f"{100 * run.get(k, float('nan')):.1f}" for k in EVAL_KEYS]
         lines.append(f"| {name} | {rows} | {run['steps']} | " + " | ".join(cells) + f" | {run['seconds']:.0f} |")
-    lines.append(f"\nwhole experiment: {results['seconds'] / 60:.1f} min")
+    lines.append(f"\nthis invocation: {results['seconds'] / 60:.1f} min")
     return "\n".join(lines)
 
 

@@ -227,8 +227,9 @@ def _eval_command(records: list[dict], eval_data: str | None = None) -> str:
 def _training_summary(train_args: dict) -> str:
     if not train_args:
         return "Not recorded."
-    keys = [k for k in ("recipe", "model_config", "model_name_or_path", "train_data", "max_steps",
-                        "per_device_train_batch_size", "learning_rate", "seed") if k in train_args]
+    keys = [k for k in ("recipe", "model_config", "config_overrides", "model_name_or_path", "train_data",
+                        "max_steps", "per_device_train_batch_size", "learning_rate", "seed")
+            if train_args.get(k) is not None]
     return "\n".join(f"- `{k}`: `{train_args[k]}`" for k in keys) or "See the saved arguments."
 
 

@@ -11,10 +11,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import tiny_alip_config
 from PIL import Image
 from sklearn.metrics import roc_auc_score
-from test_train_fixtures import make_rows, read_metrics, tiny_data  # noqa: F401 - fixture
+from conftest import make_rows, read_metrics, tiny_alip_config
 
 from alip_hf import train
 from alip_hf.data import load_source, undecoded_images

@@ -17,7 +17,8 @@ whose new text equals the old one are not counted as noisy); the column `noisy` 
     python benchmarks/bench_noise_audit.py --epochs 1           # a quicker look
     python benchmarks/bench_noise_audit.py --resume             # continue an interrupted run (finished trainings kept)
 
-Prints two Markdown tables (detection, evaluation) and writes `<work_dir>/results.json`.
+Prints two Markdown tables (detection, evaluation) and writes `<work_dir>/results.json`; the audit's report for
+each filter score is in `<work_dir>/report-<score>/`.
 """
 
 from __future__ import annotations
@@ -81,9 +82,11 @@ def train(output_dir: Path, train_data: Path, recipe: str, args, max_steps: int 
 
 def run_summary(output_dir: Path, batch_size: int) -> dict:
     """Steps, training-loop seconds (from the logged samples/s) and the final evaluation of a finished run."""
-    last = json.loads((output_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "train/samples_per_second" in r][-1]  # the evaluation may be logged on its own
+    evaluation = {k: r[k] for r in rows for k in EVAL_KEYS if k in r}  # the last value of each key
     return {"steps": last["step"], "seconds": round(last["step"] * batch_size / last["train/samples_per_second"], 1),
-            **{k: last[k] for k in EVAL_KEYS if k in last}}
+            **evaluation}
 
 
 def audit(output_dir: Path, source: Path, model: Path, clip_model: Path, score: str, keep_fraction: float) -> dict:
@@ -129,6 +132,8 @@ def main(argv=None) -> dict:
         filtered[score] = work / f"filtered-{score}"
         shutil.rmtree(filtered[score], ignore_errors=True)
         os.replace(work / "audit" / "filtered", filtered[score])
+        shutil.rmtree(work / f"report-{score}", ignore_errors=True)  # histogram, contact sheet, HTML per score
+        os.replace(work / "audit" / "report", work / f"report-{score}")
         results.setdefault("filter", {})[score] = summary["filter"]
     results["detection"] = summary["noise_detection"]
     for score, data in filtered.items():

@@ -209,7 +209,7 @@ class GateScorer:
     """
 
     def __init__(self, model_path: str, revision: str | None = None, clip_score_model: str | None = None,
-                 device="cpu", batch_size: int = 64):
+                 device="cpu"):
         import modeling_alip  # noqa: F401 - registers ALIP with the Auto classes
         from transformers import AutoModel
 
@@ -225,7 +225,6 @@ class GateScorer:
                 raise ValueError(f"--clip_score_model {clip_score_model!r} is a {type(self.clip_model).__name__}, "
                                  "not a CLIP-style model with get_image_features/get_text_features")
             self.clip_processor = _load_processor(clip_score_model, None, self.clip_model.config)
-        self.batch_size = batch_size
         self.commit = getattr(self.model.config, "_commit_hash", None)
         self.digest = weights_digest(self.model)
         self.clip_digest = weights_digest(self.clip_model) if self.clip_model is not None else None
@@ -437,7 +436,7 @@ def audit(run: RunArguments, args: AuditArguments, accelerator=None) -> dict[str
     if args.model is not None:
         source = load_input(run, _AuditStepBase(run, args).required_columns())  # a missing column fails first
         accelerator = accelerator or Accelerator()
-        scorer = GateScorer(args.model, args.revision, args.clip_score_model, accelerator.device, args.batch_size)
+        scorer = GateScorer(args.model, args.revision, args.clip_score_model, accelerator.device)
         step = AuditStep(run, args, scorer)
     else:
         step = LoggedWeightsStep(run, args)

@@ -43,7 +43,8 @@ def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes
                      accelerator: Accelerator, start_step: int, data_state: dict | None = None) -> TrainData:
     """Loads, checks columns, validates rows, and builds the per-process DataLoader of micro-batches that
     starts at optimizer step `start_step`: map-style data from the step number, a stream from `data_state`
-    (this process's `StatefulDataLoader.state_dict()` saved with the checkpoint)."""
+    (this process's `StatefulDataLoader.state_dict()` saved with the checkpoint). With
+    `--log_sample_weights` the batches carry their rows' ids."""
     check_global_batch(train, accelerator.num_processes)
     source = f"--train_data {args.train_data} (split {args.train_split!r})"
     dataset = data.load_source(args.train_data, split=args.train_split, streaming=args.streaming)
@@ -51,19 +52,22 @@ def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes
     data.require_text_columns(dataset, recipe.columns(), source)
     if not args.streaming and len(dataset) == 0:
         raise ValueError(f"{source} has no rows")
+    id_column = _id_column(dataset, args.id_column) if train.log_sample_weights else None
+    kept_columns = [args.image_column, *recipe.columns().values(), *([id_column] if id_column else [])]
     dataset = data.undecoded_images(dataset, args.image_column)
     transform = data.ImageTransform.from_image_processor(
         processor.image_processor, train=True, crop_scale=(args.crop_scale_min, args.crop_scale_max))
     # The processor's text cleaning (CLIP's ftfy + whitespace + lower-case for the CLIP tokenizer) applies too;
     # the builder uses it to skip (and count) texts that clean to nothing, which would train as empty prompts.
     clean = clean_clip_text if processor.text_cleaning != "none" else None
-    build = data.ExampleBuilder(args.image_column, recipe.text_selector(), transform, seed=train.seed, clean=clean)
+    build = data.ExampleBuilder(args.image_column, recipe.text_selector(), transform, seed=train.seed, clean=clean,
+                                id_column=id_column)
     collate = data.Collator(processor.tokenizer, max_length=args.max_text_length, clean=clean)
     batch = train.per_device_train_batch_size
     common = dict(collate_fn=collate, num_workers=args.dataloader_num_workers,
                   persistent_workers=False, pin_memory=False)
     if args.streaming:
-        stream = streaming_examples(dataset, args, train, recipe, build, accelerator, source)
+        stream = streaming_examples(dataset, kept_columns, args, train, build, accelerator, source)
         with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch 2.14 deprecates; harmless
             warnings.filterwarnings("ignore", message=".*set_vital.*")
             loader = StatefulDataLoader(stream, batch_size=batch, drop_last=True,
@@ -71,7 +75,7 @@ def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes
         if data_state is not None:
             loader.load_state_dict(data_state)
         return TrainData(loader, steps_for(train, accelerator, None), None, {"skipped_images": 0, "skipped_texts": 0})
-    dataset = dataset.select_columns([args.image_column, *recipe.columns().values()])
+    dataset = dataset.select_columns(kept_columns)
     with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
         dataset, skipped = data.filter_valid_rows(dataset, build, num_proc=args.preprocessing_num_proc)
     if len(dataset) == 0:
@@ -97,12 +101,12 @@ class _EmptyShuffleBufferNotice(logging.Filter):
 _EMPTY_BUFFER_NOTICE = _EmptyShuffleBufferNotice()
 
 
-def streaming_examples(dataset, args: DataArguments, train: TrainArguments, recipe: recipes.Recipe,
+def streaming_examples(dataset, columns: list[str], args: DataArguments, train: TrainArguments,
                        build: data.ExampleBuilder, accelerator: Accelerator,
                        source: str = "the stream") -> data.StreamingExamples:
     """This process's part of the stream (whole shards where there are enough), shard order shuffled per epoch
     and rows shuffled in blocks of `--shuffle_buffer`, resumable from a saved state."""
-    dataset = dataset.select_columns([args.image_column, *recipe.columns().values()])
+    dataset = dataset.select_columns(columns)
     if args.shuffle_buffer:
         # Only the shard order: a one-row buffer is empty whenever a state is taken, so resuming is exact.
         dataset = dataset.shuffle(seed=train.seed, buffer_size=1)
@@ -118,6 +122,16 @@ def streaming_workers(stream: data.StreamingExamples, args: DataArguments) -> in
         logger.info("%d DataLoader workers for %d stream shard(s) of this process: using %d", args.dataloader_num_workers,
                     shards, shards)
     return min(args.dataloader_num_workers, shards)
+
+
+def _id_column(dataset, id_column: str) -> str:
+    """The id column that per-sample logs are joined on: `--id_column`, else WebDataset's `__key__`."""
+    available = list(dataset.column_names or (dataset.features or {}).keys())
+    for name in (id_column, "__key__"):
+        if name in available:
+            return name
+    raise ValueError(f"--log_sample_weights: id column {id_column!r} not found (nor WebDataset '__key__'); "
+                     f"available columns: {available}. Pass --id_column with a column that identifies each row.")
 
 
 def check_global_batch(train: TrainArguments, num_processes: int) -> None:

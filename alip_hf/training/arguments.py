@@ -97,7 +97,9 @@ class DataArguments:
     max_text_length: int = field(default=77, metadata={"help": "Tokens per text; longer texts keep their end token."})
     crop_scale_min: float = field(default=0.9, metadata={"help": "RandomResizedCrop lower area bound (ALIP: 0.9)."})
     crop_scale_max: float = field(default=1.0, metadata={"help": "RandomResizedCrop upper area bound."})
-    shuffle_buffer: int = field(default=1000, metadata={"help": "Streaming: shuffle buffer size (0: no shuffle)."})
+    shuffle_buffer: int = field(
+        default=1000, metadata={"help": "Streaming: rows shuffled together, in blocks restored exactly on resume "
+                                        "(0: stream order)."})
     dataloader_num_workers: int = field(
         default=2, metadata={"help": "DataLoader worker processes per process (2 keeps the demo run's data wait under "
                                      "10%; 0 loads in the training process)."})

@@ -51,7 +51,7 @@ MODEL_CONFIGS = {
 def build_model(args: ModelArguments) -> ALIPModel:
     """A pretrained ALIP/CLIP model, or a freshly initialised one of a named size."""
     if args.model_name_or_path:
-        model = ALIPModel.from_pretrained(args.model_name_or_path)
+        model = ALIPModel.from_pretrained(args.model_name_or_path, **hub_kwargs(args, remote_code=False))
     else:
         model = ALIPModel(ALIPConfig(**MODEL_CONFIGS[args.model_config]))
     if args.freeze_vision:
@@ -77,20 +77,42 @@ def _freeze(*modules):
 def build_processor(args: ModelArguments, model: ALIPModel) -> ALIPProcessor:
     """The image processor saved with `--model_name_or_path` (VeCLIP's, CLIP's, ...) or CLIP's preprocessing at
     the model's image size, with `--tokenizer_name_or_path`, the saved tokenizer, or the CLIP BPE tokenizer."""
-    source = Path(args.model_name_or_path) if args.model_name_or_path else None
-    if source is not None and (source / "preprocessor_config.json").exists():
-        image_processor = AutoImageProcessor.from_pretrained(source)
+    source = args.model_name_or_path
+    if source is not None and _has_file(source, "preprocessor_config.json", args):
+        image_processor = AutoImageProcessor.from_pretrained(source, **hub_kwargs(args))
     else:
         size = model.config.vision_config.image_size
         image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     tokenizer_path = args.tokenizer_name_or_path
-    if tokenizer_path is None and source is not None and (source / "tokenizer_config.json").exists():
+    if tokenizer_path is None and source is not None and _has_file(source, "tokenizer_config.json", args):
         tokenizer_path = source
     if tokenizer_path is not None:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, **hub_kwargs(args))
     else:
         tokenizer = clip_tokenizer(model_max_length=model.config.text_config.max_position_embeddings)
     return ALIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def hub_kwargs(args: ModelArguments, remote_code: bool = True) -> dict:
+    """`from_pretrained` keywords of `--model_revision`, `--cache_dir` and `--trust_remote_code` (run_clip.py's
+    flags). The model class is always ALIPModel, so remote code only concerns tokenizers and image processors."""
+    kwargs = {"revision": args.model_revision, "cache_dir": args.cache_dir}
+    if remote_code:
+        kwargs["trust_remote_code"] = args.trust_remote_code
+    return kwargs
+
+
+def _has_file(source: str, filename: str, args: ModelArguments) -> bool:
+    """Whether the local directory or Hub repository `source` holds `filename` (at `--model_revision`)."""
+    if Path(source).is_dir():
+        return (Path(source) / filename).exists()
+    from transformers.utils import cached_file
+
+    try:
+        return cached_file(source, filename, revision=args.model_revision, cache_dir=args.cache_dir,
+                           _raise_exceptions_for_missing_entries=False) is not None
+    except OSError:
+        return False
 
 
 def core_model(model, accelerator: Accelerator | None = None) -> ALIPModel:

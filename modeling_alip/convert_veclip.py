@@ -63,6 +63,8 @@ class ConvertArguments:
                   "config that disagrees with it (only when you know the config is what is wrong)."},
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace --output if it exists."})
+    hub_model_id: str | None = field(default=None, metadata={
+        "help": "Hub model repository (user/name or org/name) that --push_to_hub uploads --output to."})
 
 
 def find_model_folder(root: str | os.PathLike) -> Path:
@@ -261,12 +263,23 @@ evaluate with `python eval.py --model {directory.name} ...`.
         handle.write(card)
 
 
+def build_parser() -> HfArgumentParser:
+    """The command's flags: its own, and the Hub options shared with train.py (alip_hf.hub)."""
+    from alip_hf.hub import HubArguments
+
+    return HfArgumentParser((ConvertArguments, HubArguments), prog="python -m modeling_alip.convert_veclip")
+
+
 def main(argv: list[str] | None = None) -> Path:
-    (args,) = HfArgumentParser(ConvertArguments).parse_args_into_dataclasses(args=argv)
+    from alip_hf.hub import push_model_directory
+
+    args, hub = build_parser().parse_args_into_dataclasses(args=argv)
+    if hub.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id")
     verbosity = logging.get_verbosity()
     logging.set_verbosity_info()  # says what is loaded and written; restored for callers of main()
     try:
-        return convert_veclip(
+        output = convert_veclip(
             args.input,
             args.output,
             tokenizer=args.tokenizer,
@@ -274,6 +287,8 @@ def main(argv: list[str] | None = None) -> Path:
             set_token_ids_from_tokenizer=args.set_token_ids_from_tokenizer,
             overwrite=args.overwrite,
         )
+        push_model_directory(output, args.hub_model_id, hub, what="VeCLIP checkpoint")
+        return output
     finally:
         logging.set_verbosity(verbosity)
 

@@ -33,10 +33,14 @@ class TrainData:
 
 
 def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes.Recipe, processor,
-                     accelerator: Accelerator, start_step: int) -> TrainData:
+                     accelerator: Accelerator, start_step: int, cache_dir: str | None = None) -> TrainData:
     """Loads, checks columns, validates rows, and builds the per-process DataLoader of micro-batches that
-    starts at optimizer step `start_step`."""
-    dataset = data.load_source(args.train_data, split=args.train_split, streaming=args.streaming)
+    starts at optimizer step `start_step` (`cache_dir`: `--cache_dir`, where Hub data is cached)."""
+    dataset = data.load_source(args.train_data, split=args.train_split, streaming=args.streaming,
+                               config_name=args.dataset_config_name, cache_dir=cache_dir)
+    if args.max_train_samples is not None:  # the first N rows, before validation (as run_clip.py)
+        dataset = (dataset.take(args.max_train_samples) if args.streaming
+                   else dataset.select(range(min(args.max_train_samples, len(dataset)))))
     data.require_columns(dataset, {data.IMAGE: args.image_column, **recipe.columns()})
     dataset = data.undecoded_images(dataset, args.image_column)
     transform = data.ImageTransform.from_image_processor(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -19,7 +20,7 @@ from alip_hf.training.arguments import (
     TrainArguments,
     save_args,
 )
-from alip_hf.training.checkpoints import STATE_FILE, load_checkpoint, resolve_checkpoint
+from alip_hf.training.checkpoints import STATE_FILE, checkpoint_dir, load_checkpoint, resolve_checkpoint
 from alip_hf.training.data import build_train_data
 from alip_hf.training.loop import train_loop
 from alip_hf.training.optim import build_optimizer
@@ -47,6 +48,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, train_arg
         log_with=[*train_args.report_to, JSONLinesTracker(Path(train_args.output_dir) / METRICS_FILE)])
     set_seed(train_args.seed)
     recipe = recipes.get_recipe(recipe_args)
+    check_output_dir(train_args, accelerator)
     if accelerator.is_main_process:
         save_args(groups, Path(train_args.output_dir) / ARGS_FILE)
 
@@ -57,7 +59,8 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, train_arg
     start_step = json.loads((resume_path / STATE_FILE).read_text())["global_step"] if resume_path else 0
     if start_step == 0 and accelerator.is_main_process:  # a fresh run does not append to an old run's log
         (Path(train_args.output_dir) / METRICS_FILE).unlink(missing_ok=True)
-    train_data = build_train_data(data_args, train_args, recipe, processor, accelerator, start_step)
+    train_data = build_train_data(data_args, train_args, recipe, processor, accelerator, start_step,
+                                  cache_dir=model_args.cache_dir)
     max_steps = train_data.max_steps
 
     optimizer, scheduler = build_optimizer(model, train_args, max_steps)
@@ -90,7 +93,31 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, train_arg
     if accelerator.is_main_process:
         save_outputs(model, processor, train_args.output_dir, results)
         if train_args.push_to_hub:
-            push_to_hub(train_args.output_dir, train_args.hub_model_id)
+            push_to_hub(train_args.output_dir, train_args.hub_model_id, train_args.hub_options())
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
+
+
+# What a finished or interrupted run leaves in its output directory (see outputs.save_outputs).
+RUN_MARKERS = (ARGS_FILE, METRICS_FILE, "model.safetensors", "checkpoints")
+
+
+def check_output_dir(train_args: TrainArguments, accelerator: Accelerator):
+    """Refuses a fresh run in an `--output_dir` that holds an earlier run, whose checkpoints a later `latest`
+    resume would pick and whose files would mix with this run's; `--overwrite_output_dir` clears them first.
+
+    Resuming (`--resume_from_checkpoint`) continues the run that is there and is always allowed.
+    """
+    out = Path(train_args.output_dir)
+    earlier = [name for name in RUN_MARKERS if (out / name).exists()]
+    if not earlier or train_args.resume_from_checkpoint is not None:
+        return
+    if not train_args.overwrite_output_dir:
+        raise FileExistsError(
+            f"--output_dir {out} holds an earlier run ({', '.join(earlier)}); pass --overwrite_output_dir to "
+            "start a new run there, --resume_from_checkpoint latest to continue it, or another --output_dir")
+    if accelerator.is_main_process:
+        shutil.rmtree(checkpoint_dir(str(out)), ignore_errors=True)
+        (out / METRICS_FILE).unlink(missing_ok=True)
+    accelerator.wait_for_everyone()

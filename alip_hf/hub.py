@@ -32,11 +32,11 @@ NO_TOKEN_MESSAGE = ("pushing to the Hub needs a token with write access: pass --
 
 @dataclass
 class HubArguments:
-    """Where and how a command pushes to the Hub (the repository id is the command's own flag)."""
+    """How a command pushes to the Hub. The repository id (`--hub_model_id`, `--hub_dataset_id`) and whether to
+    push at all (`--push_to_hub`) are the command's own flags."""
 
     _argument_group_name = "hub"
 
-    push_to_hub: bool = field(default=False, metadata={"help": "Upload the result to the Hub at the end."})
     hub_private_repo: bool | None = field(default=None, metadata={
         "help": "Create the repository as private (an existing repository keeps its visibility); default: the "
                 "Hub's (public, or your organisation's default)."})
@@ -135,6 +135,7 @@ def hub_parser(**kwargs):
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(HubArguments, **kwargs)
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload the output directory to the Hub.")
     parser.add_argument("--hub_model_id", default=None,
                         help="Hub model repository (user/name or org/name) that --push_to_hub uploads the output to.")
     return parser
@@ -143,16 +144,16 @@ def hub_parser(**kwargs):
 def hub_arguments(namespace) -> HubArguments:
     """The `HubArguments` of a namespace parsed by `hub_parser` (validated)."""
     arguments = HubArguments(**{name: getattr(namespace, name) for name in HubArguments.__dataclass_fields__})
-    if arguments.push_to_hub and not getattr(namespace, "hub_model_id", None):
+    if namespace.push_to_hub and not namespace.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
     return arguments
 
 
 def push_model_directory(directory: str | os.PathLike, hub_model_id: str | None, arguments: HubArguments,
                          what: str = "model"):
-    """Uploads a converted model directory when `--push_to_hub` is set (whole directory, nothing ignored but
-    temporary files); returns the `CommitInfo` or None."""
-    if not arguments.push_to_hub:
+    """Uploads a converted model directory to `hub_model_id` (when it is set: `--push_to_hub`), the whole
+    directory but temporary files; returns the `CommitInfo` or None."""
+    if not hub_model_id:
         return None
     return push_folder(directory, hub_model_id, arguments.hub_options(), ignore_patterns=[".*tmp*", "*.tmp"],
                        default_message=f"Upload {what} converted with alip-hf")

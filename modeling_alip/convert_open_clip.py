@@ -449,7 +449,7 @@ def main(argv=None) -> Path:
 
     save_directory_atomically(args.output, write, overwrite=args.overwrite, overwrite_flag="--overwrite")
     print(f"ALIP model written to {args.output}")
-    push_model_directory(args.output, args.hub_model_id, hub, what=f"{Path(args.checkpoint).name} (open_clip)")
+    push_model_directory(args.output, args.hub_model_id if args.push_to_hub else None, hub, what=f"{Path(args.checkpoint).name} (open_clip)")
     return Path(args.output)
 
 

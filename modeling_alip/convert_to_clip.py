@@ -146,7 +146,7 @@ def main(argv=None) -> Path:
         logger.info("no processor in %s: exporting weights and config only", model_dir)
     output = export_to_clip(model, args.output, processor=processor, overwrite=args.overwrite)
     print(f"CLIPModel written to {output}")
-    push_model_directory(output, args.hub_model_id, hub, what="CLIPModel export")
+    push_model_directory(output, args.hub_model_id if args.push_to_hub else None, hub, what="CLIPModel export")
     return output
 
 

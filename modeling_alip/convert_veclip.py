@@ -63,6 +63,7 @@ class ConvertArguments:
                   "config that disagrees with it (only when you know the config is what is wrong)."},
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace --output if it exists."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload --output to the Hub."})
     hub_model_id: str | None = field(default=None, metadata={
         "help": "Hub model repository (user/name or org/name) that --push_to_hub uploads --output to."})
 
@@ -274,7 +275,7 @@ def main(argv: list[str] | None = None) -> Path:
     from alip_hf.hub import push_model_directory
 
     args, hub = build_parser().parse_args_into_dataclasses(args=argv)
-    if hub.push_to_hub and not args.hub_model_id:
+    if args.push_to_hub and not args.hub_model_id:
         raise ValueError("--push_to_hub needs --hub_model_id")
     verbosity = logging.get_verbosity()
     logging.set_verbosity_info()  # says what is loaded and written; restored for callers of main()
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> Path:
             set_token_ids_from_tokenizer=args.set_token_ids_from_tokenizer,
             overwrite=args.overwrite,
         )
-        push_model_directory(output, args.hub_model_id, hub, what="VeCLIP checkpoint")
+        push_model_directory(output, args.hub_model_id if args.push_to_hub else None, hub, what="VeCLIP checkpoint")
         return output
     finally:
         logging.set_verbosity(verbosity)

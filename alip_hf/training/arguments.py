@@ -180,6 +180,7 @@ class TrainArguments(HubArguments):
     nonfinite: Literal["stop", "skip"] = field(
         default="stop", metadata={"help": "On a non-finite loss: stop naming the step, or skip the step and count."}
     )
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload output_dir to the Hub at the end."})
     hub_model_id: str | None = field(default=None, metadata={
         "help": "Hub model repository (user/name or org/name) that --push_to_hub uploads output_dir to."})
     license: str | None = field(default=None, metadata={

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel, HfArgumentParser
 from transformers.utils import logging
 
-from alip_hf.io import replace_directory
+from alip_hf.io import apply_default_permissions, replace_directory
 
 from .processing_veclip import align_text_config, veclip_processor
 
@@ -209,6 +209,7 @@ def convert_veclip(
         processor.image_processor.save_pretrained(staging)
         source_weights = next(folder / name for name in WEIGHT_FILES if (folder / name).is_file())
         write_model_card(staging, model.config, input_path, source_weights, tokenizer, loaded_tokenizer, resize_only)
+        apply_default_permissions(staging)  # safetensors writes private files
         replace_directory(staging, output_dir)
     logger.info(f"Wrote {output_dir}")
     return output_dir

@@ -166,6 +166,8 @@ def eval_command(records: list[dict], eval_data: str | None = None) -> str:
     """
     from alip_hf.evaluation.cards import portable
 
+    if not records and eval_data is None:  # not evaluated: say how, without naming data the run never saw
+        return "python eval.py --model <this directory> --preset <preset>   # or --dataset <data> --task <task>"
     splits = {r.get("split") for r in records} - {None, ""}
     split = splits.pop() if len(splits) == 1 else None
     names = {r["dataset"] for r in records}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from alip_hf.io import write_text_atomic
+from alip_hf.io import apply_default_permissions, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, state:
         write_text_atomic(tmp / STATE_FILE, json.dumps({**state, "global_step": step}, indent=1))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        apply_default_permissions(tmp)  # every process has written; safetensors makes private files
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in _checkpoints(output_dir)[:-keep]:

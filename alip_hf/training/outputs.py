@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from alip_hf.evaluation.cards import build_model_card
 from alip_hf.evaluation.runners import evaluate_model
 from alip_hf.hub import HubOptions, push_folder
-from alip_hf.io import make_staging_dir, move_files_into, write_text_atomic
+from alip_hf.io import apply_default_permissions, make_staging_dir, move_files_into, write_text_atomic
 from modeling_alip import ALIPModel
 from modeling_alip.convert_to_clip import export_to_clip
 
@@ -57,6 +57,7 @@ def save_outputs(model: ALIPModel, processor, output_dir: str, results: dict[str
     tmp = make_staging_dir(out / "final")
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    apply_default_permissions(tmp)  # safetensors writes 0600
     move_files_into(tmp, out)  # each file replaced atomically; checkpoints and logs stay
     export_to_clip(model, str(out / "clip_export"), processor=processor, overwrite=True)
     write_text_atomic(out / "README.md", model_card(out, results))

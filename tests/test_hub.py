@@ -222,9 +222,11 @@ def test_eval_data_defaults_to_the_demo_data_only_when_training_on_it(tiny_data,
     del argv[i:i + 2]
     metrics = train.main(argv)
     assert not [k for k in metrics if k.startswith("eval/")]
-    card = (tmp_path / "README.md").read_text()
-    assert "demo" not in card.split("## Evaluation")[1] and "model-index" not in card
-    assert "_Not evaluated._" in card
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.eval_results is None and "model-index" not in card.data.to_dict()
+    assert "demo" not in card.text.split("## Evaluation")[1].lower() and "_Not evaluated._" in card.text
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -259,3 +259,12 @@ def test_a_trained_run_is_readable_by_the_group(tiny_data, tmp_path):
     for path in [tmp_path / "run", *(tmp_path / "run").rglob("*")]:
         expected = 0o775 if path.is_dir() else 0o664
         assert stat.S_IMODE(path.stat().st_mode) & 0o060 == expected & 0o060, path
+
+
+def test_no_script_declares_a_dashed_flag():
+    root = Path(__file__).parents[1]
+    sources = [p for folder in ("alip_hf", "modeling_alip", "recaption", "scripts", "benchmarks")
+               for p in (root / folder).rglob("*.py")]
+    dashed = [f"{p.relative_to(root)}: {m}" for p in sources
+              for m in __import__("re").findall(r"""add_argument\(\s*["'](--[a-z0-9]+-[\w-]*)""", p.read_text())]
+    assert sources and not dashed, dashed

@@ -97,6 +97,12 @@ def test_push_without_a_token_names_the_ways_to_give_one(tmp_path, api, no_token
     assert not _calls(api, "create_repo")
 
 
+def test_train_without_a_token_fails_before_training(tiny_data, tmp_path, api, no_token):
+    with pytest.raises(ValueError, match="--hub_token"):
+        train.main(tiny_data.argv(tmp_path, "--push_to_hub", "true", "--hub_model_id", "me/tiny"))
+    assert not (tmp_path / "metrics.jsonl").exists() and not _calls(api, "create_repo")
+
+
 def test_pull_request_and_branch_together_are_refused():
     with pytest.raises(ValueError, match="--hub_create_pr.*--hub_revision"):
         TrainArguments(hub_create_pr=True, hub_revision="dev")

@@ -13,6 +13,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 from alip_hf import recipes
+from alip_hf.hub import resolve_token
 from alip_hf.models import build_model, build_processor, core_model
 from alip_hf.training.arguments import (
     DataArguments,
@@ -49,6 +50,8 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, train_arg
     set_seed(train_args.seed)
     recipe = recipes.get_recipe(recipe_args)
     check_output_dir(train_args, accelerator)
+    if train_args.push_to_hub:  # a missing token fails now, not after the training
+        resolve_token(train_args.hub_token)
     if accelerator.is_main_process:
         save_args(groups, Path(train_args.output_dir) / ARGS_FILE)
 

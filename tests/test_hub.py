@@ -274,3 +274,34 @@ def test_no_script_declares_a_dashed_flag():
     dashed = [f"{p.relative_to(root)}: {m}" for p in sources
               for m in __import__("re").findall(r"""add_argument\(\s*["'](--[a-z0-9]+-[\w-]*)""", p.read_text())]
     assert sources and not dashed, dashed
+
+
+def test_model_revision_cache_dir_and_remote_code_reach_from_pretrained(monkeypatch, tmp_path):
+    from alip_hf import models
+    from alip_hf.training.arguments import ModelArguments
+
+    seen = {}
+
+    def fake_from_pretrained(cls, source, **kwargs):
+        seen["model"] = (source, kwargs)
+        return models.ALIPModel(models.ALIPConfig(**models.MODEL_CONFIGS["tiny"]))
+
+    monkeypatch.setattr(models.ALIPModel, "from_pretrained", classmethod(fake_from_pretrained))
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda source, **kw: seen.setdefault("tok", kw) and
+                        models.clip_tokenizer())
+    args = ModelArguments(model_name_or_path="org/model", tokenizer_name_or_path="org/tok", model_revision="v2",
+                          cache_dir=str(tmp_path), trust_remote_code=True)
+    model = models.build_model(args)
+    models.build_processor(args, model)
+    assert seen["model"] == ("org/model", {"revision": "v2", "cache_dir": str(tmp_path)})
+    assert seen["tok"] == {"revision": "v2", "cache_dir": str(tmp_path), "trust_remote_code": True}
+
+
+def test_dataset_config_name_and_cache_dir_reach_load_dataset(monkeypatch, tmp_path):
+    from alip_hf import data
+
+    seen = {}
+    monkeypatch.setattr(data.datasets, "load_dataset", lambda *a, **kw: seen.update(args=a, kwargs=kw) or "loaded")
+    assert data.load_source("org/pairs", split="train", config_name="2017", cache_dir=str(tmp_path)) == "loaded"
+    assert seen["args"] == ("org/pairs",)
+    assert seen["kwargs"] == {"split": "train", "streaming": False, "name": "2017", "cache_dir": str(tmp_path)}

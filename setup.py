@@ -24,8 +24,8 @@ setup(
     package_data={"alip_hf": PACKAGE_DATA},
     entry_points={
         "console_scripts": [
-            "alip-train = alip_hf.train:main",
-            "alip-eval = alip_hf.eval:main",
+            "alip-train = alip_hf.train:cli",
+            "alip-eval = alip_hf.eval:cli",
         ]
     },
     install_requires=[

@@ -90,8 +90,9 @@ def load_source(
             loaded = loaded[split]
         return loaded.to_iterable_dataset() if streaming else loaded
     if os.path.isdir(source):
+        check_webdataset_shards(sorted(glob.glob(os.path.join(source, "**", "*.tar"), recursive=True)))
         # Split names come from the file names, as on the Hub (`train-00000.parquet`, `test/...`).
-        return datasets.load_dataset(source, split=split, streaming=streaming, **hub)
+        return _load_files(source, source, split=split, streaming=streaming, **hub)
     if "{" in source and ".tar" in source:
         files = _expand_braces(source)
     elif _looks_local(source):
@@ -103,8 +104,104 @@ def load_source(
     builders = {_FILE_BUILDERS.get(Path(f).suffix) for f in files}
     if len(builders) != 1 or None in builders:
         raise ValueError(f"{source!r}: expected files of one format among {sorted(_FILE_BUILDERS)}, got {files[:5]}")
-    return datasets.load_dataset(builders.pop(), data_files={split: files}, split=split, streaming=streaming,
-                                 cache_dir=cache_dir)
+    builder = builders.pop()
+    if builder == "webdataset":
+        check_webdataset_shards(files)
+    return _load_files(source, builder, data_files={split: files}, split=split, streaming=streaming,
+                       cache_dir=cache_dir)
+
+
+def _load_files(source: str, path: str, split: str, **kwargs):
+    """`datasets.load_dataset` on local files, with an error naming the source when they hold no rows (datasets
+    says "Instruction 'train' corresponds to no data!" for empty Parquet files and raises a bare StopIteration
+    for empty JSON ones)."""
+    try:
+        return datasets.load_dataset(path, split=split, **kwargs)
+    except StopIteration:
+        raise ValueError(f"{source} (split {split!r}) has no rows: its files are empty") from None
+    except ValueError as error:
+        if "corresponds to no data" in str(error):
+            raise ValueError(f"{source} (split {split!r}) has no rows") from error
+        raise
+
+
+def local_files(source: str) -> list[str] | None:
+    """The local files `source` reads (as `load_source` resolves it), sorted; `None` for a Hub id.
+
+    A directory gives every file under it except hidden ones (`.cache`, temporary files)."""
+    if os.path.isdir(source):
+        found = []
+        for root, dirs, files in os.walk(source):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            found += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
+        return found
+    if "{" in source and ".tar" in source:
+        return _expand_braces(source)
+    if _looks_local(source):
+        return _data_files(source)
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# WebDataset shards cut short
+#
+# A tar cut off between two members, or inside a member header, reads as a shorter, valid archive: datasets'
+# webdataset builder (5.x) and the `webdataset` package (1.x) both stop there without an error, so a download
+# killed half-way trains or captions on part of the shard silently. A cut inside a member's data raises tarfile's
+# "unexpected end of data" instead, without naming the file (datasets) or only deep in a traceback. Every tar
+# written whole ends with the end-of-archive marker (two zero blocks, padded to a multiple of 512 bytes), so
+# checking the last 1024 bytes finds a cut shard at the cost of one small read per shard.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def check_webdataset_shards(files: list[str]) -> None:
+    """Fails fast on the first shard that does not end with the end-of-archive marker.
+
+    Raises:
+        ValueError: naming the file, the member it ends in or after, and how many samples it holds whole. A
+            cut shard is refused rather than skipped: its samples would be missing from training and from every
+            recaption step's output (whose row count must equal the source's).
+    """
+    for path in files:
+        size = os.path.getsize(path)
+        if size >= 1024 and size % 512 == 0:
+            with open(path, "rb") as f:
+                f.seek(size - 1024)
+                if f.read(1024) == bytes(1024):
+                    continue
+        raise ValueError(_truncation_report(path, size))
+
+
+def _truncation_report(path: str, size: int) -> str:
+    """What a cut shard still holds whole: the number of complete samples and where it ends."""
+    import tarfile
+
+    keys, counts, cut_in = [], [], None  # sample keys in order, members per key, the member cut off
+    try:
+        with tarfile.open(path, "r:") as tar:
+            while True:
+                member = tar.next()
+                if member is None:
+                    break
+                if member.offset_data + member.size > size:
+                    cut_in = member.name
+                    break
+                key = member.name.split(".", 1)[0]  # webdataset's sample key: the name up to the first dot
+                if not keys or keys[-1] != key:
+                    keys.append(key)
+                    counts.append(0)
+                counts[-1] += 1
+    except tarfile.TarError:
+        pass  # the header after the last complete member is cut: what was counted is what there is
+    members = sum(counts)
+    # The last sample read is whole unless the cut member belongs to it or it has fewer members than the others.
+    last_cut = bool(keys) and ((cut_in is not None and cut_in.split(".", 1)[0] == keys[-1])
+                               or counts[-1] < max(counts))
+    whole = len(keys) - int(last_cut)
+    where = f"inside member {cut_in!r}" if cut_in else f"after {members} members without the end-of-archive marker"
+    return (f"WebDataset shard {path} is truncated ({size} bytes, ends {where}): only {whole} samples "
+            "can be read from it whole, and readers would stop there without an error. Download or write the "
+            "shard again, or leave it out of the source.")
 
 
 def _is_saved_dataset(path: str) -> bool:
@@ -230,6 +327,10 @@ def _size_from(spec) -> int | None:
 def decode_image(value: Any) -> Image.Image:
     """Decodes an image cell: a PIL image, `{"bytes", "path"}` (datasets' undecoded `Image`), bytes or a path.
 
+    High-bit-depth single-channel images (16-bit PNGs: mode `I;16`/`I`; float TIFFs: mode `F`) come back as
+    8-bit `L` images scaled from their value range (`to_8bit`): PIL's own `convert("RGB")` clips them, which
+    turns a 16-bit PNG white and a float image in [0, 1] black.
+
     Raises whatever PIL raises on a corrupt image; callers skip and count those.
     """
     if isinstance(value, Image.Image):
@@ -243,7 +344,34 @@ def decode_image(value: Any) -> Image.Image:
     else:
         raise TypeError(f"cannot decode an image from {type(value).__name__}")
     image.load()  # PIL opens lazily; force the decode here so truncated files fail now
-    return image
+    return to_8bit(image) if image.mode in _HIGH_BIT_DEPTH else image
+
+
+_HIGH_BIT_DEPTH = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A single-channel `I;16`, `I` or `F` image as an 8-bit `L` image, its values scaled, never clipped.
+
+    The scale is the value range the data declares: 16-bit integers (`I;16*`, as PIL reads 16-bit PNGs) map
+    [0, 65535] -> [0, 255] (divide by 257, so 65535 -> 255 exactly); 32-bit integers (`I`) are taken as 8-bit
+    values when they lie in [0, 255] and as 16-bit ones when they lie in [0, 65535]; floats within [0, 1] map
+    [0, 1] -> [0, 255]; anything else (negative values, floats above 1, integers beyond 16 bits) is stretched
+    from its own minimum to its maximum. Rounded to the nearest integer.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if image.mode == "I" and low >= 0 and high <= 255:
+        scaled = values
+    elif image.mode.startswith("I;16") or (image.mode == "I" and low >= 0 and high <= 65535):
+        scaled = values / 257.0
+    elif image.mode == "F" and low >= 0 and high <= 1:
+        scaled = values * 255.0
+    else:
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+    scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
 
 
 def undecoded_images(dataset, image_column: str):
@@ -254,25 +382,59 @@ def undecoded_images(dataset, image_column: str):
     return dataset
 
 
-def _is_empty(text: Any) -> bool:
-    return text is None or not isinstance(text, str) or not text.strip()
+def _is_empty(text: Any, clean: Callable[[str], str] | None = None) -> bool:
+    """Whether `text` would train as an empty prompt: missing, not a string, or nothing printable left after the
+    processor's cleaning (`&nbsp;` becomes a space under CLIP's cleaning; control characters print nothing)."""
+    if text is None or not isinstance(text, str):
+        return True
+    if clean is not None:
+        text = clean(text)
+    return not any(ch.isprintable() and not ch.isspace() for ch in text)
+
+
+_TEXT_DTYPES = ("string", "large_string")
+
+
+def require_text_columns(dataset, columns: dict[str, str], source: str = "the data") -> None:
+    """Fails at once when a text column is not of string type (ints, lists, ...), naming the column and its type.
+
+    Features unknown up front (some streams) are judged from the first row.
+    """
+    features = dataset.features or {}
+    first = None
+    for role, name in columns.items():
+        feature = features.get(name)
+        if feature is None and isinstance(dataset, datasets.IterableDataset):
+            first = first if first is not None else next(iter(dataset), {})
+            value = first.get(name)
+            if value is None or isinstance(value, str):
+                continue
+            kind = type(value).__name__
+        elif isinstance(feature, datasets.Value) and feature.dtype in _TEXT_DTYPES:
+            continue
+        else:
+            kind = getattr(feature, "dtype", None) or type(feature).__name__
+        raise ValueError(f"text column {name!r} ({role}) of {source} holds {kind}, not strings; pass the column "
+                         "with the text (--text_column / --caption_column / --vecap_column) or cast it to string")
 
 
 @dataclass
 class ExampleBuilder:
     """Turns one raw row into a training example, or `None` (with the reason) when it must be skipped.
 
-    A row is skipped when its image does not decode or one of the texts the recipe reads is missing or empty.
+    A row is skipped when its image does not decode or one of the texts the recipe reads is missing, not a
+    string, or empty after `clean` (see `_is_empty`).
     """
 
     image_column: str
     selector: TextSelector  # alip_hf.recipes.TextSelector
     transform: ImageTransform
     seed: int = 0
+    clean: Callable[[str], str] | None = None  # the collator's text cleaning: a text empty after it is skipped
 
     def __call__(self, row: dict, epoch: int, index: int) -> tuple[dict | None, str | None]:
         for role, column in self.selector.columns.items():
-            if _is_empty(row.get(column)):
+            if _is_empty(row.get(column), self.clean):
                 return None, "skipped_texts"
         try:
             image = decode_image(row[self.image_column])
@@ -317,7 +479,7 @@ def filter_valid_rows(dataset, build: ExampleBuilder, num_proc: int | None = Non
         out = []
         for i in range(len(batch[build.image_column])):
             row = {c: batch[c][i] for c in batch}
-            if any(_is_empty(row.get(c)) for c in columns):
+            if any(_is_empty(row.get(c), build.clean) for c in columns):
                 out.append("skipped_texts")
                 continue
             try:
@@ -343,10 +505,14 @@ class StreamingExamples(torch.utils.data.IterableDataset):
     Rows that fail are skipped here and counted in the next example's `stats`, so the counts reach the training
     loop through the batches. The stream never ends (training length is `max_steps`), so processes whose shards
     hold different numbers of valid rows never wait for each other at an epoch boundary.
+
+    A pass that reads rows but yields none of them ends with a `ValueError` naming `source` and the counts (a
+    stream of only invalid rows would otherwise end the DataLoader and the run with a bare `StopIteration`); so
+    does a pass that reads no rows at all, except in a DataLoader worker that datasets gave no shard.
     """
 
-    def __init__(self, dataset, build: ExampleBuilder, rank: int = 0):
-        self.dataset, self.build, self.rank = dataset, build, rank
+    def __init__(self, dataset, build: ExampleBuilder, rank: int = 0, source: str = "the stream"):
+        self.dataset, self.build, self.rank, self.source = dataset, build, rank, source
 
     def __iter__(self) -> Iterator[dict]:
         worker = torch.utils.data.get_worker_info()
@@ -355,20 +521,28 @@ class StreamingExamples(torch.utils.data.IterableDataset):
         for epoch in itertools.count():
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(epoch)
-            produced = 0
+            produced, position, skipped = 0, -1, {"skipped_images": 0, "skipped_texts": 0}
             for position, row in enumerate(self.dataset):
                 # Per-sample seeds from the stream position: unique per process and DataLoader worker.
                 index = (position * 4096 + worker_id) * 4096 + self.rank
                 example, reason = self.build(row, epoch, index)
                 if example is None:
                     pending[reason] += 1
+                    skipped[reason] += 1
                     continue
                 example["stats"] = {**example["stats"], **pending}
                 pending = {k: 0 for k in pending}
                 produced += 1
                 yield example
-            if produced == 0:
-                return  # nothing valid (or no shard for this worker): stop instead of spinning forever
+            if produced:
+                continue
+            if position >= 0:
+                raise ValueError(f"no usable row in {self.source} (process {self.rank}): all {position + 1} rows "
+                                 f"read were skipped ({skipped['skipped_images']} unreadable images, "
+                                 f"{skipped['skipped_texts']} missing or empty texts)")
+            if worker is None or worker.num_workers == 1:
+                raise ValueError(f"{self.source} yielded no rows (process {self.rank})")
+            return  # a DataLoader worker without a shard of the stream
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):

@@ -31,7 +31,6 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 from alip_hf.evaluation.presets import (
@@ -44,7 +43,11 @@ from alip_hf.evaluation.presets import (
     TASKS,
     EvalTask,
     resolve_tasks,
+    unknown_preset_message,
+    with_data_root,
 )
+
+DTYPES = ("fp32", "bf16", "fp16")
 
 logger = logging.getLogger("eval")
 
@@ -56,13 +59,25 @@ logger = logging.getLogger("eval")
 
 @dataclass
 class EvalArguments:
-    model: str = field(metadata={"help": "Model directory or Hub id (AutoModel + AutoProcessor)."})
+    model: str | None = field(default=None, metadata={
+        "help": "Model directory or Hub id (AutoModel + AutoProcessor); required unless --compare."})
     preset: list[str] = field(default_factory=list, metadata={
         "help": f"Presets or groups: {sorted(PRESETS)} / {sorted(PRESET_GROUPS)}."})
     dataset: str | None = field(default=None, metadata={
         "help": "Any source data.load_source reads (instead of --preset)."})
-    task: str | None = field(default=None, metadata={
-        "help": f"{TASKS} (aliases {sorted(TASK_ALIASES)}); with --preset, replaces a classification preset's task."})
+    task: list[str] = field(default_factory=list, metadata={
+        "help": f"One or more of {TASKS} (aliases {sorted(TASK_ALIASES)}), all on the same images (encoded once); "
+                "with --preset, replaces a classification preset's task."})
+    data_root: str | None = field(default=None, metadata={
+        "help": "Local mirror of the presets' Hub datasets: <data_root>/<repository name> (e.g. DIR/wds_cifar10)."})
+    dtype: str = field(default="fp32", metadata={
+        "help": "Autocast dtype of the towers; similarities and metrics stay float32.", "choices": list(DTYPES)})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Allow the model's own code from its repository (AutoModel / AutoProcessor)."})
+    compare: list[str] = field(default_factory=list, metadata={
+        "help": "Results files to compare (no evaluation): a Markdown table of their main metrics, printed, written "
+                "to --compare_output, drawn to --plot (.pdf/.svg: vector)."})
+    compare_output: str | None = field(default=None, metadata={"help": "With --compare: the Markdown table file."})
     split: str | None = field(default=None, metadata={"help": "Evaluated split (default: the preset's, else 'test')."})
     train_split: str = field(default="train", metadata={"help": "Linear probe training split (--dataset)."})
     val_split: str | None = field(default=None, metadata={
@@ -89,14 +104,27 @@ class EvalArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the linear probe's validation split and solver."})
 
     def __post_init__(self):
+        if self.compare:
+            if self.preset or self.dataset:
+                raise ValueError("--compare reads results files: pass no --preset or --dataset")
+            return
+        if self.model is None:
+            raise ValueError("--model is required (unless --compare)")
         if bool(self.preset) == bool(self.dataset):
             raise ValueError("pass exactly one of --preset or --dataset")
-        if self.task is not None:
-            self.task = TASK_ALIASES.get(self.task, self.task)
-            if self.task not in TASKS:
-                raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
-        if self.dataset and self.task is None:
+        for name in self.preset:
+            if name not in PRESETS and name not in PRESET_GROUPS:
+                raise ValueError(unknown_preset_message(name))
+        self.task = [TASK_ALIASES.get(t, t) for t in self.task]
+        for task in self.task:
+            if task not in TASKS:
+                raise ValueError(f"--task must be one of {TASKS}, got {task!r}")
+        if self.preset and len(self.task) > 1:
+            raise ValueError("--preset takes at most one --task (a preset's own tasks already share its images)")
+        if self.dataset and not self.task:
             raise ValueError("--dataset needs --task")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.batch_size < 1 or self.text_batch_size < 1:
             raise ValueError("--batch_size and --text_batch_size must be >= 1")
         if self.recall_curve_max_k < 0 or (self.plot and self.recall_curve_max_k < 1):
@@ -104,31 +132,36 @@ class EvalArguments:
 
 
 def tasks_from_args(args: EvalArguments) -> list[EvalTask]:
+    """The tasks to run: the presets' (on `--data_root` if given, with `--task` replacing a classification
+    task), or one task per `--task` on `--dataset`."""
     if args.preset:
-        tasks = resolve_tasks(list(args.preset), args.split)
-        if args.task is None:
+        tasks = [with_data_root(t, args.data_root) for t in resolve_tasks(list(args.preset), args.split)]
+        if not args.task:
             return tasks
-        changed = [replace(t, task=args.task) for t in tasks if t.task != RETRIEVAL]
-        if args.task == LINEAR_PROBE and any(t.train_split is None for t in changed):
-            raise ValueError("--task linear_probe: a preset has no training split")
-        return changed if args.task != RETRIEVAL else [t for t in tasks if t.task == RETRIEVAL]
+        (task,) = args.task
+        changed = [replace(t, task=task, main_metric=None) for t in tasks if t.task != RETRIEVAL]
+        if task == LINEAR_PROBE and any(t.train_split is None for t in changed):
+            names = [t.name for t in changed if t.train_split is None]
+            raise ValueError(f"--task linear_probe: presets {names} have no training split")
+        return changed if task != RETRIEVAL else [t for t in tasks if t.task == RETRIEVAL]
     return [EvalTask(
-        name=args.name or Path(args.dataset).name or args.dataset, task=args.task, source=args.dataset,
-        split=args.split or "test", image_column=args.image_column, label_column=args.label_column,
-        caption_columns=tuple(args.caption_columns), class_names=args.class_names, templates=args.templates,
-        train_split=args.train_split, val_split=args.val_split)]
+        name=args.name or Path(args.dataset).name or args.dataset, task=task, source=args.dataset,
+        split=args.split or "test", image_column=args.image_column,
+        label_column=args.label_column if task != RETRIEVAL else None,
+        caption_columns=tuple(args.caption_columns) if task == RETRIEVAL else (), class_names=args.class_names,
+        templates=args.templates, train_split=args.train_split, val_split=args.val_split) for task in args.task]
 
 
-def load_model_and_processor(path: str, device="cpu"):
+def load_model_and_processor(path: str, device="cpu", trust_remote_code: bool = False):
     """`AutoModel` + `AutoProcessor` (after registering ALIP); a directory saved without a processor gets CLIP's
     preprocessing at the model's size (`ALIPProcessor.from_config`)."""
     from transformers import AutoModel, AutoProcessor
 
     import modeling_alip  # noqa: F401 - registers ALIP with the Auto classes
 
-    model = AutoModel.from_pretrained(path).to(device).eval()
+    model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code).to(device).eval()
     try:
-        processor = AutoProcessor.from_pretrained(path)
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as error:
         logger.warning("--model %s: no processor saved (%s); using CLIP's preprocessing", path, error)
         processor = modeling_alip.ALIPProcessor.from_config(model.config)
@@ -154,22 +187,45 @@ def write_model_card(args: EvalArguments, records: list[dict], argv: list[str]):
     write_text_atomic(card_path, str(card))
 
 
+def compare_main(args: EvalArguments) -> str:
+    """`--compare`: the Markdown table of the results files (printed, and written to `--compare_output`), and their
+    plot with `--plot`."""
+    from alip_hf.evaluation.reports import comparison_table, plot_comparison
+    from alip_hf.io import write_text_atomic
+
+    table = comparison_table(args.compare)
+    print(table)
+    if args.compare_output:
+        write_text_atomic(args.compare_output, table + "\n")
+    if args.plot:
+        plot_comparison(args.compare, args.plot)
+    return table
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
-    """Parses flags, evaluates, writes the results JSON (and model card) on the main process; returns records."""
+    """Parses flags, evaluates task by task (the results file rewritten after each, a rerun resuming), writes the
+    model card on the main process; returns the records.
+
+    Raises:
+        SystemExit: with status 1 when a task failed (its error is in the results file; the others ran).
+    """
     from transformers import HfArgumentParser
 
     (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
+    if args.compare:
+        compare_main(args)
+        return []
     # The heavy imports (torch, accelerate, datasets) only after parsing, so that `--help` answers at once.
     from accelerate import Accelerator
 
     from alip_hf.evaluation.features import ClassifierCache
     from alip_hf.evaluation.reports import (
         _matplotlib,
+        datacomp_summary,
         plot_recall_at_k,
         results_table,
     )
-    from alip_hf.evaluation.runners import EvalSettings, run_evaluation
-    from alip_hf.io import write_json_atomic
+    from alip_hf.evaluation.runners import EvalSettings, run_and_save
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     accelerator = Accelerator()
@@ -178,23 +234,36 @@ def main(argv: list[str] | None = None) -> list[dict]:
         _matplotlib()
         if not any(t.task == RETRIEVAL for t in tasks):
             raise ValueError("--plot draws retrieval recall@k curves, but no retrieval task is evaluated")
-    model, processor = load_model_and_processor(args.model, accelerator.device)
+    model, processor = load_model_and_processor(args.model, accelerator.device, args.trust_remote_code)
     settings = EvalSettings(args.batch_size, args.text_batch_size, max_samples=args.max_samples, seed=args.seed,
-                            recall_curve_max_k=args.recall_curve_max_k)
-    records = run_evaluation(model, processor, tasks, accelerator=accelerator, settings=settings,
-                             cache=ClassifierCache(args.cache_dir), model_name=args.model)
+                            recall_curve_max_k=args.recall_curve_max_k, dtype=args.dtype)
+    summarize = datacomp_summary if "datacomp" in args.preset else None
+    payload = run_and_save(model, processor, tasks, args.output, accelerator=accelerator, settings=settings,
+                           cache=ClassifierCache(args.cache_dir), model_name=args.model, summarize=summarize)
+    records = payload["results"]
+    failed = [r for r in records if r.get("status") == "failed"]
     if accelerator.is_main_process:
-        payload = {"model": args.model, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   "num_processes": accelerator.num_processes, "results": records}
-        write_json_atomic(args.output, payload)
         print(results_table(records))
+        for suite, summary in payload.get("suites", {}).items():
+            print(f"{suite}: average {summary['average']} over {summary['num_tasks']} of "
+                  f"{summary['num_suite_tasks']} tasks (missing: {summary['missing']})")
         if args.plot:
             plot_recall_at_k(records, args.plot)
         if args.model_card:
             write_model_card(args, records, sys.argv[1:] if argv is None else argv)
+        for record in failed:
+            logger.error("%s %s failed: %s", record["dataset"], record["task"], record["error"])
     accelerator.wait_for_everyone()
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(records)} evaluations failed "
+                         f"({', '.join(r['dataset'] for r in failed)}); their errors are in {args.output}")
     return records
 
 
+def cli() -> None:
+    """The `alip-eval` command (console scripts exit with the return value, so `main`'s is not returned)."""
+    main(sys.argv[1:])
+
+
 if __name__ == "__main__":
-    main()
+    cli()

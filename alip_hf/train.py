@@ -27,5 +27,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return run_training(*groups)
 
 
-if __name__ == "__main__":
+
+def cli() -> None:
+    """The `alip-train` command (console scripts exit with the return value, so `main`'s is not returned)."""
     main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

@@ -3,7 +3,13 @@
 Importing the package registers ALIP with transformers' Auto classes.
 """
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForZeroShotImageClassification,
+    AutoProcessor,
+)
 
 from .configuration_alip import ALIPConfig
 from .gates import (
@@ -20,11 +26,13 @@ from .processing_veclip import align_text_config, check_text_token_ids, veclip_p
 
 AutoConfig.register("alip", ALIPConfig, exist_ok=True)
 AutoModel.register(ALIPConfig, ALIPModel, exist_ok=True)
+# The zero-shot-image-classification pipeline loads this class (ALIPModel returns CLIP's `logits_per_image`).
+AutoModelForZeroShotImageClassification.register(ALIPConfig, ALIPModel, exist_ok=True)
 AutoProcessor.register(ALIPConfig, ALIPProcessor, exist_ok=True)
 # save_pretrained then copies the flat module files and writes `auto_map`, so a saved directory loads with
 # `trust_remote_code=True` where this package is not installed.
 ALIPConfig.register_for_auto_class()
-ALIPModel.register_for_auto_class("AutoModel")
+ALIPModel.register_for_auto_class("AutoModel")  # ALIPModel.save_pretrained adds the zero-shot class's entry
 ALIPProcessor.register_for_auto_class("AutoProcessor")
 VeCLIPImageProcessor.register_for_auto_class("AutoImageProcessor")
 # AutoImageProcessor resolves a saved `image_processor_type` among registered classes, and registering needs a

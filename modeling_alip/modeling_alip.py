@@ -10,11 +10,19 @@ from dataclasses import dataclass
 import torch
 from transformers import CLIPModel
 from transformers import initialization as init
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
 
 from .configuration_alip import ALIPConfig
 from .gates import ALIPGates, GateOutput, RunningMeanSimilarity
 from .loss import contrastive_loss, gather_features
+from .processing_alip import missing_processor_files
+
+logger = logging.get_logger(__name__)
+
+# The keywords transformers passes to every model (attention outputs, hidden states, ...), as CLIPModel takes them.
+_MODEL_KEYWORDS = frozenset(TransformersKwargs.__annotations__)
 
 
 @dataclass
@@ -26,11 +34,14 @@ class ALIPOutput(ModelOutput):
         loss (`torch.FloatTensor` of shape `()`): `loss_text + loss_caption` (only `loss_text` without captions).
         loss_text (`torch.FloatTensor` of shape `()`): adaptive contrastive loss of the (image, raw text) path.
         loss_caption (`torch.FloatTensor` of shape `()`): adaptive contrastive loss of the (image, caption) path.
-        logits_per_image (`torch.FloatTensor` of shape `(B, B)`): scaled image-raw text cosine similarities.
-        logits_per_text (`torch.FloatTensor` of shape `(B, B)`): the transpose of `logits_per_image`.
-        image_embeds, text_embeds, caption_embeds (`torch.FloatTensor` of shape `(B, projection_dim)`):
-            L2-normalised embeddings of the image, the raw text and the caption.
+        logits_per_image (`torch.FloatTensor` of shape `(B, M)`): scaled image-text cosine similarities (`M = B`
+            in training; `M` candidate texts at inference).
+        logits_per_text (`torch.FloatTensor` of shape `(M, B)`): the transpose of `logits_per_image`.
+        image_embeds (`torch.FloatTensor` of shape `(B, projection_dim)`), text_embeds (`(M, projection_dim)`),
+        caption_embeds (`(B, projection_dim)`): L2-normalised embeddings of the image, the raw text and the caption.
         gates ([`GateOutput`]): gate weights, similarities and running means of the global batch (`(N,)`).
+        text_model_output, vision_model_output ([`BaseModelOutputWithPooling`]): the towers' outputs, as in
+            `CLIPOutput`, only when `output_hidden_states` or `output_attentions` is asked for.
     """
 
     loss: torch.FloatTensor | None = None
@@ -42,8 +53,15 @@ class ALIPOutput(ModelOutput):
     text_embeds: torch.FloatTensor | None = None
     caption_embeds: torch.FloatTensor | None = None
     gates: GateOutput | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple:
+        return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
 
 
+# Auto classes under which a saved ALIP model loads with `trust_remote_code=True` (written to `auto_map`).
+REMOTE_CODE_AUTO_CLASSES = ("AutoModel", "AutoModelForZeroShotImageClassification")
 class ALIPModel(CLIPModel):
     """CLIP towers + ALIP gates. Weight names are `CLIPModel`'s, so CLIP checkpoints load directly."""
 
@@ -60,6 +78,33 @@ class ALIPModel(CLIPModel):
             clip_pair_weights=config.clip_pair_weights,
         )
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, with every Auto class ALIP serves in the saved `auto_map`.
+
+        `register_for_auto_class` records one Auto class per model class (`AutoModel`); the zero-shot pipeline
+        loads `AutoModelForZeroShotImageClassification`, which needs its own entry to work with
+        `trust_remote_code=True` where this package is not installed.
+        """
+        module = type(self).__module__.rsplit(".", 1)[-1]  # the file name, also under remote code
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        for auto_class in REMOTE_CODE_AUTO_CLASSES:
+            auto_map.setdefault(auto_class, f"{module}.{type(self).__name__}")
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, warning when a local directory holds no processor.
+
+        transformers' `pipeline` and `AutoProcessor` load the image processor and tokenizer from the model's
+        directory; without them the pipeline fails inside the tokenizer, far from the cause.
+        """
+        missing = missing_processor_files(pretrained_model_name_or_path)
+        if missing:
+            logger.warning("%s has no processor (missing %s): pipeline() and AutoProcessor need one; save it with "
+                           "processor.save_pretrained(model_dir)", pretrained_model_name_or_path, " and ".join(missing))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         # Keyed on the module that owns the buffer: transformers initialises a module only if it owns tensors,
@@ -67,16 +112,30 @@ class ALIPModel(CLIPModel):
         if isinstance(module, RunningMeanSimilarity):
             init.constant_(module.running_mean, self.config.gate_initial_mean)
 
-    def encode_text(self, input_ids, attention_mask=None, name="input_ids") -> torch.Tensor:
+    def encode_text(self, input_ids, attention_mask=None, name="input_ids", position_ids=None) -> torch.Tensor:
         """`(B, L)` token ids -> `(B, projection_dim)` L2-normalised text embeddings."""
-        self._check_end_token(input_ids, name)
-        features = self.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
-        return features / features.norm(dim=-1, keepdim=True)
+        return self._text_embeds(input_ids, attention_mask, position_ids, name)[0]
 
-    def encode_image(self, pixel_values) -> torch.Tensor:
+    def encode_image(self, pixel_values, interpolate_pos_encoding: bool = False) -> torch.Tensor:
         """`(B, 3, H, W)` pixels -> `(B, projection_dim)` L2-normalised image embeddings."""
-        features = self.get_image_features(pixel_values=pixel_values).pooler_output
-        return features / features.norm(dim=-1, keepdim=True)
+        return self._image_embeds(pixel_values, interpolate_pos_encoding)[0]
+
+    def _text_embeds(self, input_ids, attention_mask, position_ids, name, **kwargs):
+        """Normalised text embeddings and the text tower's output (`get_text_features`, projected pooler)."""
+        if input_ids.shape[0] == 0:
+            raise ValueError(f"{name} has no rows: there is no text to embed (a zero-shot call needs candidate labels)")
+        self._check_end_token(input_ids, name)
+        outputs = self.get_text_features(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                         **kwargs)
+        features = outputs.pooler_output
+        return features / features.norm(dim=-1, keepdim=True), outputs
+
+    def _image_embeds(self, pixel_values, interpolate_pos_encoding, **kwargs):
+        """Normalised image embeddings and the vision tower's output (`get_image_features`, projected pooler)."""
+        outputs = self.get_image_features(pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
+                                          **kwargs)
+        features = outputs.pooler_output
+        return features / features.norm(dim=-1, keepdim=True), outputs
 
     def _check_end_token(self, input_ids: torch.Tensor, name: str):
         # CLIP pools the hidden state at the first end token; a row without one would silently pool token 0.
@@ -91,40 +150,60 @@ class ALIPModel(CLIPModel):
                 "token (ALIPProcessor does)"
             )
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        return_loss: bool | None = None,
+        interpolate_pos_encoding: bool = False,
         caption_input_ids: torch.LongTensor | None = None,
         caption_attention_mask: torch.Tensor | None = None,
-        return_loss: bool | None = None,
+        caption_position_ids: torch.LongTensor | None = None,
         local_loss: bool = False,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ALIPOutput:
-        """Encodes the image once and both text paths with the shared text tower.
+        """`CLIPModel.forward`'s arguments plus the caption path: encodes the image once and both text paths
+        with the shared text tower.
+
+        Without captions and loss this is CLIP's call: `N` images against `M` texts, `logits_per_image` of
+        shape `(N, M)` (what the zero-shot pipeline does). A training batch (captions, or `return_loss=True`)
+        pairs row `i` of every input, so all must have the same `B` rows.
 
         Args:
-            input_ids, attention_mask: `(B, L)` raw web text.
-            pixel_values: `(B, 3, H, W)`.
-            caption_input_ids, caption_attention_mask: `(B, L')` synthetic caption (optional).
+            input_ids, attention_mask, position_ids: `(M, L)` raw web text (or class prompts).
+            pixel_values: `(N, 3, H, W)`.
             return_loss: compute the loss (the gates update their running means in training mode).
+            interpolate_pos_encoding: as in `CLIPModel` (images larger than the training size).
+            caption_input_ids, caption_attention_mask, caption_position_ids: `(B, L')` synthetic caption (optional).
             local_loss: loss of local rows against the global batch (see [`contrastive_loss`]).
+            kwargs: transformers' model keywords (`output_attentions`, `output_hidden_states`, ...); any other
+                keyword is a `TypeError`, so a misspelt argument never goes unnoticed.
         """
-        self._check_inputs(input_ids, pixel_values, attention_mask, caption_input_ids, caption_attention_mask)
-        image_embeds = self.encode_image(pixel_values)
-        text_embeds = self.encode_text(input_ids, attention_mask)
+        self._check_keywords(kwargs)
+        self._check_inputs(input_ids, pixel_values, attention_mask, caption_input_ids, caption_attention_mask,
+                           paired=return_loss or caption_input_ids is not None)
+        image_embeds, vision_outputs = self._image_embeds(pixel_values, interpolate_pos_encoding, **kwargs)
+        text_embeds, text_outputs = self._text_embeds(input_ids, attention_mask, position_ids, "input_ids", **kwargs)
         caption_embeds = None
         if caption_input_ids is not None:
-            caption_embeds = self.encode_text(caption_input_ids, caption_attention_mask, "caption_input_ids")
+            caption_embeds, _ = self._text_embeds(caption_input_ids, caption_attention_mask, caption_position_ids,
+                                                  "caption_input_ids", **kwargs)
         logit_scale = self.logit_scale.exp()
         logits_per_image = logit_scale * image_embeds @ text_embeds.T
+        # The towers' full outputs only when asked for: the training loop caches the outputs of every
+        # micro-batch, and their last hidden states would hold `(B, L, width)` activations per micro-batch.
+        keep_towers = kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
         output = ALIPOutput(
             logits_per_image=logits_per_image,
             logits_per_text=logits_per_image.T,
             image_embeds=image_embeds,
             text_embeds=text_embeds,
             caption_embeds=caption_embeds,
+            text_model_output=text_outputs if keep_towers else None,
+            vision_model_output=vision_outputs if keep_towers else None,
         )
         if return_loss:
             self.compute_loss(output, local_loss=local_loss)
@@ -140,6 +219,7 @@ class ALIPModel(CLIPModel):
                 the whole cached batch); by default the gates run here, on the gathered embeddings, as in the
                 official code.
         """
+        self._check_paired_embeds(output)
         embeds = [output.image_embeds, output.text_embeds]
         if output.caption_embeds is not None:
             embeds.append(output.caption_embeds)
@@ -159,23 +239,46 @@ class ALIPModel(CLIPModel):
         return output
 
     @staticmethod
-    def _check_inputs(input_ids, pixel_values, attention_mask, caption_input_ids, caption_attention_mask):
+    def _check_keywords(kwargs: dict):
+        unknown = sorted(set(kwargs) - _MODEL_KEYWORDS)
+        if unknown:
+            raise TypeError(
+                f"ALIPModel.forward() got unexpected keyword argument(s) {unknown}; it takes CLIPModel.forward's "
+                f"arguments, caption_input_ids / caption_attention_mask / caption_position_ids, local_loss and "
+                f"transformers' model keywords {sorted(_MODEL_KEYWORDS)}"
+            )
+
+    @staticmethod
+    def _check_inputs(input_ids, pixel_values, attention_mask, caption_input_ids, caption_attention_mask, paired):
         if input_ids is None or pixel_values is None:
             raise ValueError("ALIPModel.forward needs both `input_ids` and `pixel_values`")
-        sizes = {"input_ids": input_ids.shape[0], "pixel_values": pixel_values.shape[0]}
-        if caption_input_ids is not None:
-            sizes["caption_input_ids"] = caption_input_ids.shape[0]
-            if attention_mask is not None and caption_attention_mask is None:
-                raise ValueError(
-                    "`caption_input_ids` was given without `caption_attention_mask` while `input_ids` has an "
-                    "`attention_mask`: pass the caption's mask too (ALIPProcessor returns it)"
-                )
+        if caption_input_ids is not None and attention_mask is not None and caption_attention_mask is None:
+            raise ValueError(
+                "`caption_input_ids` was given without `caption_attention_mask` while `input_ids` has an "
+                "`attention_mask`: pass the caption's mask too (ALIPProcessor returns it)"
+            )
         for name, mask, ids in (("attention_mask", attention_mask, input_ids),
                                 ("caption_attention_mask", caption_attention_mask, caption_input_ids)):
             if mask is not None and ids is not None and mask.shape != ids.shape:
                 raise ValueError(f"{name} has shape {tuple(mask.shape)} but its ids have {tuple(ids.shape)}")
+        if not paired:  # CLIP's N images x M texts
+            return
+        sizes = {"input_ids": input_ids.shape[0], "pixel_values": pixel_values.shape[0]}
+        if caption_input_ids is not None:
+            sizes["caption_input_ids"] = caption_input_ids.shape[0]
         if len(set(sizes.values())) > 1:
-            raise ValueError(f"batch sizes differ between inputs: {sizes}")
+            raise ValueError(
+                f"batch sizes differ between inputs: {sizes}; a training batch (captions or return_loss=True) "
+                "pairs row i of every input"
+            )
+
+    @staticmethod
+    def _check_paired_embeds(output: ALIPOutput):
+        sizes = {"image_embeds": len(output.image_embeds), "text_embeds": len(output.text_embeds)}
+        if output.caption_embeds is not None:
+            sizes["caption_embeds"] = len(output.caption_embeds)
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"the loss pairs row i of every input, but the batch sizes differ: {sizes}")
 
 
 __all__ = ["ALIPModel", "ALIPOutput"]

@@ -36,6 +36,10 @@ CLIP_END_TOKEN = "<|endoftext|>"
 # CLIP's normalisation of the input images (OpenAI CLIP, also used by open_clip): transformers' constants.
 CLIP_IMAGE_MEAN, CLIP_IMAGE_STD = list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
 TEXT_CLEANINGS = ("clip", "none")
+# What a processor directory holds: the image processor's settings (its own file, or inside the processor's) and a
+# tokenizer (`tokenizer.json`, or a slow tokenizer's vocabulary: CLIP's `vocab.json`, T5's `spiece.model`).
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -103,6 +107,19 @@ def clip_tokenizer(model_max_length: int = CLIP_CONTEXT_LENGTH, bpe_path: str | 
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
 
 
+def missing_processor_files(model_dir) -> list[str]:
+    """What a local model directory lacks of a processor, in words naming the files (`[]`: complete, or a Hub id)."""
+    if not os.path.isdir(model_dir):
+        return []
+    present = set(os.listdir(model_dir))
+    missing = []
+    if not present & set(IMAGE_PROCESSOR_FILES):
+        missing.append(f"an image processor ({' or '.join(IMAGE_PROCESSOR_FILES)})")
+    if not present & set(TOKENIZER_FILES):
+        missing.append(f"a tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    return missing
+
+
 def _fix_text(text: str) -> str:
     try:
         import ftfy
@@ -162,6 +179,18 @@ class ALIPProcessor(ProcessorMixin):
         return cls(image_processor, clip_tokenizer(model_max_length), text_cleaning="clip")
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "ALIPProcessor":
+        """`ProcessorMixin.from_pretrained`; a local directory without a processor is a `FileNotFoundError` naming
+        the missing files (rather than the tokenizer's error about backends)."""
+        missing = missing_processor_files(pretrained_model_name_or_path)
+        if missing:
+            raise FileNotFoundError(
+                f"{pretrained_model_name_or_path} has no processor: missing {' and '.join(missing)}. Save one beside "
+                "the model with processor.save_pretrained(model_dir), or build CLIP's with ALIPProcessor.from_config"
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @classmethod
     def from_config(cls, config) -> "ALIPProcessor":
         """[`ALIPProcessor.default`] sized for an [`ALIPConfig`] (or `CLIPConfig`): its image size and context
         length. Raises if the text tower's vocabulary is not CLIP's, since the CLIP tokenizer would not fit."""
@@ -184,20 +213,24 @@ class ALIPProcessor(ProcessorMixin):
         max_length: int | None = None,
         return_tensors: str | None = "pt",
     ) -> BatchFeature:
-        """Processes one batch; every argument given must describe the same number of samples `B`.
+        """Processes images and texts: CLIP's call, plus the captions of a training batch.
+
+        `processor(text=[M prompts], images=[N images])` gives `N` images and `M` texts, as `CLIPProcessor` does
+        (the zero-shot call); with `captions`, the batch is a training batch whose row `i` pairs image `i`, text
+        `i` and caption `i`, so all three must have the same length `B`.
 
         Args:
-            images: images for `self.image_processor` (PIL images, arrays or tensors).
-            text: the raw web text of each sample -> `input_ids`, `attention_mask` of shape `(B, L)`.
+            images: images for `self.image_processor` (one image, or a list: PIL images, arrays or tensors).
+            text: raw web texts or prompts -> `input_ids`, `attention_mask` of shape `(M, L)`.
             captions: the synthetic caption of each sample -> `caption_input_ids`, `caption_attention_mask` of
                 shape `(B, L')`.
-            padding: `"longest"` pads each text path to its longest row; `"max_length"` pads to `max_length`.
+            padding: `"longest"` (or `True`) pads each text path to its longest row; `"max_length"` to `max_length`.
             truncation: truncate to `max_length` (the tokenizer keeps the end token last).
             max_length: by default the tokenizer's `model_max_length` (77 for CLIP).
             return_tensors: `"pt"`, `"np"` or `None` for lists.
 
         Returns:
-            [`BatchFeature`] with `pixel_values` `(B, 3, H, W)` and the ids/masks of the texts given.
+            [`BatchFeature`] with `pixel_values` `(N, 3, H, W)` and the ids/masks of the texts given.
         """
         if images is None and text is None and captions is None:
             raise ValueError("ALIPProcessor needs at least one of `images`, `text` or `captions`")
@@ -222,8 +255,11 @@ class ALIPProcessor(ProcessorMixin):
             )
             data[f"{prefix}input_ids"] = encoded["input_ids"]
             data[f"{prefix}attention_mask"] = encoded["attention_mask"]
-        if len(set(sizes.values())) > 1:
-            raise ValueError(f"`images`, `text` and `captions` must describe the same samples; got sizes {sizes}")
+        if captions is not None and len(set(sizes.values())) > 1:
+            raise ValueError(
+                f"with `captions` (a training batch) `images`, `text` and `captions` must describe the same samples; "
+                f"got sizes {sizes}"
+            )
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _as_text_list(self, texts: str | list[str], name: str) -> list[str]:
@@ -232,6 +268,8 @@ class ALIPProcessor(ProcessorMixin):
             texts = [texts]
         if not isinstance(texts, (list, tuple)):
             raise TypeError(f"`{name}` must be a string or a list of strings, got {type(texts).__name__}")
+        if not texts:
+            raise ValueError(f"`{name}` is an empty list: pass at least one text (e.g. the candidate labels)")
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"`{name}`[{i}] must be a string, got {type(t).__name__}")
@@ -244,4 +282,4 @@ class ALIPProcessor(ProcessorMixin):
         return ["pixel_values", "input_ids", "attention_mask", "caption_input_ids", "caption_attention_mask"]
 
 
-__all__ = ["ALIPProcessor", "clean_clip_text", "clip_tokenizer", "clip_vocab_and_merges"]
+__all__ = ["ALIPProcessor", "clean_clip_text", "clip_tokenizer", "clip_vocab_and_merges", "missing_processor_files"]

@@ -9,10 +9,17 @@ column plus the new ones, as
     <output_dir>/shards/<split>-<index:05d>.json      completion marker with the shard's counts
     <output_dir>/run_config.json                      what produced the run (model, revision, prompt, ...)
     <output_dir>/summary.json                         totals, written once every shard is done
+    <output_dir>/digest_cache.json                    sha256 of local model files by path, size and mtime
 
 A shard counts as done only when its marker exists; the marker is written after the data file, so a run
 killed at any moment and started again skips finished shards, redoes the unfinished one and ends with
 exactly one row per input row.
+
+A finished shard is only skipped when it was made from the same input by the same model: its marker records a
+digest of the shard's input ids, of the source's identity (its files and their sizes), of the model (each
+weight file's sha256 for a local directory; the commit for a Hub id, else the id and revision) and of the
+prompt and generation settings, and a resumed or repeated run recomputes them and refuses, naming the shard,
+what changed and `--overwrite_output_dir`, rather than mixing two inputs or two models in one output.
 
 The id: the `--id_column` (default `id`) when the source has it, else WebDataset's `__key__`; it is
 written as `id`. New values are looked up by id, never by position, and ids must be unique.
@@ -21,6 +28,7 @@ written as `id`. New values are looked up by id, never by position, and ids must
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import math
 import os
@@ -33,7 +41,7 @@ import datasets
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from alip_hf.data import decode_image, load_source, require_columns, undecoded_images
+from alip_hf.data import decode_image, load_source, local_files, require_columns, undecoded_images
 from alip_hf.io import write_json_atomic, write_with_atomically
 from alip_hf.schema import ERROR, ID, IMAGE
 
@@ -60,6 +68,39 @@ class RunArguments:
     def __post_init__(self):
         if self.shard_size < 1:
             raise ValueError(f"--shard_size must be >= 1, got {self.shard_size}")
+        overlap = output_overlaps_source(self.output_dir, self.source)
+        if overlap:
+            # Checked before anything is written: --overwrite_output_dir would delete the source.
+            raise ValueError(f"--output_dir {self.output_dir} {overlap} --source {self.source}; "
+                             "write the results to a directory apart from the source")
+
+
+def _inside(path: str, directory: str) -> bool:
+    """Whether `path` is `directory` or lies under it (both already real paths)."""
+    return os.path.commonpath([path, directory]) == directory
+
+
+def output_overlaps_source(output_dir: str, source: str) -> str | None:
+    """How `output_dir` overlaps the local source (`"is"`, `"contains"`, `"lies inside"`), or None."""
+    files = local_files(source)
+    if files is None:
+        return None  # a Hub id
+    out = os.path.realpath(output_dir)
+    if os.path.isdir(source):
+        root = os.path.realpath(source)
+        if out == root:
+            return "is"
+        if _inside(root, out):
+            return "contains"
+        if _inside(out, root):
+            return "lies inside"
+    for path in files:
+        path = os.path.realpath(path)
+        if path == out:
+            return "is"
+        if _inside(path, out):
+            return "contains"
+    return None
 
 
 @dataclass
@@ -163,6 +204,91 @@ def chunks(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
+# ----------------------------------------------------------------------------- identities of input and model
+
+
+def digest(value: Any) -> str:
+    """sha256 of a JSON-able value (keys sorted), hex."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+
+
+def ids_digest(ids: list[str]) -> str:
+    """sha256 of a shard's ids in order, hex (JSON-encoded, so no id can run into the next)."""
+    return hashlib.sha256(json.dumps(ids).encode("utf-8")).hexdigest()
+
+
+# "real path|size|mtime_ns" -> sha256 of the file; filled from and saved to <output_dir>/digest_cache.json, so that
+# a resumed run does not read a large model's weights once more just to hash them.
+_FILE_DIGESTS: dict[str, str] = {}
+DIGEST_CACHE = "digest_cache.json"
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a file, hex (the digest the Hub shows for LFS files); cached by real path, size and mtime."""
+    stat = os.stat(path)
+    key = f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+    if key not in _FILE_DIGESTS:
+        sha = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                sha.update(block)
+        _FILE_DIGESTS[key] = sha.hexdigest()
+    return _FILE_DIGESTS[key]
+
+
+def _load_digest_cache(output_dir: str) -> None:
+    try:
+        with open(os.path.join(output_dir, DIGEST_CACHE), encoding="utf-8") as f:
+            _FILE_DIGESTS.update(json.load(f))
+    except (OSError, ValueError):
+        pass  # no cache yet, or an unreadable one: the files are hashed again
+
+
+def _save_digest_cache(output_dir: str, identity: dict | None) -> None:
+    """Keeps the digests of this run's model files (only those: the cache stays as small as the model)."""
+    files = set((identity or {}).get("files", {}).values())
+    entries = {k: v for k, v in _FILE_DIGESTS.items() if v in files}
+    if entries:
+        atomic_write_json(os.path.join(output_dir, DIGEST_CACHE), entries)
+
+
+def model_identity(model: str, revision: str | None, commit: str | None) -> dict[str, Any]:
+    """What identifies the weights a step ran: every file of a local model directory with its sha256 (weights
+    replaced at the same path must not pass as the same model), else the Hub commit, else the id and revision
+    (a Hub model whose commit could not be resolved)."""
+    if os.path.isdir(model):
+        files = [f for f in local_files(model) if os.path.isfile(f)]
+        return {"files": {os.path.relpath(f, model): file_sha256(f) for f in files}}
+    if commit:
+        return {"id": model, "commit": commit}
+    return {"id": model, "revision": revision}
+
+
+def source_identity(args: "RunArguments") -> dict[str, Any]:
+    """The source as named, its split and, for local sources, its files with their sizes (a file replaced by
+    another of a different size, or files added or removed, change it). Hub sources: name and split; their
+    rows are checked through the ids of each shard."""
+    files = local_files(args.source)
+    identity: dict[str, Any] = {"source": args.source, "split": args.split}
+    if files is not None:
+        base = args.source if os.path.isdir(args.source) else os.path.dirname(files[0]) if files else ""
+        identity["files"] = {os.path.relpath(f, base or "."): os.path.getsize(f) for f in files if os.path.isfile(f)}
+    return identity
+
+
+# The parts of a run's configuration that each shard marker records a digest of.
+_MODEL_KEYS = ("model", "revision", "commit", "model_identity")
+_SOURCE_KEYS = ("source", "split", "id_column", "source_identity")
+
+
+def identity_digests(config: dict) -> dict[str, str]:
+    """`{"source", "model", "settings"}` digests of a run configuration (settings: everything else: the step,
+    shard size, prompt and its version, generation settings, labels)."""
+    parts = {"source": {k: config.get(k) for k in _SOURCE_KEYS}, "model": {k: config.get(k) for k in _MODEL_KEYS}}
+    parts["settings"] = {k: v for k, v in config.items() if k not in _MODEL_KEYS + _SOURCE_KEYS}
+    return {name: digest(value) for name, value in parts.items()}
+
+
 # ----------------------------------------------------------------------------- input
 
 
@@ -190,8 +316,10 @@ def iter_shards(
     world: int,
     skip: set[int],
     seen: dict[str, int] | None = None,
-) -> Iterator[tuple[int, datasets.Dataset | None]]:
-    """(index, rows) for every shard of this process; rows is None for shards in `skip`.
+    id_column: str | None = None,
+) -> Iterator[tuple[int, datasets.Dataset | list[str] | None]]:
+    """(index, rows) for every shard of this process; for shards in `skip`, rows is the list of the shard's ids
+    (as strings) when `id_column` is given (so finished shards can be checked against the input), else None.
 
     A stream is read whole by every process (each keeps only its own shards), so every process learns the
     number of input rows, which it stores in `seen["rows"]`.
@@ -199,33 +327,42 @@ def iter_shards(
     seen = {} if seen is None else seen
     if isinstance(dataset, datasets.Dataset):
         seen["rows"] = len(dataset)
+        ids_only = dataset.select_columns([id_column]) if id_column else None
         for index in range(rank, math.ceil(len(dataset) / shard_size), world):
-            start = index * shard_size
-            yield index, None if index in skip else dataset.select(range(start, min(start + shard_size, len(dataset))))
+            rows = range(index * shard_size, min((index + 1) * shard_size, len(dataset)))
+            if index not in skip:
+                yield index, dataset.select(rows)
+            else:
+                yield index, None if ids_only is None else [str(i) for i in ids_only.select(rows)[id_column]]
         return
     rows, current, position = [], 0, -1
     for position, row in enumerate(dataset):
         index = position // shard_size
         if index != current:
-            yield from _emit(current, rows, rank, world, skip, dataset.features)
+            yield from _emit(current, rows, rank, world, skip, dataset.features, id_column)
             rows, current = [], index
-        if index % world == rank and index not in skip:
-            rows.append(row)
+        if index % world == rank and (index not in skip or id_column):
+            rows.append(row if index not in skip else row[id_column])
     seen["rows"] = position + 1
     if position >= 0:
-        yield from _emit(current, rows, rank, world, skip, dataset.features)
+        yield from _emit(current, rows, rank, world, skip, dataset.features, id_column)
 
 
-def _emit(index, rows, rank, world, skip, features):
-    if index % world == rank:
-        yield index, None if index in skip else datasets.Dataset.from_list(rows, features=features)
+def _emit(index, rows, rank, world, skip, features, id_column=None):
+    if index % world != rank:
+        return
+    if index in skip:
+        yield index, [str(i) for i in rows] if id_column else None
+    else:
+        yield index, datasets.Dataset.from_list(rows, features=features)
 
 
 # ----------------------------------------------------------------------------- the run
 
 
 def _prepare_output(args: RunArguments, config: dict, accelerator) -> None:
-    """Creates the layout; refuses to resume into results produced by a different configuration."""
+    """Creates the layout; refuses to resume into results produced by a different configuration, naming each
+    changed field and the shards already written with the earlier one."""
     if accelerator.is_main_process:
         if args.overwrite_output_dir and os.path.isdir(args.output_dir):
             shutil.rmtree(args.output_dir)
@@ -239,15 +376,52 @@ def _prepare_output(args: RunArguments, config: dict, accelerator) -> None:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             previous = json.load(f)
-        changed = {k for k in set(previous) | set(config) if previous.get(k) != config.get(k)}
+        changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
         if changed:
+            done = sorted(_done_shards(args))
+            written = (f"; shards already written with the earlier one: {_shard_list(args, done)}" if done else "")
             raise ValueError(
-                f"{args.output_dir} holds results of another configuration (differs in {sorted(changed)}); "
-                "use another --output_dir or --overwrite_output_dir"
+                f"{args.output_dir} holds results of another configuration: "
+                f"{'; '.join(_describe_change(k, previous.get(k), config.get(k)) for k in changed)}{written}. "
+                "Resuming would mix the two in one output; use another --output_dir or pass --overwrite_output_dir "
+                "to start over"
             )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and not os.path.exists(path):
         atomic_write_json(path, config)
+
+
+def _shard_list(args: RunArguments, indices: list[int], limit: int = 5) -> str:
+    names = [shard_name(args.split, i) for i in indices[:limit]]
+    return ", ".join(names) + (f" and {len(indices) - limit} more" if len(indices) > limit else "")
+
+
+def _describe_change(key: str, before: Any, now: Any) -> str:
+    """One changed configuration field in words; file maps (model files, source files) by the files that differ."""
+    if isinstance(before, dict) and isinstance(now, dict) and key in ("model_identity", "source_identity"):
+        parts = []
+        for sub in sorted(set(before) | set(now)):
+            if before.get(sub) == now.get(sub):
+                continue
+            old, new = before.get(sub), now.get(sub)
+            if isinstance(old, dict) and isinstance(new, dict):
+                files = sorted(f for f in set(old) | set(new) if old.get(f) != new.get(f))
+                shown = ", ".join(f"{f} ({_short(old.get(f))} -> {_short(new.get(f))})" for f in files[:5])
+                parts.append(f"{sub}: {shown}" + (f" and {len(files) - 5} more" if len(files) > 5 else ""))
+            else:
+                parts.append(f"{sub}: {old!r} -> {new!r}")
+        what = {"model_identity": "model weights changed", "source_identity": "source changed"}[key]
+        return f"{what} ({'; '.join(parts)})"
+    return f"{key}: {_short(before)} -> {_short(now)}"
+
+
+def _short(value: Any) -> str:
+    if value is None:
+        return "absent"
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return f"sha256 {value[:12]}"
+    text = json.dumps(value, sort_keys=True, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _done_shards(args: RunArguments) -> set[int]:
@@ -255,6 +429,47 @@ def _done_shards(args: RunArguments) -> set[int]:
     for marker in glob.glob(os.path.join(args.output_dir, "shards", f"{args.split}-*.json")):
         done.add(int(os.path.basename(marker)[len(args.split) + 1 : -len(".json")]))
     return done
+
+
+def _read_marker(args: RunArguments, index: int) -> dict:
+    with open(os.path.join(args.output_dir, "shards", f"{shard_name(args.split, index)}.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def verify_done_shard(args: RunArguments, index: int, ids: list[str], identity: dict[str, str]) -> None:
+    """Refuses a finished shard that was not made from these ids by this model with these settings.
+
+    Raises:
+        ValueError: naming the shard, what changed (its input ids; the source, model or settings digest) and
+            `--overwrite_output_dir`.
+    """
+    name = shard_name(args.split, index)
+    marker = _read_marker(args, index)
+    recorded = marker.get("identity")
+    if recorded is None or "ids_sha256" not in marker:
+        problem = "its marker records no input digest (written by an earlier version), so it cannot be checked"
+    elif marker["ids_sha256"] != ids_digest(ids):
+        problem = (f"its input ids changed: it was made from {marker['rows']} rows starting at id "
+                   f"{marker.get('first_id')!r}; the source's rows for it now number {len(ids)}, starting at id "
+                   f"{ids[0] if ids else None!r} (the source was replaced or reordered)")
+    else:
+        changed = [part for part in ("source", "model", "settings") if recorded.get(part) != identity[part]]
+        if not changed:
+            return
+        problem = f"it was made with another {' and '.join(changed)} ({'; '.join(changed)} digest differs)"
+    raise ValueError(f"finished shard {name} in {args.output_dir} does not match this run: {problem}. Skipping it "
+                     "would mix two inputs or two models in one output; pass --overwrite_output_dir to start over "
+                     "(or use another --output_dir)")
+
+
+def _check_no_extra_shards(args: RunArguments, num_shards: int, rows_in: int) -> None:
+    """Refuses finished shards beyond the source's end: they hold rows of an earlier, longer source."""
+    extra = sorted(i for i in _done_shards(args) if i >= num_shards)
+    if extra:
+        raise ValueError(
+            f"{args.output_dir} holds finished shards {_shard_list(args, extra)} beyond the source's {rows_in} rows "
+            f"({num_shards} shards): they come from an earlier, longer source. Pass --overwrite_output_dir to start "
+            "over (or use another --output_dir)")
 
 
 def _join(shard: datasets.Dataset, ids: list[str], result: StepResult, features, image_column: str) -> datasets.Dataset:
@@ -287,12 +502,23 @@ def run_sharded(args: RunArguments, step: Step, accelerator=None, source: Input 
 
         accelerator = Accelerator()
     source = source or load_input(args, step.required_columns())
+    provenance = step.provenance()
+    model = provenance.get("model")
+    _load_digest_cache(args.output_dir)
     config = {"step": step.name, "source": args.source, "split": args.split, "id_column": source.id_column,
-              "shard_size": args.shard_size, **step.provenance()}
+              "shard_size": args.shard_size, "source_identity": source_identity(args), **provenance,
+              "model_identity": model_identity(model, provenance.get("revision"), provenance.get("commit"))
+              if model else None}
     config = json.loads(json.dumps(config, default=str))  # compared with its JSON copy when resuming
+    identity = identity_digests(config)
     _prepare_output(args, config, accelerator)
+    if accelerator.is_main_process:
+        _save_digest_cache(args.output_dir, config["model_identity"])
     done = _done_shards(args)
     rank, world = accelerator.process_index, accelerator.num_processes
+    if isinstance(source.dataset, datasets.Dataset):  # a stream's length is known only once read
+        rows_in = len(source.dataset)
+        _check_no_extra_shards(args, math.ceil(rows_in / args.shard_size), rows_in)
 
     total = None
     if isinstance(source.dataset, datasets.Dataset):
@@ -302,8 +528,9 @@ def run_sharded(args: RunArguments, step: Step, accelerator=None, source: Input 
                position=rank, dynamic_ncols=True)
     started = time.time()
     seen: dict[str, int] = {}
-    for index, shard in iter_shards(source.dataset, args.shard_size, rank, world, done, seen):
-        if shard is None:
+    for index, shard in iter_shards(source.dataset, args.shard_size, rank, world, done, seen, source.id_column):
+        if isinstance(shard, list):  # finished earlier: only its ids, to check it against this input
+            verify_done_shard(args, index, shard, identity)
             continue
         ids = [str(i) for i in shard[source.id_column]]
         if len(set(ids)) != len(ids):
@@ -316,7 +543,8 @@ def run_sharded(args: RunArguments, step: Step, accelerator=None, source: Input 
         atomic_write_json(
             os.path.join(args.output_dir, "shards", f"{name}.json"),
             {"index": index, "rows": len(ids), "process_index": rank, "counts": result.counts,
-             "seconds": time.time() - started},
+             "seconds": time.time() - started, "ids_sha256": ids_digest(ids), "first_id": ids[0],
+             "identity": identity},
         )
     bar.close()
     accelerator.wait_for_everyone()
@@ -330,6 +558,7 @@ def run_sharded(args: RunArguments, step: Step, accelerator=None, source: Input 
 def _finalize(args: RunArguments, step: Step, rows_in: int, seconds: float) -> dict[str, Any]:
     """Checks that every shard is there with every id exactly once, sums the counts, writes summary.json."""
     num_shards = math.ceil(rows_in / args.shard_size)
+    _check_no_extra_shards(args, num_shards, rows_in)
     names = [shard_name(args.split, i) for i in range(num_shards)]
     missing = [n for n in names if not os.path.exists(os.path.join(args.output_dir, "shards", f"{n}.json"))]
     if missing:

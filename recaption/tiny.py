@@ -13,10 +13,11 @@ import os
 
 import torch
 
+from alip_hf.models import TINY_TOWER
+
 # 1.0 instead of transformers' 0.02: with tiny towers at 0.02 the decoder ignores the image and every
 # caption is the same string, which would hide a caption joined to the wrong row.
 _INIT_RANGE = 1.0
-_TOWER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
 _WORDS = [f"w{i}" for i in range(120)]
 
 CHAT_TEMPLATE = (
@@ -50,7 +51,7 @@ def save_tiny_captioner(path: str, seed: int = 0, image_size: int = 30) -> str:
     tokenizer = BertTokenizer(vocab_file, bos_token="[DEC]")
     config = BlipConfig(
         text_config=dict(
-            _TOWER,
+            TINY_TOWER,
             vocab_size=len(vocab),
             bos_token_id=vocab.index("[DEC]"),
             eos_token_id=vocab.index("[SEP]"),
@@ -59,7 +60,7 @@ def save_tiny_captioner(path: str, seed: int = 0, image_size: int = 30) -> str:
             max_position_embeddings=512,
             initializer_range=_INIT_RANGE,
         ),
-        vision_config=dict(_TOWER, image_size=image_size, patch_size=2, initializer_range=_INIT_RANGE),
+        vision_config=dict(TINY_TOWER, image_size=image_size, patch_size=2, initializer_range=_INIT_RANGE),
         projection_dim=16,
         initializer_range=_INIT_RANGE,
     )
@@ -89,7 +90,7 @@ def _word_level_tokenizer(extra_specials: tuple[str, ...] = ()):
 
 def _tiny_llama(tokenizer) -> dict:
     return dict(
-        _TOWER,
+        TINY_TOWER,
         model_type="llama",
         num_key_value_heads=2,
         vocab_size=len(tokenizer),
@@ -124,7 +125,7 @@ def save_tiny_chat_captioner(path: str, seed: int = 0, image_size: int = 30) -> 
     )
 
     tokenizer = _word_level_tokenizer(("<image>",))
-    vision = dict(_TOWER, model_type="clip_vision_model", image_size=image_size, patch_size=2,
+    vision = dict(TINY_TOWER, model_type="clip_vision_model", image_size=image_size, patch_size=2,
                   initializer_range=_INIT_RANGE)
     config = LlavaConfig(
         vision_config=vision,

@@ -95,7 +95,7 @@ def usage_code(card: ModelCard) -> str:
 def test_the_usage_snippet_runs_as_written(saved_model, tmp_path, package):
     card = build_model_card(RECORDS, train_args=TRAIN_ARGS, repo_id="me/tiny-alip")
     code = usage_code(card)
-    assert 'from_pretrained("me/tiny-alip", trust_remote_code=True)' in code
+    assert 'from_pretrained("me/tiny-alip", trust_remote_code=True)' in code and 'model="me/tiny-alip"' in code
     code = code.replace('"me/tiny-alip"', repr(str(saved_model)))  # the Hub id -> the saved directory
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONSTARTUP",)}
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
@@ -114,8 +114,10 @@ def test_the_usage_snippet_runs_as_written(saved_model, tmp_path, package):
     result = subprocess.run([sys.executable, "-c", prelude + code], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    scores = eval(result.stdout.strip().splitlines()[-1])  # the snippet prints {label: probability}
-    assert set(scores) == {"a photo of a cat", "a photo of a dog"} and sum(scores.values()) == pytest.approx(1, abs=2e-3)
+    pipeline_scores, feature_scores = map(eval, result.stdout.strip().splitlines()[-2:])  # {label: probability}
+    for scores in (pipeline_scores, feature_scores):
+        assert set(scores) == {"a photo of a cat", "a photo of a dog"}
+        assert sum(scores.values()) == pytest.approx(1, abs=2e-3)
 
 
 def test_eval_model_card_adds_results_to_a_trained_models_card_keeping_its_training_section(tiny_data, tmp_path):

@@ -210,32 +210,6 @@ def test_linear_probe_picks_C_on_validation_and_classifies_separable_features():
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_cifar10_preset_reads_its_hub_layout_with_its_class_label_names(model_and_processor, tmp_path):
-    model, processor = model_and_processor
-    names = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-    source = classification_dir(tmp_path, names=names, n=20)
-    task = dataclasses.replace(ev.PRESETS["cifar10"][0], source=source)
-    (record,) = ev.run_evaluation(model, processor, task, settings=ev.EvalSettings(batch_size=8))
-    assert record["task"] == "zeroshot_classification" and record["dataset"] == "cifar10"
-    assert (record["num_images"], record["num_classes"], record["num_templates"]) == (20, 10, 18)
-    assert set(record["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
-
-
-def test_flickr30k_preset_keeps_the_karpathy_test_rows_and_every_caption(model_and_processor, tmp_path):
-    model, processor = model_and_processor
-    n = 12
-    dataset = datasets.Dataset.from_dict(
-        {"image": colour_images(n), "caption": [[f"photo {i} caption {j}" for j in range(5)] for i in range(n)],
-         "split": ["test" if i % 3 else "train" for i in range(n)]},
-        features=datasets.Features({"image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string")),
-                                    "split": datasets.Value("string")}))
-    dataset.to_parquet(str(tmp_path / "test-00000-of-00001.parquet"))
-    task = dataclasses.replace(ev.PRESETS["flickr30k"][0], source=str(tmp_path))
-    (record,) = ev.run_evaluation(model, processor, task)
-    assert (record["num_images"], record["num_texts"]) == (8, 40)
-    assert set(record["metrics"]) == {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)}
-
-
 def test_label_not_among_the_class_names_is_an_error_naming_the_row(model_and_processor, tmp_path):
     model, processor = model_and_processor
     dataset = datasets.Dataset.from_dict({"image": colour_images(3), "category": ["cat", "dog", "cow"]},

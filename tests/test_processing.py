@@ -135,12 +135,15 @@ def test_processor_pads_to_max_length_only_when_asked(processor):
     assert batch["input_ids"].shape == (1, 12)
 
 
-def test_processor_rejects_batches_whose_sizes_differ_naming_the_arguments(processor):
+def test_processor_rejects_training_batches_whose_sizes_differ_naming_the_arguments(processor):
     image = Image.new("RGB", (32, 32))
     with pytest.raises(ValueError, match="captions.*2|text.*3"):
         processor(text=["a", "b", "c"], captions=["a", "b"])
     with pytest.raises(ValueError, match="images"):
-        processor(images=[image], text=["a", "b"])
+        processor(images=[image], text=["a", "b"], captions=["a", "b"])
+    # Without captions it is CLIP's call: N images and M texts.
+    batch = processor(images=[image], text=["a", "b"])
+    assert batch["pixel_values"].shape[0] == 1 and batch["input_ids"].shape[0] == 2
     with pytest.raises(ValueError, match="at least one"):
         processor()
 

@@ -60,7 +60,8 @@ def test_save_pretrained_writes_safetensors_module_files_and_auto_map(saved):
     assert "model.safetensors" in files and "pytorch_model.bin" not in files
     assert set(SHIPPED_MODULES) <= files
     config = json.loads((directory / "config.json").read_text())
-    assert config["auto_map"] == {"AutoConfig": "configuration_alip.ALIPConfig", "AutoModel": "modeling_alip.ALIPModel"}
+    assert config["auto_map"] == {"AutoConfig": "configuration_alip.ALIPConfig", "AutoModel": "modeling_alip.ALIPModel",
+                                  "AutoModelForZeroShotImageClassification": "modeling_alip.ALIPModel"}
     processor_config = json.loads((directory / "processor_config.json").read_text())
     assert processor_config["auto_map"] == {"AutoProcessor": "processing_alip.ALIPProcessor"}
     assert processor_config["text_cleaning"] == "clip"

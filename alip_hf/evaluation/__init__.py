@@ -13,13 +13,14 @@ import importlib
 _EXPORTS = {
     "classnames": ("check_templates", "clip_benchmark_metadata", "named_list"),
     "presets": ("EvalTask", "LINEAR_PROBE", "PRESETS", "PRESET_GROUPS", "RECALL_CURVE_MAX_K", "RECALL_KS", "RETRIEVAL",
-                "TASKS", "TASK_ALIASES", "ZEROSHOT", "resolve_tasks"),
-    "loading": ("captions_per_image", "class_names_and_labels", "load_split"),
+                "TASKS", "TASK_ALIASES", "ZEROSHOT", "resolve_tasks", "with_data_root"),
+    "loading": ("captions_per_image", "class_names_and_labels", "load_split", "load_wds_split", "wds_root"),
     "features": ("ClassifierCache", "encode_images", "encode_texts", "model_fingerprint", "zeroshot_classifier"),
     "metrics": ("classification_metrics", "linear_probe", "mean_per_class_recall", "recall_at_ks", "recall_curve",
-                "retrieval_metrics", "topk_accuracy"),
-    "runners": ("EvalSettings", "evaluate_model", "flatten_results", "run_evaluation"),
-    "reports": ("plot_recall_at_k", "render_model_card", "results_table"),
+                "retrieval_metrics", "topk_accuracy", "group_metric", "mean_recall_at_1"),
+    "runners": ("EvalSettings", "evaluate_model", "flatten_results", "run_and_save", "run_evaluation"),
+    "reports": ("comparison_table", "datacomp_summary", "plot_comparison", "plot_recall_at_k", "render_model_card",
+                "results_table"),
     "cards": ("build_model_card", "update_model_card"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

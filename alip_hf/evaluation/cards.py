@@ -92,6 +92,8 @@ def eval_results(records: list[dict]) -> list[EvalResult]:
     """One `EvalResult` per record and metric (values in percent, 2 decimals; NaN and `lp_C` left out)."""
     results = []
     for record in records:
+        if record.get("status", "ok") != "ok" or not record.get("metrics"):  # a failed task has no metrics
+            continue
         task_type, task_name = TASK_TYPES[record["task"]]
         source = record.get("source")
         dataset_type = hub_id(source) or portable(record["dataset"])
@@ -143,20 +145,25 @@ def merge_eval_results(old: list[EvalResult] | None, new: list[EvalResult]) -> l
 
 
 def usage_snippet(repo_id: str) -> str:
-    """Python that loads the model and scores an image against labels, as written (remote code: it works where
-    this package is not installed)."""
+    """Python that classifies an image with the zero-shot pipeline and computes CLIP features, as written (remote
+    code: it works where this package is not installed)."""
+    repo = json.dumps(repo_id)
     return f'''```python
 import torch
 from PIL import Image
-from transformers import AutoModel, AutoProcessor
+from transformers import AutoModel, AutoProcessor, pipeline
 
 # trust_remote_code=True runs the model code stored in the repository. With alip-hf installed
 # (pip install alip-hf), `import modeling_alip` registers ALIP with transformers instead.
-model = AutoModel.from_pretrained({json.dumps(repo_id)}, trust_remote_code=True).eval()
-processor = AutoProcessor.from_pretrained({json.dumps(repo_id)}, trust_remote_code=True)
-
 image = Image.new("RGB", (224, 224), "white")  # your image: Image.open("photo.jpg")
 labels = ["a photo of a cat", "a photo of a dog"]
+
+classifier = pipeline("zero-shot-image-classification", model={repo}, trust_remote_code=True)
+print({{s["label"]: round(s["score"], 3) for s in classifier(image, candidate_labels=labels)}})
+
+# image and text features (L2-normalised) for retrieval
+model = AutoModel.from_pretrained({repo}, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained({repo}, trust_remote_code=True)
 with torch.no_grad():
     image_features = model.get_image_features(**processor(images=[image])).pooler_output
     text_features = model.get_text_features(**processor(text=labels)).pooler_output

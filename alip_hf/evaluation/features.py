@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -62,23 +63,53 @@ def _device_and_dtype(model) -> tuple[torch.device, torch.dtype]:
     return parameter.device, parameter.dtype
 
 
+# `--dtype` names; fp32 runs without autocast.
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision for the towers (`dtype` None: none). The features leave it as float32, so similarities,
+    the classifier and every metric are computed in float32."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 @torch.no_grad()
 def encode_images(model, processor, images: Sequence, batch_size: int = 64, accelerator=None,
-                  desc: str = "images") -> torch.Tensor:
+                  desc: str = "images", autocast_dtype: torch.dtype | None = None, row_ids: Sequence | None = None,
+                  source: str | None = None) -> torch.Tensor:
     """Images (PIL images or undecoded dataset cells) -> `(N, projection_dim)` L2-normalised float32 features.
 
-    `processor` is anything whose `image_processor` (or itself) maps PIL images to `pixel_values`.
+    `processor` is anything whose `image_processor` (or itself) maps PIL images to `pixel_values`;
+    `autocast_dtype` runs the image tower under `torch.autocast` in that dtype. An image that does not decode
+    stops the evaluation with a `ValueError` naming `source`, its row (index, and id from `row_ids`) and file:
+    skipping it would change the denominators of every metric.
     """
     model = core_model(model, accelerator)
     device, dtype = _device_and_dtype(model)
     image_processor = getattr(processor, "image_processor", None) or processor
 
-    def encode(cells):
-        pixels = image_processor([data_lib.decode_image(c).convert("RGB") for c in cells], return_tensors="pt")
+    def encode(rows):
+        decoded = [decode_row(cell, row, source or desc, row_ids) for row, cell in rows]
+        pixels = image_processor(decoded, return_tensors="pt")
         pixel_values = pixels["pixel_values"].to(device=device, dtype=dtype)
-        return F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+        with autocast(device, autocast_dtype):
+            features = model.get_image_features(pixel_values=pixel_values).pooler_output
+        return F.normalize(features.float(), dim=-1)
 
-    return _run_sharded(images, encode, batch_size, accelerator, desc)
+    return _run_sharded(list(enumerate(images)), encode, batch_size, accelerator, desc)
+
+
+def decode_row(cell, row: int, source: str = "images", row_ids: Sequence | None = None):
+    """One evaluation image as RGB; a decoding failure names the row, its id and its file."""
+    try:
+        return data_lib.decode_image(cell).convert("RGB")
+    except Exception as error:  # noqa: BLE001 - any decoder failure: report where it happened
+        where = f"row {row}" + (f" (id {row_ids[row]!r})" if row_ids is not None else "")
+        path = cell.get("path") if isinstance(cell, dict) else cell if isinstance(cell, str) else None
+        raise ValueError(f"{source}: the image of {where}{f', file {path}' if path else ''} does not decode "
+                         f"({type(error).__name__}: {error}); remove or replace it") from error
 
 
 def tokenize(processor, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -90,14 +121,17 @@ def tokenize(processor, texts: list[str]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def encode_texts(model, processor, texts: Sequence[str], batch_size: int = 256, accelerator=None,
-                 desc: str = "texts") -> torch.Tensor:
-    """Texts -> `(T, projection_dim)` L2-normalised float32 features (the processor's tokenizer and cleaning)."""
+                 desc: str = "texts", autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Texts -> `(T, projection_dim)` L2-normalised float32 features (the processor's tokenizer and cleaning;
+    the text tower under autocast in `autocast_dtype`, if given)."""
     model = core_model(model, accelerator)
     device, _ = _device_and_dtype(model)
 
     def encode(batch):
         inputs = {k: v.to(device) for k, v in tokenize(processor, list(batch)).items() if v is not None}
-        return F.normalize(model.get_text_features(**inputs).pooler_output, dim=-1)
+        with autocast(device, autocast_dtype):
+            features = model.get_text_features(**inputs).pooler_output
+        return F.normalize(features.float(), dim=-1)
 
     return _run_sharded(texts, encode, batch_size, accelerator, desc)
 
@@ -148,11 +182,15 @@ class ClassifierCache:
         self.hits = self.misses = 0
 
     @staticmethod
-    def key(model, processor, class_names: Sequence[str], templates: Sequence[str]) -> str:
+    def key(model, processor, class_names: Sequence[str], templates: Sequence[str],
+            autocast_dtype: torch.dtype | None = None) -> str:
         tokenizer = getattr(processor, "tokenizer", processor)
         # The tokenizer is identified by its output on every prompt's class-name slot and a probe string.
         probe = tokenize(processor, [*class_names, " ".join(templates)])["input_ids"]
-        payload = json.dumps([type(tokenizer).__name__, list(class_names), list(templates)])
+        payload = [type(tokenizer).__name__, list(class_names), list(templates)]
+        if autocast_dtype is not None:  # kept out of the key otherwise, so that existing caches stay valid
+            payload.append(str(autocast_dtype))
+        payload = json.dumps(payload)
         digest = hashlib.sha256(payload.encode())
         digest.update(probe.numpy().tobytes())
         digest.update(model_fingerprint(model).encode())
@@ -187,7 +225,8 @@ DEFAULT_CACHE = ClassifierCache()
 
 
 def zeroshot_classifier(model, processor, class_names: Sequence[str], templates: Sequence[str],
-                        batch_size: int = 256, accelerator=None, cache: ClassifierCache | None = None) -> torch.Tensor:
+                        batch_size: int = 256, accelerator=None, cache: ClassifierCache | None = None,
+                        autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Prompt-ensembled class embeddings `(D, C)`: for each class, the mean of its L2-normalised template
     embeddings, renormalised (CLIP_benchmark's `zero_shot_classifier`).
 
@@ -198,12 +237,13 @@ def zeroshot_classifier(model, processor, class_names: Sequence[str], templates:
         raise ValueError("class_names: the list is empty")
     cache = DEFAULT_CACHE if cache is None else cache
     core = core_model(model, accelerator)
-    key = cache.key(core, processor, class_names, templates)
+    key = cache.key(core, processor, class_names, templates, autocast_dtype)
     cached = cache.get(key)
     if cached is not None:
         return cached
     prompts = [template.format(name) for name in class_names for template in templates]
-    embeddings = encode_texts(model, processor, prompts, batch_size, accelerator, desc="class prompts")
+    embeddings = encode_texts(model, processor, prompts, batch_size, accelerator, desc="class prompts",
+                              autocast_dtype=autocast_dtype)
     embeddings = embeddings.view(len(class_names), len(templates), -1).mean(dim=1)
     classifier = (embeddings / embeddings.norm(dim=-1, keepdim=True)).T.contiguous()
     cache.put(key, classifier)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 
 from alip_hf import data as data_lib
 from alip_hf.evaluation.classnames import named_list
-from alip_hf.evaluation.presets import EvalTask
+from alip_hf.evaluation.presets import WDS_LAYOUT, EvalTask
+
+# The image members CLIP_benchmark's `wds/` loader accepts, in its order of preference.
+WDS_IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
 
 logger = logging.getLogger(__name__)
 
@@ -18,14 +23,103 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# CLIP_benchmark's WebDataset layout
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def wds_root(task: EvalTask, split: str | None = None) -> Path:
+    """The local folder of the task's CLIP_benchmark WebDataset copy: `source` itself when it is a folder, else
+    the Hub repository's snapshot (only `<split>/*` and the top-level `.txt` files are downloaded)."""
+    if os.path.isdir(task.source):
+        return Path(task.source)
+    if os.path.exists(task.source) or task.source.count("/") != 1:
+        raise FileNotFoundError(f"{task.name}: {task.source!r} is neither a folder in CLIP_benchmark's WebDataset "
+                                "layout nor a Hub dataset id (org/name)")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.txt"] + ([f"{split}/*"] if split else [])
+    return Path(snapshot_download(task.source, repo_type="dataset", revision=task.revision,
+                                  allow_patterns=patterns))
+
+
+def wds_shards(root: Path, split: str) -> list[Path]:
+    """`<root>/<split>/0.tar ... N-1.tar`, N from `<split>/nshards.txt` as CLIP_benchmark's loader reads it.
+
+    Raises:
+        FileNotFoundError: no `nshards.txt` (CLIP_benchmark requires it), or a shard it names is missing (a
+            partial download would silently evaluate a subset).
+    """
+    folder = root / split
+    count_file = folder / "nshards.txt"
+    if not count_file.is_file():
+        present = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        raise FileNotFoundError(f"{count_file} not found: not a split of a CLIP_benchmark WebDataset copy "
+                                f"(splits present: {present})")
+    count = int(count_file.read_text().strip())
+    shards = [folder / f"{i}.tar" for i in range(count)]
+    missing = [s.name for s in shards if not s.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{folder}: nshards.txt says {count} shards, missing {missing[:5]}")
+    extra = sorted(p.name for p in folder.glob("*.tar") if p not in shards)
+    if extra:
+        logger.warning("%s: shards %s are not counted in nshards.txt and are not read (as by CLIP_benchmark)",
+                       folder, extra)
+    return shards
+
+
+def wds_text_list(root: Path, file_name: str) -> list[str]:
+    """A list file of the copy (`classnames.txt`, `zeroshot_classification_templates.txt`), one entry per line,
+    each stripped, as CLIP_benchmark's `build_wds_dataset` reads it."""
+    path = root / file_name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the CLIP_benchmark WebDataset copy has no {file_name}")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def load_wds_split(root: Path, split: str):
+    """The split's shards through `datasets`' `webdataset` builder: one column per member extension (`webp`,
+    `cls`, `txt`, `npy`, ...), rows in shard order then member order, as CLIP_benchmark iterates them."""
+    import datasets
+
+    files = [str(s) for s in wds_shards(root, split)]
+    return datasets.load_dataset("webdataset", data_files={split: files}, split=split)
+
+
+def _wds_image_column(dataset, task: EvalTask) -> str:
+    found = [ext for ext in WDS_IMAGE_EXTENSIONS if ext in dataset.column_names]
+    if len(found) != 1:
+        raise ValueError(f"{task.name}: expected one image member among {WDS_IMAGE_EXTENSIONS}, found {found} in "
+                         f"{dataset.column_names}")
+    return found[0]
+
+
+def resolve_list(task: EvalTask, spec, kind) -> list[str]:
+    """`named_list`, with `wds:<file>` read from the task's WebDataset copy."""
+    if isinstance(spec, str) and spec.startswith("wds:"):
+        if task.layout != WDS_LAYOUT:
+            raise ValueError(f"{task.name}: {spec!r} needs a CLIP_benchmark WebDataset source (layout={WDS_LAYOUT!r})")
+        return wds_text_list(wds_root(task), spec.split(":", 1)[1])
+    return named_list(spec, kind)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Any task
+# ----------------------------------------------------------------------------------------------------------------
+
+
 def load_split(task: EvalTask, split: str):
     """The rows of `split` (filtered by `task.row_filter`), images left undecoded, and the image column name.
 
     Raises:
         ValueError: a missing column, no image column to pick, or no rows.
     """
-    dataset = data_lib.load_source(task.source, split=split)
-    image_column = task.image_column or _only_image_column(dataset, task)
+    if task.layout == WDS_LAYOUT:
+        dataset = load_wds_split(wds_root(task, split), split)
+        image_column = task.image_column or _wds_image_column(dataset, task)
+    else:
+        dataset = data_lib.load_source(task.source, split=split)
+        image_column = task.image_column or _only_image_column(dataset, task)
     columns = {"image": image_column, "label": task.label_column}
     columns.update({f"caption {i}": c for i, c in enumerate(task.caption_columns)})
     if task.row_filter:
@@ -63,7 +157,7 @@ def class_names_and_labels(task: EvalTask, dataset, full_dataset=None) -> tuple[
     feature = dataset.features[task.label_column]
     labels = list(dataset[task.label_column])
     if task.class_names is not None:
-        names = named_list(task.class_names, "classnames")
+        names = resolve_list(task, task.class_names, "classnames")
     elif hasattr(feature, "names"):
         names = list(feature.names)
     else:
@@ -95,7 +189,8 @@ def class_names_and_labels(task: EvalTask, dataset, full_dataset=None) -> tuple[
 def captions_per_image(task: EvalTask, dataset) -> tuple[list[str], np.ndarray]:
     """All captions and, for each, the row of its image: `(texts, text_image_index (T,))`.
 
-    A caption cell is a string or a list of strings; empty strings are not captions.
+    A caption cell is a string or a list of strings (with `task.caption_lines`, a string holds one caption per
+    line, split as CLIP_benchmark's `str.splitlines`); empty strings are not captions.
 
     Raises:
         ValueError: rows without any caption (they could never be retrieved, and would lower text retrieval
@@ -107,6 +202,8 @@ def captions_per_image(task: EvalTask, dataset) -> tuple[list[str], np.ndarray]:
         found = 0
         for column in columns:
             cell = column[row]
+            if task.caption_lines and isinstance(cell, str):
+                cell = cell.splitlines()
             for text in [cell] if isinstance(cell, str) or cell is None else cell:
                 if isinstance(text, str) and text.strip():
                     texts.append(text)

@@ -166,3 +166,45 @@ def _class_scores(classifier, features: np.ndarray) -> np.ndarray:
     return scores if scores.ndim == 2 else np.stack([-scores / 2, scores / 2], axis=1)
 
 
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DataComp's suite metrics: retrieval summary, WILDS and fairness metrics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def mean_recall_at_1(metrics: dict) -> float:
+    """DataComp's retrieval score: the mean of image -> text and text -> image recall@1."""
+    return 0.5 * (metrics["text_retrieval_recall@1"] + metrics["image_retrieval_recall@1"])
+
+
+def macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
+    """F1 averaged over the classes present in `labels` (WILDS' `F1(average="macro")`, iWildCam's metric):
+    classes that are only predicted, never true, do not count."""
+    from sklearn.metrics import f1_score
+
+    return float(f1_score(labels, predictions, average="macro", labels=np.unique(labels)))
+
+
+def worst_group_accuracy(hits: np.ndarray, groups: np.ndarray) -> float:
+    """The lowest accuracy over the groups that have samples: `hits (N,)` bool, `groups (N,)` group ids."""
+    return float(min(hits[groups == g].mean() for g in np.unique(groups)))
+
+
+def group_metric(name: str, logits: torch.Tensor, labels: np.ndarray, metadata: np.ndarray) -> float:
+    """One of DataComp's WILDS / fairness metrics from `logits (N, C)`, `labels (N,)` and each image's metadata
+    `(N, F)` (the `.npy` member; its first field is the group DataComp evaluates by).
+
+    - `F1-macro_all` (iWildCam): `macro_f1` of the top-1 predictions.
+    - `acc_worst_region` (FMoW): the worst top-1 accuracy over regions (field 0).
+    - `acc_top5_wg` (Dollar Street): the worst top-5 accuracy over income groups (field 0).
+    - `acc_wg` (GeoDE): the worst top-1 accuracy over regions (field 0).
+    """
+    labels = np.asarray(labels)
+    if name == "F1-macro_all":
+        return macro_f1(logits.argmax(dim=1).numpy(), labels)
+    k = 5 if name == "acc_top5_wg" else 1
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices.numpy()
+    hits = (top == labels[:, None]).any(axis=1)
+    groups = np.asarray(metadata).reshape(len(labels), -1)[:, 0]
+    return worst_group_accuracy(hits, groups)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from dataclasses import dataclass, replace
@@ -27,6 +28,12 @@ RECALL_CURVE_MAX_K = 50
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# `class_names` / `templates` specs read from a CLIP_benchmark WebDataset copy, next to its `<split>/` folders.
+WDS_CLASSNAMES = "wds:classnames.txt"
+WDS_TEMPLATES = "wds:zeroshot_classification_templates.txt"
+WDS_LAYOUT = "clip_benchmark_wds"
+
+
 @dataclass
 class EvalTask:
     """One evaluation: a task on one split of one dataset, with the columns it reads.
@@ -34,19 +41,31 @@ class EvalTask:
     Attributes:
         name: the dataset's name in results (`cifar10`, `demo`).
         task: one of `TASKS`.
-        source: anything `data.load_source` reads (Hub id, `save_to_disk` dir, files, WebDataset shards).
+        source: anything `data.load_source` reads (Hub id, `save_to_disk` dir, files, WebDataset shards); with
+            `layout="clip_benchmark_wds"`, a Hub dataset repository in CLIP_benchmark's WebDataset layout
+            (`clip-benchmark/wds_cifar10`) or a local copy of one.
         split: the evaluated split (the test split of a linear probe).
         image_column: `None` picks the dataset's only `datasets.Image` column.
         label_column: classification tasks: integer class ids (a `ClassLabel`) or class-name strings.
         caption_columns: retrieval: columns holding a caption or a list of captions; all count as matches.
-        class_names: a list or a name for `named_list`; `None`: the `ClassLabel` names, else the sorted
-            distinct strings of `label_column`.
+        class_names: a list or a name for `named_list` (`WDS_CLASSNAMES`: the copy's `classnames.txt`); `None`:
+            the `ClassLabel` names, else the sorted distinct strings of `label_column`.
         class_name_style: `"underscores"` turns `_` and `/` into spaces (Food-101, SUN397 folder names).
-        templates: a list or a name for `named_list`.
+        templates: a list or a name for `named_list` (`WDS_TEMPLATES`: the copy's template file).
         row_filter: `(column, value)`: keep only rows whose `column` equals `value` (Karpathy splits stored
-            as a column, as in Flickr30k on the Hub).
+            as a column).
         train_split, val_split: linear probe: the training split and an optional validation split (without one,
             `val_fraction` of the training rows, stratified, is held out).
+        layout: `"datasets"` (anything `data.load_source` reads) or `"clip_benchmark_wds"`: `<split>/N.tar`
+            shards (members `<key>.webp|png|jpg|jpeg`, `<key>.cls`, `<key>.txt`, `<key>.npy`), `<split>/
+            nshards.txt`, `classnames.txt`, `zeroshot_classification_templates.txt`, `dataset_type.txt`.
+        revision: the Hub revision of `source` (branch, tag or commit).
+        caption_lines: retrieval: a caption cell holds several captions, one per line (CLIP_benchmark's `.txt`).
+        main_metric: the metric a suite averages (DataComp's `main_metric`; `acc1` where it names none).
+        group_metric: a WILDS / fairness metric that needs each image's metadata (`.npy`, first field: the
+            group): `F1-macro_all`, `acc_worst_region`, `acc_top5_wg`, `acc_wg`.
+        expected_rows: the split's published row count; a copy with another count is logged and recorded.
+        title: the dataset's name in DataComp's tables (`Oxford Flowers-102`).
     """
 
     name: str
@@ -63,6 +82,13 @@ class EvalTask:
     train_split: str | None = None
     val_split: str | None = None
     val_fraction: float = 0.2
+    layout: Literal["datasets", "clip_benchmark_wds"] = "datasets"
+    revision: str | None = None
+    caption_lines: bool = False
+    main_metric: str | None = None
+    group_metric: str | None = None
+    expected_rows: int | None = None
+    title: str | None = None
 
     def __post_init__(self):
         self.task = TASK_ALIASES.get(self.task, self.task)
@@ -74,53 +100,150 @@ class EvalTask:
             raise ValueError(f"{self.name}: a {self.task} task needs label_column")
         if self.task == LINEAR_PROBE and not self.train_split:
             raise ValueError(f"{self.name}: a linear probe needs train_split")
+        if self.group_metric is not None and self.group_metric not in GROUP_METRICS:
+            raise ValueError(f"{self.name}: group_metric must be one of {GROUP_METRICS}, got {self.group_metric!r}")
+        if self.main_metric is None:
+            self.main_metric = {ZEROSHOT: "acc1", RETRIEVAL: "mean_recall@1", LINEAR_PROBE: "lp_acc1"}[self.task]
+        elif self.task == LINEAR_PROBE and not self.main_metric.startswith("lp_"):
+            self.main_metric = "lp_" + self.main_metric  # a classification preset turned into a linear probe
 
 
-def _classification(name, source, split, image, label, templates, class_names=None, train_split="train", **kw):
-    return EvalTask(name, ZEROSHOT, source, split, image, label, class_names=class_names, templates=templates,
-                    train_split=train_split, **kw)
+# WILDS and fairness metrics of DataComp's suite (eval_utils/wilds_eval.py, fairness_eval.py).
+GROUP_METRICS = ("F1-macro_all", "acc_worst_region", "acc_top5_wg", "acc_wg")
+MEAN_PER_CLASS_RECALL = "mean_per_class_recall"
+
+# ----------------------------------------------------------------------------------------------------------------
+# The benchmark presets: CLIP_benchmark's WebDataset copies on the Hub
+# ----------------------------------------------------------------------------------------------------------------
+# Every preset reads CLIP_benchmark's own WebDataset copy of its dataset: the images, the `.cls` label ids and
+# the `classnames.txt` / `zeroshot_classification_templates.txt` that CLIP_benchmark's `wds/` loader and DataComp's
+# evaluation read, so our numbers compare with theirs directly and label order cannot drift (a `.cls` id indexes
+# `classnames.txt`). What was checked for each is in docs/evaluation.md.
+
+CLIP_BENCHMARK_ORG = "clip-benchmark"
+# DataComp's evaluation downloads `djghosh/wds_<task>_test` (download_evalsets.py); the WILDS and fairness sets
+# are read from there, the copies DataComp scores, with their per-image metadata (`.npy`).
+DATACOMP_ORG = "djghosh"
 
 
-# Usual Hub layouts of the benchmarks (dataset id, split, columns). The 11 zero-shot datasets are those of ALIP's
-# Table 2 (CIFAR-10/100, Food-101, Pets, Flowers, SUN397, Cars, DTD, Caltech-101, Aircraft, ImageNet); templates
-# are CLIP's per dataset as CLIP_benchmark ships them. Class names: CLIP's curated lists where CLIP_benchmark has
-# them, else the dataset's own `ClassLabel` names; a list whose length differs from the label count is an error.
+def _wds(name: str, repo: str, title: str | None = None, rows: int | None = None, main: str | None = None,
+         group: str | None = None, train: bool = True, org: str = CLIP_BENCHMARK_ORG, revision: str = "main",
+         task: str = ZEROSHOT) -> EvalTask:
+    """A task on CLIP_benchmark's WebDataset copy `<org>/<repo>` (test split)."""
+    if task == RETRIEVAL:
+        return EvalTask(name, RETRIEVAL, f"{org}/{repo}", "test", caption_columns=("txt",), layout=WDS_LAYOUT,
+                        revision=revision, caption_lines=True, main_metric=main, expected_rows=rows, title=title)
+    return EvalTask(name, ZEROSHOT, f"{org}/{repo}", "test", label_column="cls", class_names=WDS_CLASSNAMES,
+                    templates=WDS_TEMPLATES, train_split="train" if train else None, layout=WDS_LAYOUT,
+                    revision=revision, main_metric=group or main, group_metric=group, expected_rows=rows, title=title)
+
+
+_MPCR = MEAN_PER_CLASS_RECALL
+# (preset, repository, DataComp's title, test rows as DataComp's tasklist.yml gives them, main metric)
+_DATACOMP_TASKS = [
+    _wds("caltech101", "wds_vtab-caltech101", "Caltech-101", 6085, _MPCR),
+    _wds("cifar10", "wds_cifar10", "CIFAR-10", 10000),
+    _wds("cifar100", "wds_vtab-cifar100", "CIFAR-100", 10000),
+    _wds("clevr_count_all", "wds_vtab-clevr_count_all", "CLEVR Counts", 15000),
+    _wds("clevr_closest_object_distance", "wds_vtab-clevr_closest_object_distance", "CLEVR Distance", 15000),
+    _wds("country211", "wds_country211", "Country211", 21100),
+    _wds("dtd", "wds_vtab-dtd", "Describable Textures", 1880),
+    _wds("eurosat", "wds_vtab-eurosat", "EuroSAT", 5400),
+    _wds("fgvc_aircraft", "wds_fgvc_aircraft", "FGVC Aircraft", 3333, _MPCR),
+    _wds("food101", "wds_food101", "Food-101", 25250),
+    _wds("gtsrb", "wds_gtsrb", "GTSRB", 12630),
+    _wds("imagenet1k", "wds_imagenet1k", "ImageNet 1k", 50000),
+    _wds("imagenet_sketch", "wds_imagenet_sketch", "ImageNet Sketch", 50889),
+    _wds("imagenetv2", "wds_imagenetv2", "ImageNet v2", 10000, train=False),
+    _wds("imagenet-a", "wds_imagenet-a", "ImageNet-A", 7500, train=False),
+    _wds("imagenet-o", "wds_imagenet-o", "ImageNet-O", 2000, train=False),
+    _wds("imagenet-r", "wds_imagenet-r", "ImageNet-R", 30000, train=False),
+    _wds("kitti_closest_vehicle_distance", "wds_vtab-kitti_closest_vehicle_distance", "KITTI Vehicle Distance", 711),
+    _wds("mnist", "wds_mnist", "MNIST", 10000),
+    _wds("objectnet", "wds_objectnet", "ObjectNet", 18574, train=False),
+    _wds("flowers", "wds_vtab-flowers", "Oxford Flowers-102", 6149, _MPCR),
+    _wds("pets", "wds_vtab-pets", "Oxford-IIIT Pet", 3669, _MPCR),
+    _wds("voc2007", "wds_voc2007", "Pascal VOC 2007", 14976),
+    _wds("pcam", "wds_vtab-pcam", "PatchCamelyon", 32768),
+    _wds("renderedsst2", "wds_renderedsst2", "Rendered SST2", 1821),
+    _wds("resisc45", "wds_vtab-resisc45", "RESISC45", 6300),
+    _wds("cars", "wds_cars", "Stanford Cars", 8041),
+    _wds("stl10", "wds_stl10", "STL-10", 8000),
+    _wds("sun397", "wds_sun397", "SUN397", 108754),
+    _wds("svhn", "wds_vtab-svhn", "SVHN", 26032),
+    # Karpathy test splits, five captions per image (DataComp reads nlphuji's copies of the same 1k / 5k images).
+    _wds("flickr30k", "wds_flickr30k", "Flickr", 1000, task=RETRIEVAL,
+         revision="f8af3ceee1b944bf761340682621dfafd23974d2"),
+    _wds("mscoco", "wds_mscoco_captions", "MSCOCO", 5000, task=RETRIEVAL),
+    _wds("iwildcam", "wds_wilds-iwildcam_test", "iWildCam", 42791, group="F1-macro_all", train=False,
+         org=DATACOMP_ORG),
+    _wds("camelyon17", "wds_wilds-camelyon17_test", "Camelyon17", 85054, train=False, org=DATACOMP_ORG),
+    _wds("fmow", "wds_wilds-fmow_test", "FMoW", 22108, group="acc_worst_region", train=False, org=DATACOMP_ORG),
+    _wds("dollar_street", "wds_dollar_street_test", "Dollar Street", 3503, group="acc_top5_wg", train=False,
+         org=DATACOMP_ORG),
+    _wds("geode", "wds_geode_test", "GeoDE", 12488, group="acc_wg", train=False, org=DATACOMP_ORG),
+]
+# DataComp's 38th task, WinoGAViL (a Jaccard score over cue/candidate-image associations), is not implemented: it
+# needs its own task type, and its data (nlphuji/winogavil) is published with a loading script.
+DATACOMP_UNSUPPORTED = {"winogavil": "WinoGAViL"}
+DATACOMP_NUM_TASKS = 38
+
+# The rest of CLIP_benchmark's `vtab` collection (clip_benchmark/datasets/builder.py, `dataset_collection`).
+_VTAB_EXTRA = [
+    _wds("diabetic_retinopathy", "wds_vtab-diabetic_retinopathy"),
+    _wds("dmlab", "wds_vtab-dmlab"),
+    _wds("dsprites_label_orientation", "wds_vtab-dsprites_label_orientation"),
+    _wds("dsprites_label_x_position", "wds_vtab-dsprites_label_x_position"),
+    _wds("smallnorb_label_azimuth", "wds_vtab-smallnorb_label_azimuth"),
+    _wds("smallnorb_label_elevation", "wds_vtab-smallnorb_label_elevation"),
+]
+
 PRESETS: dict[str, list[EvalTask]] = {
     "demo": [
         EvalTask("demo", ZEROSHOT, str(DEMO_DATA), "test", "image", "category", train_split="train",
                  templates=("clip art of {}.", "a drawing of {}.", "an illustration of {}.")),
         EvalTask("demo", RETRIEVAL, str(DEMO_DATA), "test", "image", caption_columns=("alt_text", "caption")),
     ],
-    "cifar10": [_classification("cifar10", "uoft-cs/cifar10", "test", "img", "label", "clip_benchmark:cifar10")],
-    "cifar100": [_classification("cifar100", "uoft-cs/cifar100", "test", "img", "fine_label",
-                                 "clip_benchmark:cifar100")],
-    "food101": [_classification("food101", "ethz/food101", "validation", "image", "label",
-                                "clip_benchmark:food101", class_name_style="underscores")],
-    "pets": [_classification("pets", "timm/oxford-iiit-pet", "test", "image", "label", "clip_benchmark:pets",
-                             "clip_benchmark:pets")],
-    "flowers": [_classification("flowers", "nelorth/oxford-flowers", "test", "image", "label",
-                                "clip_benchmark:flowers", "clip_benchmark:flowers")],
-    "sun397": [_classification("sun397", "tanganke/sun397", "test", "image", "label", "clip_benchmark:sun397",
-                               class_name_style="underscores")],
-    "cars": [_classification("cars", "tanganke/stanford_cars", "test", "image", "label", "clip_benchmark:cars")],
-    "dtd": [_classification("dtd", "tanganke/dtd", "test", "image", "label", "clip_benchmark:dtd")],
-    "caltech101": [_classification("caltech101", "flwrlabs/caltech101", "train", "image", "label",
-                                   "clip_benchmark:caltech101", train_split=None)],
-    "fgvc_aircraft": [_classification("fgvc_aircraft", "HuggingFaceM4/FGVC-Aircraft", "test", "image", "variant",
-                                      "clip_benchmark:fgvc_aircraft")],
-    "imagenet1k": [_classification("imagenet1k", "ILSVRC/imagenet-1k", "validation", "image", "label",
-                                   "openai_imagenet", "imagenet")],
-    # Karpathy test splits: 1000 Flickr30k images (split column), 5000 COCO images; five captions each.
-    "flickr30k": [EvalTask("flickr30k", RETRIEVAL, "nlphuji/flickr30k", "test", "image", caption_columns=("caption",),
-                           row_filter=("split", "test"))],
-    "mscoco": [EvalTask("mscoco", RETRIEVAL, "nlphuji/mscoco_2014_5k_test_image_text_retrieval", "test", "image",
-                        caption_columns=("caption",))],
+    **{t.name: [t] for t in _DATACOMP_TASKS + _VTAB_EXTRA},
 }
 PRESET_GROUPS = {
+    # The 11 zero-shot classification datasets of the ALIP paper's zero-shot table (arXiv 2308.08428).
     "alip_zeroshot": ["cifar10", "cifar100", "food101", "pets", "flowers", "sun397", "cars", "dtd", "caltech101",
                       "fgvc_aircraft", "imagenet1k"],
     "retrieval": ["flickr30k", "mscoco"],
+    # DataComp's evaluation suite (tasklist.yml), in its order, less WinoGAViL.
+    "datacomp": [t.name for t in _DATACOMP_TASKS],
+    # CLIP_benchmark's `vtab` collection, in its order.
+    "clip_benchmark_vtab": ["caltech101", "cifar100", "clevr_count_all", "clevr_closest_object_distance",
+                            "diabetic_retinopathy", "dmlab", "dsprites_label_orientation", "dsprites_label_x_position",
+                            "dtd", "eurosat", "kitti_closest_vehicle_distance", "flowers", "pets", "pcam", "resisc45",
+                            "smallnorb_label_azimuth", "smallnorb_label_elevation", "sun397", "svhn"],
 }
+# DataComp's aggregate groups (aggregate_scores.py), by preset name.
+DATACOMP_GROUPS = {
+    "ImageNet": ["imagenet1k"],
+    "ImageNet dist. shifts": ["imagenet_sketch", "imagenetv2", "imagenet-a", "imagenet-o", "imagenet-r", "objectnet"],
+    "VTAB": ["caltech101", "cifar100", "clevr_count_all", "clevr_closest_object_distance", "dtd", "eurosat",
+             "kitti_closest_vehicle_distance", "flowers", "pets", "pcam", "resisc45", "svhn", "sun397"],
+    "Retrieval": ["flickr30k", "mscoco", "winogavil"],
+}
+
+
+def unknown_preset_message(name: str) -> str:
+    """`name` is no preset: the valid names, and the closest ones."""
+    valid = sorted(PRESETS) + sorted(PRESET_GROUPS)
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown preset {name!r}.{hint} Presets: {sorted(PRESETS)}; groups: {sorted(PRESET_GROUPS)}"
+
+
+def with_data_root(task: EvalTask, data_root: str | os.PathLike | None) -> EvalTask:
+    """The task reading a local mirror: a Hub source `org/repo` becomes `<data_root>/<repo>` (what
+    `huggingface-cli download <org>/<repo> --repo-type dataset --local-dir <data_root>/<repo>` writes, and
+    DataComp's `--data_dir` layout for its `wds_<task>_test` copies); local sources stay."""
+    if data_root is None or os.path.exists(task.source):
+        return task
+    return replace(task, source=str(Path(data_root) / task.source.rstrip("/").split("/")[-1]), revision=None)
 
 
 def resolve_tasks(tasks, split: str | None = None) -> list[EvalTask]:
@@ -142,6 +265,9 @@ def resolve_tasks(tasks, split: str | None = None) -> list[EvalTask]:
         resolved = PRESETS[tasks]
     elif isinstance(tasks, str):
         preset = preset_of_source(tasks)
+        if preset is None and not os.path.exists(tasks) and "/" not in tasks:
+            # Neither a preset nor a local path nor a Hub id (`org/name`): a misspelt preset, most likely.
+            raise ValueError(unknown_preset_message(tasks))
         resolved = PRESETS[preset] if preset else [_contract_retrieval_task(tasks, split or "test")]
     else:
         raise TypeError(f"tasks: expected a preset name, a source or an EvalTask, got {type(tasks).__name__}")

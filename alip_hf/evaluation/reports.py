@@ -12,6 +12,9 @@ from pathlib import Path
 
 from alip_hf import data as data_lib
 from alip_hf.evaluation.presets import (
+    DATACOMP_GROUPS,
+    DATACOMP_NUM_TASKS,
+    DATACOMP_UNSUPPORTED,
     LINEAR_PROBE,
     PRESET_GROUPS,
     PRESETS,
@@ -32,9 +35,10 @@ logger = logging.getLogger(__name__)
 
 
 def records_from(results) -> list[dict]:
-    """Records from a results file payload, a list of records, or train.py's flat `eval/<dataset>/<metric>`."""
+    """Finished records from a results file payload, a list of records, or train.py's flat
+    `eval/<dataset>/<metric>` (a failed task's record, which has no metrics, is left out)."""
     if isinstance(results, dict) and "results" in results:
-        return list(results["results"])
+        return [r for r in results["results"] if r.get("status", "ok") == "ok"]
     if isinstance(results, dict):
         grouped: dict[tuple[str, str], dict] = {}
         for key, value in results.items():
@@ -43,7 +47,7 @@ def records_from(results) -> list[dict]:
                 metric = "/".join(parts[2:])
                 grouped.setdefault((parts[1], _task_of(metric)), {})[metric] = value
         return [{"dataset": d, "task": t, "split": "", "metrics": m} for (d, t), m in grouped.items()]
-    return list(results)
+    return [r for r in results if r.get("status", "ok") == "ok"]
 
 
 def _task_of(metric: str) -> str:
@@ -189,3 +193,115 @@ def eval_command(records: list[dict], eval_data: str | None = None) -> str:
         flags = ["--dataset", portable(eval_data), "--task", RETRIEVAL, "--split", split or "test",
                  "--caption_columns", *columns]
     return "python eval.py --model <this directory> " + shlex.join(flags)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Suites and comparisons across models
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def datacomp_summary(results) -> dict:
+    """DataComp's aggregate scores (aggregate_scores.py) from the records of `--preset datacomp`.
+
+    `average` is the mean of the main metrics (`main_score`) of the evaluated suite tasks, as DataComp averages its
+    38; `groups` are DataComp's (ImageNet, ImageNet dist. shifts, VTAB, Retrieval), each given only when all its
+    members were evaluated. `missing` names the suite tasks without a result (WinoGAViL always: not implemented
+    here), so an average over fewer than 38 is never mistaken for DataComp's.
+    """
+    suite = PRESET_GROUPS["datacomp"]
+    scores = {r["dataset"]: r.get("main_score") for r in records_from(results)
+              if r["dataset"] in suite and r["task"] in (ZEROSHOT, RETRIEVAL)}
+    scores = {name: value for name, value in scores.items() if value is not None}
+    missing = [name for name in suite if name not in scores] + sorted(DATACOMP_UNSUPPORTED)
+    groups = {group: (sum(scores[m] for m in members) / len(members) if all(m in scores for m in members) else None)
+              for group, members in DATACOMP_GROUPS.items()}
+    average = sum(scores.values()) / len(scores) if scores else None
+    return {"datacomp": {"average": average, "num_tasks": len(scores), "num_suite_tasks": DATACOMP_NUM_TASKS,
+                         "complete": len(scores) == DATACOMP_NUM_TASKS, "groups": groups, "missing": missing}}
+
+
+def _load_payload(path) -> dict:
+    payload = json.loads(Path(path).read_text(encoding="utf-8"))
+    if "results" not in payload:
+        raise ValueError(f"{path}: not an eval.py results file (no 'results')")
+    return payload
+
+
+def comparison(paths: list[str | os.PathLike]) -> tuple[list[str], list[str], dict]:
+    """`(models, rows, scores)` of several results files: one column per file (its model, or the file name when
+    two files hold the same model), one row per dataset and task, `scores[(row, model)]` the record's main metric
+    (`main_score`; results files written before it existed: acc1, or the mean of both recall@1)."""
+    payloads = [_load_payload(p) for p in paths]
+    names = [str(pl.get("model") or Path(p).stem) for pl, p in zip(payloads, paths)]
+    if len(set(names)) < len(names):
+        names = [str(p) for p in paths]
+    rows, scores = [], {}
+    for model, payload in zip(names, payloads):
+        for record in records_from(payload):
+            row = record["dataset"] if record["task"] != LINEAR_PROBE else f"{record['dataset']} (linear probe)"
+            if row not in rows:
+                rows.append(row)
+            scores[(row, model)] = _score_of(record)
+        for suite, summary in (payload.get("suites") or {}).items():
+            if summary.get("average") is not None:
+                row = f"{suite} average ({summary['num_tasks']}/{summary['num_suite_tasks']})"
+                if row not in rows:
+                    rows.append(row)
+                scores[(row, model)] = summary["average"]
+    return names, rows, scores
+
+
+def _score_of(record: dict) -> float | None:
+    if record.get("main_score") is not None:
+        return record["main_score"]
+    metrics = record["metrics"]
+    if record["task"] == RETRIEVAL and "text_retrieval_recall@1" in metrics:
+        return 0.5 * (metrics["text_retrieval_recall@1"] + metrics["image_retrieval_recall@1"])
+    return metrics.get("lp_acc1" if record["task"] == LINEAR_PROBE else "acc1")
+
+
+def comparison_table(paths: list[str | os.PathLike]) -> str:
+    """Markdown: datasets as rows, models as columns, each record's main metric in percent (the best of a row in
+    bold), and the mean over the rows every model has."""
+    models, rows, scores = comparison(paths)
+    lines = ["| dataset | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+    for row in rows:
+        values = [scores.get((row, m)) for m in models]
+        best = max((v for v in values if v is not None), default=None)
+        cells = [(f"**{_percent(v)}**" if v is not None and v == best and len(models) > 1 else _percent(v))
+                 for v in values]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    shared = [r for r in rows if " average (" not in r and all(scores.get((r, m)) is not None for m in models)]
+    if shared:
+        means = [sum(scores[(r, m)] for r in shared) / len(shared) for m in models]
+        lines.append(f"| mean of {len(shared)} shared rows | " + " | ".join(_percent(v) for v in means) + " |")
+    return "\n".join(lines)
+
+
+def plot_comparison(paths: list[str | os.PathLike], path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Grouped horizontal bars, one group per dataset and one bar per model (main metric, %), written to `path`:
+    vector PDF or SVG when its name ends in `.pdf` / `.svg`, else PNG."""
+    models, rows, scores = comparison(paths)
+    if not rows:
+        raise ValueError("no finished results to compare")
+    Figure, FigureCanvasAgg, _, _ = _matplotlib()
+    figure = Figure(figsize=(8.0, 1.2 + 0.3 * len(rows) * max(len(models), 1) ** 0.5 + 0.2 * len(rows)), dpi=dpi,
+                    layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    height = 0.8 / len(models)
+    for i, model in enumerate(models):
+        positions = [r + (i - (len(models) - 1) / 2) * height for r in range(len(rows))]
+        values = [100 * (scores.get((row, model)) or 0.0) for row in rows]
+        ax.barh(positions, values, height=height, label=Path(model).name or model)
+    ax.set_yticks(range(len(rows)), rows, fontsize=8)
+    ax.invert_yaxis()  # first dataset on top, as in the table
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("main metric (%)")
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    suffix = Path(path).suffix.lower().lstrip(".")
+    file_format = suffix if suffix in ("pdf", "svg") else "png"
+    with replaced_atomically(path, "wb") as file:
+        figure.savefig(file, format=file_format, dpi=dpi)
+    return Path(path)

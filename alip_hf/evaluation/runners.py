@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from alip_hf.evaluation.classnames import check_templates, named_list
+from alip_hf import data as data_lib
+from alip_hf.evaluation.classnames import check_templates
 from alip_hf.evaluation.features import (
+    AUTOCAST_DTYPES,
     ClassifierCache,
     encode_images,
     encode_texts,
@@ -21,10 +27,13 @@ from alip_hf.evaluation.loading import (
     captions_per_image,
     class_names_and_labels,
     load_split,
+    resolve_list,
 )
 from alip_hf.evaluation.metrics import (
     classification_metrics,
+    group_metric,
     linear_probe,
+    mean_recall_at_1,
     recall_curve,
     retrieval_metrics,
 )
@@ -37,7 +46,9 @@ from alip_hf.evaluation.presets import (
     EvalTask,
     resolve_tasks,
 )
+from alip_hf.io import write_json_atomic
 from alip_hf.models import core_model
+from alip_hf.schema import ID
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +72,15 @@ class EvalSettings:
     max_samples: int | None = None  # evaluate the first N rows only (smoke runs; recorded in the results)
     seed: int = 0
     recall_curve_max_k: int = RECALL_CURVE_MAX_K  # retrieval: the recall curve's last k (0: no curve)
+    dtype: str = "fp32"  # autocast dtype of the towers (`AUTOCAST_DTYPES`); similarities are float32 always
+
+    def __post_init__(self):
+        if self.dtype not in AUTOCAST_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(AUTOCAST_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def autocast_dtype(self):
+        return AUTOCAST_DTYPES[self.dtype]
 
 
 def _limit(dataset, settings: EvalSettings):
@@ -90,12 +110,18 @@ class SplitFeatures:
     def __call__(self, task: EvalTask, split: str, role: str = "") -> tuple[Any, torch.Tensor, Any]:
         """`(evaluated rows of the split, their image features (N, D), the whole split)`."""
         full_dataset, image_column = load_split(task, split)
+        if task.expected_rows is not None and split == task.split and len(full_dataset) != task.expected_rows:
+            logger.warning("%s: %s split %r has %d rows, the published copy %d: scores are not comparable with "
+                           "published ones", task.name, task.source, split, len(full_dataset), task.expected_rows)
         dataset = _limit(full_dataset, self.settings)
-        key = (task.source, split, task.row_filter, image_column, len(dataset))
+        key = (task.source, task.revision, split, task.row_filter, image_column, len(dataset))
         if key not in self.features:
             self.features[key] = encode_images(self.model, self.processor, dataset[image_column],
                                                self.settings.batch_size, self.accelerator,
-                                               desc=f"{task.name} {role or split} images")
+                                               desc=f"{task.name} {role or split} images",
+                                               autocast_dtype=self.settings.autocast_dtype,
+                                               row_ids=dataset[ID] if ID in dataset.column_names else None,
+                                               source=f"{task.source} split {split!r}")
         return dataset, self.features[key], full_dataset
 
 
@@ -104,12 +130,17 @@ def run_zeroshot(model, processor, task: EvalTask, settings: EvalSettings, image
     dataset, image_embeds, full_dataset = images(task, task.split)
     names, labels = class_names_and_labels(task, dataset, full_dataset)
     empty = _warn_empty_classes(task, names, labels)
-    templates = check_templates(named_list(task.templates, "templates"))
-    classifier = zeroshot_classifier(model, processor, names, templates, settings.text_batch_size, accelerator, cache)
-    logits = ZEROSHOT_LOGIT_SCALE * image_embeds @ classifier
-    details = {"num_images": len(labels), "num_classes": len(names), "num_templates": len(templates),
-               "classes_without_images": len(empty)}
-    return {"metrics": classification_metrics(logits, labels), **details}
+    templates = check_templates(resolve_list(task, task.templates, "templates"))
+    classifier = zeroshot_classifier(model, processor, names, templates, settings.text_batch_size, accelerator, cache,
+                                     autocast_dtype=settings.autocast_dtype)
+    logits = ZEROSHOT_LOGIT_SCALE * image_embeds @ classifier  # float32: the features are
+    metrics = classification_metrics(logits, labels)
+    if task.group_metric is not None:
+        data_lib.require_columns(dataset, {"group metadata": "npy"})
+        metrics[task.group_metric] = group_metric(task.group_metric, logits, labels, np.asarray(dataset["npy"]))
+    details = {"num_images": len(labels), "num_rows": len(full_dataset), "num_classes": len(names),
+               "num_templates": len(templates), "classes_without_images": len(empty)}
+    return {"metrics": metrics, **details}
 
 
 def run_retrieval(model, processor, task: EvalTask, settings: EvalSettings, images: SplitFeatures,
@@ -117,7 +148,7 @@ def run_retrieval(model, processor, task: EvalTask, settings: EvalSettings, imag
     dataset, image_embeds, _ = images(task, task.split)
     texts, text_image_index = captions_per_image(task, dataset)
     text_embeds = encode_texts(model, processor, texts, settings.text_batch_size, accelerator,
-                               desc=f"{task.name} captions")
+                               desc=f"{task.name} captions", autocast_dtype=settings.autocast_dtype)
     metrics = retrieval_metrics(image_embeds, text_embeds, text_image_index, settings.recall_ks)
     # Kept out of `metrics`, whose scalar names are CLIP_benchmark's (and train.py's logged keys).
     curve = {}
@@ -156,25 +187,124 @@ def run_linear_probe(model, processor, task: EvalTask, settings: EvalSettings, i
 RUNNERS = {ZEROSHOT: run_zeroshot, RETRIEVAL: run_retrieval, LINEAR_PROBE: run_linear_probe}
 
 
+def main_score(task: EvalTask, metrics: dict) -> float | None:
+    """The value of the task's main metric (`mean_recall@1`, DataComp's retrieval score, is derived)."""
+    if task.main_metric == "mean_recall@1":
+        return mean_recall_at_1(metrics) if "text_retrieval_recall@1" in metrics else None
+    return metrics.get(task.main_metric)
+
+
+def run_task(model, processor, task: EvalTask, settings: EvalSettings, images: SplitFeatures, accelerator=None,
+             cache: ClassifierCache | None = None, model_name: str = "model") -> dict:
+    """One task's record in CLIP_benchmark's shape (`dataset`, `model`, `task`, `metrics`) plus the split,
+    source, sizes, settings, the main metric and its value (`main_score`)."""
+    start = time.perf_counter()
+    result = RUNNERS[task.task](model, processor, task, settings, images, accelerator, cache)
+    logger.info("%s %s: %s", task.name, task.task, result["metrics"])
+    record = {"dataset": task.name, "model": model_name, "task": task.task, "split": task.split,
+              "source": task.source, **result, "settings": asdict(settings),
+              "seconds": round(time.perf_counter() - start, 3),
+              "status": "ok", "main_metric": task.main_metric, "main_score": main_score(task, result["metrics"])}
+    if task.revision:
+        record["revision"] = task.revision
+    if task.expected_rows is not None:
+        record["expected_rows"] = task.expected_rows
+    return record
+
+
 def run_evaluation(model, processor, tasks, split: str | None = None, accelerator=None,
                    settings: EvalSettings | None = None, cache: ClassifierCache | None = None,
                    model_name: str | None = None) -> list[dict]:
-    """Runs every task; returns one record per task in CLIP_benchmark's shape (`dataset`, `model`, `task`,
-    `metrics`) plus the split, source, sizes and settings. Every process returns the same records."""
+    """Runs every task; returns one record per task (`run_task`). Every process returns the same records; an
+    error stops the run (`run_and_save` records it and goes on)."""
     settings = settings or EvalSettings()
-    config = getattr(core_model(model, accelerator), "config", None)
-    model_name = model_name or getattr(config, "name_or_path", "") or "model"
+    model_name = model_name or _model_name(model, accelerator)
     images = SplitFeatures(model, processor, settings, accelerator)
-    records = []
-    for task in resolve_tasks(tasks, split):
-        start = time.perf_counter()
-        result = RUNNERS[task.task](model, processor, task, settings, images, accelerator, cache)
-        records.append({
-            "dataset": task.name, "model": model_name, "task": task.task, "split": task.split,
-            "source": task.source, **result, "settings": asdict(settings),
-            "seconds": round(time.perf_counter() - start, 3),
-        })
-        logger.info("%s %s: %s", task.name, task.task, result["metrics"])
+    return [run_task(model, processor, task, settings, images, accelerator, cache, model_name)
+            for task in resolve_tasks(tasks, split)]
+
+
+def _model_name(model, accelerator=None) -> str:
+    config = getattr(core_model(model, accelerator), "config", None)
+    return getattr(config, "name_or_path", "") or "model"
+
+
+def record_key(record: dict) -> tuple:
+    """What identifies a result within a results file: dataset, task and split."""
+    return record["dataset"], record["task"], record.get("split")
+
+
+def run_and_save(model, processor, tasks: list[EvalTask], output: str | os.PathLike, accelerator=None,
+                 settings: EvalSettings | None = None, cache: ClassifierCache | None = None,
+                 model_name: str | None = None, summarize=None) -> dict:
+    """Runs the tasks one by one, rewriting the results file `output` (atomically) after each, so that a crash
+    loses only the task in progress; a rerun skips the tasks `output` already holds as finished and retries
+    failed ones. A task that raises is recorded with `status: "failed"` and its error, and the others still run.
+
+    Args:
+        summarize: `records -> dict` of suite summaries stored under `"suites"` (e.g. DataComp's average).
+
+    Returns:
+        The payload written: `{"model", "created", "num_processes", "results": [...], "suites": {...}}`.
+
+    Raises:
+        ValueError: `output` holds results of another model or of other settings (a rerun must not mix them).
+    """
+    settings = settings or EvalSettings()
+    model_name = model_name or _model_name(model, accelerator)
+    main = accelerator is None or accelerator.is_main_process
+    records = _finished_records(output, model_name, settings)
+    done = {record_key(r) for r in records if r.get("status", "ok") == "ok"}
+    images = SplitFeatures(model, processor, settings, accelerator)
+    payload = {}
+    for task in tasks:
+        key = (task.name, task.task, task.split)
+        if images.features and all(source != task.source for source, *_ in images.features):
+            images.features.clear()  # a suite's datasets one after another: keep only the current one's features
+        if key in done:
+            logger.info("%s %s: already in %s, skipped", task.name, task.task, output)
+            continue
+        try:
+            record = run_task(model, processor, task, settings, images, accelerator, cache, model_name)
+        except Exception as error:  # recorded, and the suite goes on: one broken dataset must not lose the rest
+            logger.exception("%s %s failed", task.name, task.task)
+            record = {"dataset": task.name, "model": model_name, "task": task.task, "split": task.split,
+                      "source": task.source, "status": "failed", "error": f"{type(error).__name__}: {error}",
+                      "settings": asdict(settings)}
+        records = [r for r in records if record_key(r) != key] + [record]
+        payload = _payload(model_name, records, accelerator, summarize)
+        if main:
+            write_json_atomic(output, payload)
+    payload = _payload(model_name, records, accelerator, summarize)
+    if main:
+        write_json_atomic(output, payload)
+    return payload
+
+
+def _payload(model_name: str, records: list[dict], accelerator, summarize) -> dict:
+    payload = {"model": model_name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "num_processes": accelerator.num_processes if accelerator is not None else 1, "results": records}
+    if summarize is not None:
+        payload["suites"] = summarize(records)
+    return payload
+
+
+def _finished_records(output, model_name: str, settings: EvalSettings) -> list[dict]:
+    """The records of an earlier run in `output`, if any; refuses a file of another model or other settings."""
+    path = Path(output)
+    if not path.exists():
+        return []
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    if previous.get("model") != model_name:
+        raise ValueError(f"{output} holds results of model {previous.get('model')!r}, not {model_name!r}: "
+                         "pass another --output (a results file is one model's)")
+    records = list(previous.get("results", []))
+    ours = json.loads(json.dumps(asdict(settings)))  # as stored: tuples become lists
+    for record in records:
+        if record.get("status", "ok") == "ok" and record.get("settings") != ours:
+            raise ValueError(f"{output}: {record['dataset']} {record['task']} was evaluated with settings "
+                             f"{record.get('settings')}, this run uses {ours}: pass another --output, or the same "
+                             "settings to resume")
     return records
 
 

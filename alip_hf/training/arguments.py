@@ -22,6 +22,7 @@ from alip_hf.io import write_text_atomic
 from alip_hf.resources import DEMO_DATA, run_config
 
 logger = logging.getLogger(__name__)
+DEMO_DATA_NAME = "demo"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -81,7 +82,8 @@ class DataArguments:
 
     train_data: str = field(
         default=str(DEMO_DATA),
-        metadata={"help": "Training data: save_to_disk dir, parquet/json/csv files or glob, WebDataset tars, Hub id."},
+        metadata={"help": "Training data: save_to_disk dir, parquet/json/csv files or glob, WebDataset tars, Hub id; "
+                          "'demo': the bundled demo data."},
     )
     dataset_config_name: str | None = field(default=None, metadata={
         "help": "Configuration (subset) of a Hub dataset or dataset directory given as --train_data."})
@@ -117,6 +119,9 @@ class DataArguments:
             self.eval_data = str(DEMO_DATA) if is_demo_data(self.train_data) else None
         elif self.eval_data.lower() == "none":
             self.eval_data = None
+        # `demo` names the bundled demo data wherever the package is installed (the packaged run YAMLs use it).
+        self.train_data = str(DEMO_DATA) if self.train_data == DEMO_DATA_NAME else self.train_data
+        self.eval_data = str(DEMO_DATA) if self.eval_data == DEMO_DATA_NAME else self.eval_data
 
 
 def is_demo_data(source: str) -> bool:

@@ -36,18 +36,24 @@ def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes
                      accelerator: Accelerator, start_step: int, cache_dir: str | None = None) -> TrainData:
     """Loads, checks columns, validates rows, and builds the per-process DataLoader of micro-batches that
     starts at optimizer step `start_step` (`cache_dir`: `--cache_dir`, where Hub data is cached)."""
+    check_global_batch(train, accelerator.num_processes)
+    source = f"--train_data {args.train_data} (split {args.train_split!r})"
     dataset = data.load_source(args.train_data, split=args.train_split, streaming=args.streaming,
                                config_name=args.dataset_config_name, cache_dir=cache_dir)
     if args.max_train_samples is not None:  # the first N rows, before validation (as run_clip.py)
         dataset = (dataset.take(args.max_train_samples) if args.streaming
                    else dataset.select(range(min(args.max_train_samples, len(dataset)))))
     data.require_columns(dataset, {data.IMAGE: args.image_column, **recipe.columns()})
+    data.require_text_columns(dataset, recipe.columns(), source)
+    if not args.streaming and len(dataset) == 0:
+        raise ValueError(f"{source} has no rows")
     dataset = data.undecoded_images(dataset, args.image_column)
     transform = data.ImageTransform.from_image_processor(
         processor.image_processor, train=True, crop_scale=(args.crop_scale_min, args.crop_scale_max))
-    build = data.ExampleBuilder(args.image_column, recipe.text_selector(), transform, seed=train.seed)
-    # The processor's text cleaning (CLIP's ftfy + whitespace + lower-case for the CLIP tokenizer) applies too.
+    # The processor's text cleaning (CLIP's ftfy + whitespace + lower-case for the CLIP tokenizer) applies too;
+    # the builder uses it to skip (and count) texts that clean to nothing, which would train as empty prompts.
     clean = clean_clip_text if processor.text_cleaning != "none" else None
+    build = data.ExampleBuilder(args.image_column, recipe.text_selector(), transform, seed=train.seed, clean=clean)
     collate = data.Collator(processor.tokenizer, max_length=args.max_text_length, clean=clean)
     batch = train.per_device_train_batch_size
     common = dict(collate_fn=collate, num_workers=args.dataloader_num_workers,
@@ -59,13 +65,16 @@ def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes
         if args.shuffle_buffer:
             dataset = dataset.shuffle(seed=train.seed, buffer_size=args.shuffle_buffer)
         dataset = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
-        stream = data.StreamingExamples(dataset, build, rank=accelerator.process_index)
+        stream = data.StreamingExamples(dataset, build, rank=accelerator.process_index, source=source)
         loader = torch.utils.data.DataLoader(stream, batch_size=batch, drop_last=True, **common)
         return TrainData(loader, steps_for(train, accelerator, None), None,
                          {"skipped_images": 0, "skipped_texts": 0}, resume_skips_batches=True)
     dataset = dataset.select_columns([args.image_column, *recipe.columns().values()])
     with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
         dataset, skipped = data.filter_valid_rows(dataset, build, num_proc=args.preprocessing_num_proc)
+    if len(dataset) == 0:
+        raise ValueError(f"no usable row in {source}: {skipped['skipped_images']} unreadable images, "
+                         f"{skipped['skipped_texts']} missing or empty texts in columns {list(recipe.columns().values())}")
     max_steps = steps_for(train, accelerator, len(dataset))
     sampler = data.GlobalBatchSampler(
         len(dataset), batch, num_batches=max_steps * train.gradient_accumulation_steps,
@@ -73,6 +82,26 @@ def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes
         start=start_step * train.gradient_accumulation_steps)
     loader = torch.utils.data.DataLoader(data.MapStyleExamples(dataset, build), batch_sampler=sampler, **common)
     return TrainData(loader, max_steps, len(dataset), skipped, resume_skips_batches=False)
+
+
+def check_global_batch(train: TrainArguments, num_processes: int) -> None:
+    """Refuses a global batch of one pair: its contrastive loss has no negative and is identically 0."""
+    global_batch = train.per_device_train_batch_size * num_processes * train.gradient_accumulation_steps
+    if global_batch < 2:
+        raise ValueError(
+            f"a global batch of {global_batch} (--per_device_train_batch_size {train.per_device_train_batch_size} "
+            f"x {num_processes} process(es) x --gradient_accumulation_steps {train.gradient_accumulation_steps}) "
+            "holds one image-text pair: the contrastive loss has no negative and is identically 0; use at least 2")
+
+
+def check_text_context(args: DataArguments, model) -> None:
+    """Refuses `--max_text_length` beyond the text tower's position embeddings, naming both numbers (a longer
+    text would otherwise crash the first batch that holds one)."""
+    context = model.config.text_config.max_position_embeddings
+    if args.max_text_length > context:
+        raise ValueError(f"--max_text_length {args.max_text_length} exceeds the model's text context of {context} "
+                         "positions (text_config.max_position_embeddings); pass --max_text_length "
+                         f"{context} or less")
 
 
 def steps_for(train: TrainArguments, accelerator: Accelerator, num_rows: int | None) -> int:

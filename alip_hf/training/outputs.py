@@ -1,5 +1,5 @@
 """What a finished run leaves: evaluation during training, the saved model and processor, the CLIPModel
-export, the model card and the Hub upload."""
+export, open_clip's files, the model card and the Hub upload."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from alip_hf.hub import HubOptions, push_folder
 from alip_hf.io import apply_default_permissions, make_staging_dir, move_files_into, write_text_atomic
 from modeling_alip import ALIPModel
 from modeling_alip.convert_to_clip import export_to_clip
+from modeling_alip.convert_to_open_clip import export_to_open_clip
 
 if TYPE_CHECKING:
     from alip_hf.training.arguments import DataArguments
@@ -60,6 +61,10 @@ def save_outputs(model: ALIPModel, processor, output_dir: str, results: dict[str
     apply_default_permissions(tmp)  # safetensors writes 0600
     move_files_into(tmp, out)  # each file replaced atomically; checkpoints and logs stay
     export_to_clip(model, str(out / "clip_export"), processor=processor, overwrite=True)
+    try:  # open_clip's files beside the transformers ones: CLIP_benchmark and DataComp's evaluation load them
+        export_to_open_clip(model, out, processor=processor)
+    except ValueError as error:  # a model open_clip's CLIP cannot express (e.g. VeCLIP's T5 tokenizer)
+        logger.info("not written in open_clip's format: %s", error)
     write_text_atomic(out / "README.md", model_card(out, results))
 
 

@@ -22,7 +22,7 @@ from alip_hf.training.arguments import (
     save_args,
 )
 from alip_hf.training.checkpoints import STATE_FILE, checkpoint_dir, load_checkpoint, resolve_checkpoint
-from alip_hf.training.data import build_train_data
+from alip_hf.training.data import build_train_data, check_text_context
 from alip_hf.training.loop import train_loop
 from alip_hf.training.optim import build_optimizer
 from alip_hf.training.outputs import (
@@ -57,6 +57,7 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, train_arg
 
     model = build_model(model_args)
     processor = build_processor(model_args, core_model(model, accelerator))
+    check_text_context(data_args, core_model(model, accelerator))
 
     resume_path = resolve_checkpoint(train_args.resume_from_checkpoint, train_args.output_dir)
     start_step = json.loads((resume_path / STATE_FILE).read_text())["global_step"] if resume_path else 0

@@ -103,8 +103,9 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, train_arg
     return metrics
 
 
-# What a finished or interrupted run leaves in its output directory (see outputs.save_outputs).
-RUN_MARKERS = (ARGS_FILE, METRICS_FILE, "model.safetensors", "checkpoints")
+# What a run that trained leaves in its output directory (outputs.save_outputs, checkpoints, the metrics log).
+# train_args.yaml alone is not one: a run that failed before its first step (bad data, say) may be rerun.
+RUN_MARKERS = (METRICS_FILE, "model.safetensors", "checkpoints")
 
 
 def check_output_dir(train_args: TrainArguments, accelerator: Accelerator):

@@ -23,9 +23,9 @@ from huggingface_hub import HfApi, get_token
 logger = logging.getLogger(__name__)
 
 # Never uploaded from a run's directory: resumable checkpoints (optimizer state, large and private to the
-# run), atomic writers' temporary files, and TensorBoard's event files stay local.
+# run), atomic writers' temporary files and the run's lock file stay local.
 # (fnmatch patterns on paths relative to the folder; `*` also matches `/`.)
-RUN_IGNORE_PATTERNS = ["checkpoints/*", ".*tmp*", "*/.*tmp*", "*.tmp"]
+RUN_IGNORE_PATTERNS = ["checkpoints/*", ".*tmp*", "*/.*tmp*", "*.tmp", ".train.lock"]
 NO_TOKEN_MESSAGE = ("pushing to the Hub needs a token with write access: pass --hub_token, set the HF_TOKEN "
                     "environment variable, or log in once with `hf auth login`")
 

@@ -1,50 +1,97 @@
-"""Training recipes: CLIP, ALIP and VeCLIP as small strategy objects, looked up once by name.
+"""Training recipes: CLIP, ALIP and VeCLIP as strategy objects, looked up once by name.
 
-A recipe owns everything that differs between the three methods: which text columns it reads, how it draws
-the text(s) of a sample, how the loss is called and which metrics it reports. `train.py` calls
-`get_recipe(name, args)` once; no other module tests a recipe name. Combinations come from arguments: ALIP with
-VeCap as its second text is `--recipe alip --caption_column vecap`; CLIP on synthetic captions only is
-`--recipe clip --text_column caption`.
+A recipe owns everything that differs between the three methods:
+- its arguments (`RecipeArguments` subclasses; a flag of another recipe is an error, see `resolve_arguments`),
+- the text columns it reads and how it draws the text(s) of a sample (`columns`, `text_selector`),
+- the embeddings one step needs (`embed`): exact gradient accumulation caches them for all micro-batches and
+  replays one micro-batch at a time with gradient (`alip_hf.training.loop.forward_backward`),
+- what is computed once per optimizer step on the whole cached batch (`step_state`: ALIP's gates),
+- how the loss is formed from the embeddings (`loss`, with `modeling_alip`'s gates and `contrastive_loss`),
+- the metrics it logs (`metrics`).
+Training looks the recipe up once (`get_recipe`); no other module tests a recipe name. Combinations come from
+arguments: ALIP with VeCap as its second text is `--recipe alip --caption_column vecap`; CLIP on synthetic
+captions only is `--recipe clip --text_column caption`.
 
 - `clip`: image + one web text (`alt_text`), symmetric InfoNCE (Radford et al. 2021).
 - `alip`: image + web text + synthetic caption, bi-path adaptive contrastive loss weighted by the LCG and DCG
   gates (Yang et al., ICCV 2023, arXiv 2308.08428).
 - `veclip`: image + one text drawn per sample: the VeCap rewrite with probability `vecap_probability`, else the
   AltText (Lai et al., arXiv 2310.07699, "mixed" training; the paper's best mix is 50/50).
+
+Only numpy is imported at module level (argument parsing and `--help` read this module); torch and
+`modeling_alip` are imported where a step runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 import numpy as np
 
 from alip_hf import schema
 
+if TYPE_CHECKING:
+    import torch
+
+    from modeling_alip import ALIPModel
+    from modeling_alip.gates import GateOutput
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments: the ones every recipe reads, then each recipe's own
+# ----------------------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class RecipeArguments:
-    """Which method trains the model, and the columns it reads."""
+    """Which method trains the model, and the text column every recipe reads."""
 
     _argument_group_name = "recipe"
 
     recipe: Literal["clip", "alip", "veclip"] = field(default="alip", metadata={"help": "Training method."})
     text_column: str = field(default=schema.ALT_TEXT, metadata={"help": "Column of the web text (AltText)."})
-    caption_column: str = field(
-        default=schema.CAPTION,
-        metadata={"help": "Column of the second text of the bi-path recipe (synthetic caption, or 'vecap')."},
-    )
-    vecap_column: str = field(default=schema.VECAP, metadata={"help": "Column of the VeCap rewrite (mixed recipe)."})
-    vecap_probability: float = field(
-        default=0.5, metadata={"help": "Mixed recipe: probability of drawing the VeCap text instead of the AltText."}
-    )
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
             raise ValueError(f"--recipe {self.recipe!r} is not one of {sorted(RECIPES)}")
+        owner = RECIPES[self.recipe].Arguments
+        if type(self) is not RecipeArguments and type(self) is not owner:
+            raise ValueError(f"{type(self).__name__} holds arguments of another recipe than --recipe {self.recipe}")
+
+
+@dataclass
+class AlipArguments(RecipeArguments):
+    """Arguments of `--recipe alip`."""
+
+    caption_column: str = field(
+        default=schema.CAPTION,
+        metadata={"help": "Column of the second text of the bi-path loss (synthetic caption, or vecap)."},
+    )
+
+
+@dataclass
+class VeclipArguments(RecipeArguments):
+    """Arguments of `--recipe veclip`."""
+
+    recipe: Literal["clip", "alip", "veclip"] = field(default="veclip", metadata={"help": "Training method."})
+    vecap_column: str = field(default=schema.VECAP, metadata={"help": "Column of the VeCap rewrite."})
+    vecap_probability: float = field(
+        default=0.5, metadata={"help": "Probability of drawing the VeCap text instead of the AltText per sample."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
         if not 0.0 <= self.vecap_probability <= 1.0:
             raise ValueError(f"--vecap_probability must be in [0, 1], got {self.vecap_probability}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a recipe hands the training loop
+# ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -52,23 +99,44 @@ class TextSelector:
     """How a recipe picks the text(s) of one sample.
 
     `select(example, rng)` returns `({"text": str, "caption": str | None}, stats)` where `stats` holds integer
-    counts to sum over a batch (e.g. how many samples drew the VeCap text). 
+    counts to sum over a batch (e.g. how many samples drew the VeCap text).
     """
 
     columns: dict[str, str]
     select: Callable[[dict, np.random.Generator], tuple[dict[str, str | None], dict[str, int]]]
 
 
+@dataclass
+class StepLoss:
+    """The loss of one optimizer step (the whole global batch) and what its metrics read.
+
+    Attributes:
+        loss: `()` the scalar that is back-propagated.
+        parts: `()` scalars by name, e.g. `{"text": ..., "caption": ...}` for the two paths of ALIP.
+        gates: ALIP's gate values of the global batch (`(N,)` tensors), `None` for recipes without gates.
+    """
+
+    loss: torch.Tensor
+    parts: dict[str, torch.Tensor]
+    gates: GateOutput | None = None
+
 
 def _mean(x) -> float:
     return float(x.float().mean())
 
 
-class Recipe:
-    """Base strategy: one text per image (CLIP). Subclasses override what differs."""
+# ----------------------------------------------------------------------------------------------------------------
+# The recipes
+# ----------------------------------------------------------------------------------------------------------------
 
-    name = "clip"
-    uses_caption = False  # whether batches carry a second text path
+
+class Recipe:
+    """Base strategy: one text per image and the symmetric InfoNCE loss (CLIP). Subclasses override what differs."""
+
+    name: ClassVar[str] = "clip"
+    Arguments: ClassVar[type[RecipeArguments]] = RecipeArguments
+    # Output fields of `ALIPModel.forward` one step reads: `embed` returns them as `{short name: (B, D)}`.
+    EMBEDDINGS: ClassVar[dict[str, str]] = {"image": "image_embeds", "text": "text_embeds"}
 
     def __init__(self, args: RecipeArguments):
         self.args = args
@@ -81,17 +149,40 @@ class Recipe:
         column = self.args.text_column
         return TextSelector(self.columns(), lambda row, rng: ({"text": row[column], "caption": None}, {}))
 
-    def loss(self, model, output, local_loss: bool, gates=None):
-        """Fills `output.loss` (and its parts) from the output's embeddings; see `ALIPModel.compute_loss`."""
-        return model.compute_loss(output, local_loss=local_loss, gates=gates)
+    def embed(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`(B, D)` L2-normalised embeddings of one micro-batch, by name.
 
-    def compute_gates(self, model, image_embeds, text_embeds, caption_embeds):
-        """Gate values for a whole (cached) global batch, or `None` when the recipe has no gates."""
+        `model` is the prepared (DDP-wrapped) model: calling it, not the unwrapped one, lets DDP synchronise
+        the gradients of the replayed micro-batch.
+        """
+        output = model(**batch, return_loss=False)
+        return {name: getattr(output, field_name) for name, field_name in self.EMBEDDINGS.items()}
+
+    def step_state(self, core: ALIPModel, embeds: dict[str, torch.Tensor]) -> Any:
+        """What is computed once per optimizer step from the cached, detached embeddings of all `k`
+        micro-batches (each `(k*B, D)`), and shared by the `k` replayed losses; `None` here."""
         return None
 
-    def metrics(self, output, stats: dict[str, int], num_samples: int) -> dict[str, float]:
+    def loss(self, core: ALIPModel, embeds: dict[str, torch.Tensor], local_loss: bool, state: Any = None) -> StepLoss:
+        """CLIP's symmetric InfoNCE on the global batch (embeddings gathered across processes with gradient).
+
+        Args:
+            core: the unwrapped `ALIPModel` (its `logit_scale`).
+            embeds: `{"image": (B, D), "text": (B, D)}` local embeddings of the whole step's batch.
+            local_loss: loss of this process's rows against the global batch (see `contrastive_loss`).
+            state: `step_state`'s result under accumulation, else `None`.
+        """
+        from modeling_alip.loss import contrastive_loss, gather_features
+
+        # Loss in float32 whatever the autocast dtype, as the official code does (`.float()`).
+        (image, text), local_rows = gather_features(embeds["image"].float(), embeds["text"].float())
+        logit_scale = core.logit_scale.exp().float()
+        loss_text, _ = contrastive_loss(image, text, logit_scale, local_rows=local_rows if local_loss else None)
+        return StepLoss(loss_text, {"text": loss_text})
+
+    def metrics(self, output: StepLoss, stats: dict[str, int], num_samples: int) -> dict[str, float]:
         """Scalars to log for one optimizer step (slash-namespaced keys)."""
-        return {"loss/total": output.loss.item(), "loss/text": output.loss_text.item()}
+        return {"loss/total": output.loss.item(), **{f"loss/{k}": v.item() for k, v in output.parts.items()}}
 
 
 class ClipRecipe(Recipe):
@@ -99,8 +190,11 @@ class ClipRecipe(Recipe):
 
 
 class AlipRecipe(Recipe):
+    """Bi-path adaptive contrastive loss: (image, web text) and (image, caption), weighted by the gates."""
+
     name = "alip"
-    uses_caption = True
+    Arguments = AlipArguments
+    EMBEDDINGS = {"image": "image_embeds", "text": "text_embeds", "caption": "caption_embeds"}
 
     def columns(self) -> dict[str, str]:
         # The caption's role decides the hint given when it is missing (run recaption.caption or .rewrite).
@@ -111,15 +205,39 @@ class AlipRecipe(Recipe):
         text, caption = self.args.text_column, self.args.caption_column
         return TextSelector(self.columns(), lambda row, rng: ({"text": row[text], "caption": row[caption]}, {}))
 
-    def compute_gates(self, model, image_embeds, text_embeds, caption_embeds):
-        return model.gates(image_embeds, text_embeds, caption_embeds)
+    def step_state(self, core, embeds):
+        """The gates of the whole accumulated global batch: one running-mean update per optimizer step.
+
+        Deviation: the official code accumulates per micro-batch and so updates the running means every
+        micro-step, on fewer samples.
+        """
+        from modeling_alip.loss import gather_features
+
+        gathered, _ = gather_features(*(embeds[name].float() for name in ("image", "text", "caption")))
+        return core.gates(*gathered)
+
+    def loss(self, core, embeds, local_loss, state=None) -> StepLoss:
+        """`loss_text + loss_caption`, each `contrastive_loss` weighted by `W^s * W^t` and `W^s * W^c`.
+
+        Without a `state` the gates run here, on the gathered embeddings (updating their running means in
+        training mode), as in the official code.
+        """
+        from modeling_alip.loss import contrastive_loss, gather_features
+
+        # Loss and gates in float32 whatever the autocast dtype, as the official code does (`.float()`).
+        gathered, local_rows = gather_features(*(embeds[name].float() for name in ("image", "text", "caption")))
+        image, text, caption = gathered
+        rows = local_rows if local_loss else None
+        logit_scale = core.logit_scale.exp().float()
+        gates = state if state is not None else core.gates(image, text, caption)
+        loss_text, _ = contrastive_loss(image, text, logit_scale, gates.text_weights(), rows)
+        loss_caption, _ = contrastive_loss(image, caption, logit_scale, gates.caption_weights(), rows)
+        return StepLoss(loss_text + loss_caption, {"text": loss_text, "caption": loss_caption}, gates)
 
     def metrics(self, output, stats, num_samples):
         g = output.gates
         return {
-            "loss/total": output.loss.item(),
-            "loss/text": output.loss_text.item(),
-            "loss/caption": output.loss_caption.item(),
+            **super().metrics(output, stats, num_samples),
             "gate/lcg/weight_mean": _mean(g.sample_weight),
             "gate/lcg/similarity_mean": _mean(g.similarity_text_caption),
             "gate/lcg/running_mean": float(g.running_mean_text_caption),
@@ -134,7 +252,10 @@ class AlipRecipe(Recipe):
 
 
 class VeclipRecipe(Recipe):
+    """CLIP's loss on one text per sample, drawn between the VeCap rewrite and the AltText."""
+
     name = "veclip"
+    Arguments = VeclipArguments
 
     def columns(self) -> dict[str, str]:
         return {schema.ALT_TEXT: self.args.text_column, schema.VECAP: self.args.vecap_column}
@@ -157,11 +278,61 @@ class VeclipRecipe(Recipe):
 RECIPES: dict[str, type[Recipe]] = {r.name: r for r in (ClipRecipe, AlipRecipe, VeclipRecipe)}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: one parser group per recipe with arguments of its own
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _own_fields(arguments: type[RecipeArguments]) -> list[dataclasses.Field]:
+    common = {f.name for f in dataclasses.fields(RecipeArguments)}
+    return [f for f in dataclasses.fields(arguments) if f.name not in common]
+
+
+def _flag_group(recipe: type[Recipe]) -> type:
+    """A dataclass of the recipe's own fields only, for `HfArgumentParser` (which needs unique flag names)."""
+    hints = typing.get_type_hints(recipe.Arguments)
+    specs = [(f.name, hints[f.name], field(default=f.default, metadata=f.metadata)) for f in _own_fields(recipe.Arguments)]
+    return dataclasses.make_dataclass(
+        f"{recipe.Arguments.__name__}Flags", specs,
+        namespace={"_argument_group_name": f"recipe {recipe.name} (only with --recipe {recipe.name})",
+                   "owner": recipe.name})
+
+
+# Parser groups: the common arguments, then one group per recipe that has arguments of its own.
+ARGUMENT_GROUPS: tuple[type, ...] = (
+    RecipeArguments, *(_flag_group(r) for r in RECIPES.values() if _own_fields(r.Arguments)))
+
+
+def resolve_arguments(groups: Sequence, given: Collection[str] = ()) -> RecipeArguments:
+    """The chosen recipe's arguments from the parsed `ARGUMENT_GROUPS` instances.
+
+    Args:
+        groups: one instance of each of `ARGUMENT_GROUPS`, in order.
+        given: names of the flags the user set (command line or run YAML).
+    Raises:
+        ValueError: naming the flag and the recipe, for a flag of another recipe that was given or differs
+            from its default.
+    """
+    common, *own_groups = groups
+    values = {f.name: getattr(common, f.name) for f in dataclasses.fields(common)}
+    for group in own_groups:
+        for f in dataclasses.fields(group):
+            value = getattr(group, f.name)
+            if group.owner == common.recipe:
+                values[f.name] = value
+            elif f.name in given or value != f.default:
+                raise ValueError(f"--{f.name} does not apply to --recipe {common.recipe}: it is an argument of "
+                                 f"--recipe {group.owner}")
+    return RECIPES[common.recipe].Arguments(**values)
+
+
 def get_recipe(args: RecipeArguments) -> Recipe:
-    """The recipe named by `args.recipe`."""
-    if args.recipe not in RECIPES:
-        raise ValueError(f"--recipe {args.recipe!r} is not one of {sorted(RECIPES)}")
-    return RECIPES[args.recipe](args)
+    """The recipe named by `args.recipe`; plain `RecipeArguments` get the recipe's defaults for its own fields."""
+    cls = RECIPES[args.recipe]
+    if type(args) is RecipeArguments and cls.Arguments is not RecipeArguments:
+        args = cls.Arguments(**dataclasses.asdict(args))
+    return cls(args)
 
 
-__all__ = ["RECIPES", "Recipe", "RecipeArguments", "get_recipe"]
+__all__ = ["ARGUMENT_GROUPS", "RECIPES", "AlipArguments", "Recipe", "RecipeArguments", "StepLoss", "TextSelector",
+           "VeclipArguments", "get_recipe", "resolve_arguments"]

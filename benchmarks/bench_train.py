@@ -49,7 +49,7 @@ def measure(argv: list[str], steps: int, warmup: int) -> dict:
     model_args, data_args, train_args, recipe_args = parse_args(argv)
     accelerator = Accelerator(mixed_precision=train_args.mixed_precision)
     recipe = recipes.get_recipe(recipe_args)
-    model = build_model(model_args)
+    model = build_model(model_args, seed=train_args.seed)
     processor = build_processor(model_args, core_model(model, accelerator))
     total = warmup + steps
     train_args.max_steps = total

@@ -1,17 +1,38 @@
-"""Worker for tests/test_distributed_loss.py: one process of a 2-process gloo run of ALIPModel under DDP.
+"""One process of a 2-process gloo run of ALIPModel under DDP, for tests/test_distributed_loss.py, which also
+imports the fixed model and global batch from here for its single-process reference.
 
-Run by `torch.distributed.run`; writes this rank's loss, parameter gradients (after DDP's all-reduce) and gate
-running means to `<out_dir>/rank<R>.pt`.
+Run by `torch.distributed.run` with the tests folder on PYTHONPATH; writes this rank's loss, parameter gradients
+(after DDP's all-reduce) and gate running means to `<out_dir>/rank<R>.pt`.
 """
 
 import sys
 
 import torch
 import torch.distributed as dist
+from conftest import tiny_alip_config
 from torch.nn.parallel import DistributedDataParallel
 
-sys.path.insert(0, sys.argv[3])  # the tests folder, for the shared batch and tiny config
-from _distributed_batch import global_batch, tiny_model  # noqa: E402
+from modeling_alip import ALIPModel
+
+GLOBAL_BATCH = 8
+EOS = 49407
+
+
+def tiny_model() -> ALIPModel:
+    torch.manual_seed(0)
+    return ALIPModel(tiny_alip_config()).train()
+
+
+def global_batch() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 49000, (GLOBAL_BATCH, 9), generator=generator)
+    caption_input_ids = torch.randint(0, 49000, (GLOBAL_BATCH, 6), generator=generator)
+    input_ids[:, -1] = caption_input_ids[:, -1] = EOS
+    return {
+        "input_ids": input_ids,
+        "caption_input_ids": caption_input_ids,
+        "pixel_values": torch.randn(GLOBAL_BATCH, 3, 30, 30, generator=generator),
+    }
 
 
 def main(out_dir: str, local_loss: bool):

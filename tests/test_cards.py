@@ -10,9 +10,7 @@ import textwrap
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from test_train_fixtures import tiny_data, write_parquet  # noqa: F401 - fixture
 
-from _isolation import HIDE_PACKAGE
 from alip_hf import train
 from alip_hf.eval import main as eval_main
 from alip_hf.evaluation.cards import (
@@ -22,7 +20,7 @@ from alip_hf.evaluation.cards import (
     eval_results,
     records_from_eval_results,
 )
-from conftest import tiny_alip_config
+from conftest import HIDE_PACKAGE, tiny_alip_config, write_parquet
 from modeling_alip import ALIPModel, ALIPProcessor
 
 RECORDS = [

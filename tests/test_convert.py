@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _isolation import HIDE_PACKAGE
+from conftest import HIDE_PACKAGE
 from safetensors.torch import load_file, save_file
 
 from modeling_alip import ALIPModel

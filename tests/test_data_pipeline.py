@@ -6,8 +6,9 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from test_train_fixtures import make_rows, tiny_data, write_parquet  # noqa: F401 - fixture
+from conftest import make_rows, write_parquet
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from PIL import Image, UnidentifiedImageError
 from transformers import AutoTokenizer
 
 from alip_hf import data
@@ -15,7 +16,7 @@ from alip_hf.recipes import RecipeArguments, get_recipe
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_data):  # noqa: F811
+def tokenizer(tiny_data):
     return AutoTokenizer.from_pretrained(tiny_data.tokenizer)
 
 
@@ -44,7 +45,8 @@ def test_eval_transform_resizes_short_side_and_center_crops_with_clip_normalisat
     image = Image.new("RGB", (60, 40), (255, 255, 255))
     pixels = data.ImageTransform(20, train=False)(image)
     assert pixels.shape == (3, 20, 20)
-    expected = (1 - torch.tensor(data.CLIP_MEAN)) / torch.tensor(data.CLIP_STD)
+    # OpenAI CLIP's normalisation as open_clip publishes it.
+    expected = (1 - torch.tensor(OPENAI_DATASET_MEAN)) / torch.tensor(OPENAI_DATASET_STD)
     torch.testing.assert_close(pixels.mean(dim=(1, 2)), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -110,7 +112,7 @@ def test_corrupt_images_and_empty_texts_are_skipped_and_counted(tmp_path):
 
 
 def test_decode_image_raises_on_garbage_bytes_and_reads_png_bytes():
-    with pytest.raises(Exception):
+    with pytest.raises(UnidentifiedImageError, match="cannot identify image file"):
         data.decode_image({"bytes": b"garbage", "path": None})
     buffer = io.BytesIO()
     Image.new("RGB", (4, 3)).save(buffer, format="PNG")

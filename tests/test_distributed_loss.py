@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _distributed_batch import global_batch, tiny_model
+from _distributed_loss_worker import global_batch, tiny_model
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
@@ -16,7 +16,7 @@ ROOT = TESTS.parent
 def _run_two_processes(tmp_path: Path, mode: str) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{TESTS}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(TESTS / "_distributed_loss_worker.py"), str(tmp_path), mode, str(TESTS)]
+           str(TESTS / "_distributed_loss_worker.py"), str(tmp_path), mode]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]

@@ -13,23 +13,15 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_alip_config
 from PIL import Image
 
 from alip_hf import eval as eval_cli
 from alip_hf import evaluation as ev
 from alip_hf.evaluation import runners
 from alip_hf.resources import DEMO_DATA, EVALUATE_MODULES
-from modeling_alip import ALIPModel, ALIPProcessor
+from modeling_alip import ALIPModel
 
 FEATURE_ATOL = 1e-6  # float32 features of the same texts encoded in different batches
-
-
-@pytest.fixture(scope="module")
-def model_and_processor():
-    config = tiny_alip_config()
-    torch.manual_seed(0)
-    return ALIPModel(config).eval(), ALIPProcessor.from_config(config)
 
 
 def colour_images(n: int, seed: int = 0, size: int = 12) -> list[Image.Image]:

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from test_eval import model_and_processor  # noqa: F401 - the tiny ALIP model fixture
 
 from alip_hf import eval as eval_cli
 from alip_hf import evaluation as ev
@@ -97,7 +96,7 @@ def test_missing_matplotlib_is_an_error_naming_the_install_command(monkeypatch, 
 
 
 def test_cli_plot_writes_the_curves_stored_in_results_json_and_links_them_from_the_model_card(
-        model_and_processor, tmp_path):  # noqa: F811
+        model_and_processor, tmp_path):
     model, processor = model_and_processor
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")

@@ -3,7 +3,6 @@ columns, class names and templates from the copy, equality with CLIP_benchmark's
 suite, resumable runs that record failures, --data_root, --dtype, --task on one dataset, --compare."""
 
 import builtins
-import dataclasses
 import json
 import math
 

@@ -9,8 +9,8 @@ import tarfile
 import datasets
 import numpy as np
 import pytest
+from conftest import read_metrics, write_parquet
 from PIL import Image
-from test_train_fixtures import read_metrics, tiny_data, write_parquet  # noqa: F401 - fixture
 
 import recaption.common as common
 from alip_hf import data, train

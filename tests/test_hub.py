@@ -11,7 +11,6 @@ from unittest import mock
 
 import pytest
 import torch
-from test_train_fixtures import tiny_data  # noqa: F401 - fixture
 from transformers import get_cosine_schedule_with_warmup
 
 from alip_hf import hub, train
@@ -188,7 +187,7 @@ def test_other_schedules_come_from_transformers_get_scheduler(kind, at_end):
 
 
 def test_max_train_samples_trains_on_the_first_rows_only(tiny_data, tmp_path):
-    from test_train_fixtures import read_metrics
+    from conftest import read_metrics
 
     # 16 of the 48 rows with batch 8: one epoch is 2 optimizer steps (all rows would give 6).
     train.main(_without_max_steps(tiny_data.argv(tmp_path, "--max_train_samples", "16", "--num_train_epochs", "1")))
@@ -205,7 +204,7 @@ def test_a_second_fresh_run_into_the_same_output_dir_is_refused_unless_overwritt
     with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
         train.main(tiny_data.argv(tmp_path, "--max_steps", "1"))
     train.main(tiny_data.argv(tmp_path, "--max_steps", "1", "--overwrite_output_dir", "true"))
-    assert not (tmp_path / "checkpoints").exists()  # the earlier run's checkpoints would be `latest` otherwise
+    assert not list((tmp_path / "checkpoints").glob("step_*"))  # the earlier run's would be `latest` otherwise
 
 
 def test_dataset_config_name_is_refused_for_data_files(tiny_data, tmp_path):
@@ -284,14 +283,18 @@ def test_model_revision_cache_dir_and_remote_code_reach_from_pretrained(monkeypa
 
     def fake_from_pretrained(cls, source, **kwargs):
         seen["model"] = (source, kwargs)
-        return models.ALIPModel(models.ALIPConfig(**models.MODEL_CONFIGS["tiny"]))
+        return modeling_alip.ALIPModel(modeling_alip.ALIPConfig(**models.MODEL_CONFIGS["tiny"]))
 
-    monkeypatch.setattr(models.ALIPModel, "from_pretrained", classmethod(fake_from_pretrained))
-    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda source, **kw: seen.setdefault("tok", kw) and
-                        models.clip_tokenizer())
+    import transformers
+
+    import modeling_alip
+
+    monkeypatch.setattr(modeling_alip.ALIPModel, "from_pretrained", classmethod(fake_from_pretrained))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda source, **kw: seen.setdefault("tok", kw) and modeling_alip.clip_tokenizer())
     args = ModelArguments(model_name_or_path="org/model", tokenizer_name_or_path="org/tok", model_revision="v2",
                           cache_dir=str(tmp_path), trust_remote_code=True)
-    model = models.build_model(args)
+    model = models.build_model(args, seed=0)
     models.build_processor(args, model)
     assert seen["model"] == ("org/model", {"revision": "v2", "cache_dir": str(tmp_path)})
     assert seen["tok"] == {"revision": "v2", "cache_dir": str(tmp_path), "trust_remote_code": True}

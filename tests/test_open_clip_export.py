@@ -15,7 +15,6 @@ import pytest
 import torch
 from conftest import tiny_alip_config
 from PIL import Image
-from test_train_fixtures import tiny_data  # noqa: F401 - fixture
 
 from modeling_alip import ALIPModel, ALIPProcessor
 from modeling_alip.convert_open_clip import convert_state_dict
@@ -266,7 +265,7 @@ def test_clip_benchmark_cli_on_the_export_gives_eval_py_numbers(tmp_path):
     assert any(0 < v < 1 for v in theirs.values())
 
 
-def test_a_trained_model_directory_carries_the_open_clip_files(tiny_data, tmp_path):  # noqa: F811
+def test_a_trained_model_directory_carries_the_open_clip_files(tiny_data, tmp_path):
     from alip_hf import train
 
     argv = tiny_data.argv(tmp_path / "run", "--max_steps", "1")

@@ -13,8 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from _isolation import HIDE_PACKAGE
-from conftest import tiny_alip_config
+from conftest import HIDE_PACKAGE, tiny_alip_config
 from PIL import Image
 from transformers import AutoModel, AutoModelForZeroShotImageClassification, CLIPModel, pipeline
 

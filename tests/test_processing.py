@@ -9,11 +9,7 @@ from PIL import Image
 from transformers import T5Tokenizer
 
 from modeling_alip import ALIPProcessor, clean_clip_text, clip_tokenizer
-from modeling_alip.processing_alip import (
-    CLIP_IMAGE_MEAN,
-    CLIP_IMAGE_STD,
-    clip_vocab_and_merges,
-)
+from modeling_alip.processing_alip import clip_vocab_and_merges
 
 # Within the context length; text that clean_clip_text leaves unchanged apart from whitespace and case.
 PLAIN_TEXTS = [
@@ -165,7 +161,9 @@ def test_default_image_processing_is_short_side_resize_centre_crop_and_clip_norm
     images = [Image.new("RGB", (40, 50), colour), Image.new("RGB", (64, 30), colour)]
     pixel_values = processor(images=images)["pixel_values"]
     assert pixel_values.shape == (2, 3, 30, 30)
-    expected = (torch.tensor(colour) / 255 - torch.tensor(CLIP_IMAGE_MEAN)) / torch.tensor(CLIP_IMAGE_STD)
+    # OpenAI CLIP's normalisation as open_clip publishes it.
+    mean, std = open_clip.constants.OPENAI_DATASET_MEAN, open_clip.constants.OPENAI_DATASET_STD
+    expected = (torch.tensor(colour) / 255 - torch.tensor(mean)) / torch.tensor(std)
     torch.testing.assert_close(pixel_values, expected.view(1, 3, 1, 1).expand_as(pixel_values), atol=1e-5, rtol=0)
 
 

@@ -13,11 +13,10 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_fixtures import read_metrics, tiny_data  # noqa: F401 - fixture
 
 from alip_hf import train
 from alip_hf.training.checkpoints import STATE_FILE
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, read_metrics
 
 ROOT = REPO_ROOT
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _isolation import HIDE_PACKAGE
+from conftest import HIDE_PACKAGE, TINY_TOWER, write_parquet
 from transformers import (
     AutoImageProcessor,
     AutoModel,
@@ -25,7 +25,6 @@ from modeling_alip import ALIPModel, ALIPProcessor, VeCLIPImageProcessor
 from modeling_alip.convert_veclip import convert_veclip, main
 from modeling_alip.processing_veclip import check_text_token_ids
 
-TINY_TOWER = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
 CONTEXT = 16
 TEXTS = ["a photo of a cat", "two dogs on the grass", "a red car parked in the street", "a bird in the blue sky"]
 
@@ -258,8 +257,6 @@ def test_missing_tokenizer_is_an_error_naming_the_flag(release, tmp_path):
 
 @pytest.mark.parametrize("recipe", ["veclip", "alip"])
 def test_train_fine_tunes_a_converted_checkpoint_with_its_t5_tokenizer_and_veclip_preprocessing(converted, tmp_path, recipe):
-    from test_train_fixtures import write_parquet
-
     import train
 
     rows = write_parquet(tmp_path / "train.parquet", 16)

@@ -174,7 +174,7 @@ print({{label: round(p, 3) for label, p in zip(labels, probs[0].tolist())}})
 ```'''
 
 
-TRAINING_KEYS = ("recipe", "model_config", "model_name_or_path", "train_data", "dataset_config_name", "train_split",
+TRAINING_KEYS = ("recipe", "model_config", "config_overrides", "model_name_or_path", "train_data", "dataset_config_name", "train_split",
                  "max_train_samples", "max_steps", "num_train_epochs", "per_device_train_batch_size",
                  "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "weight_decay", "seed")
 

@@ -19,6 +19,7 @@ from transformers import HfArgumentParser
 from alip_hf import recipes, schema
 from alip_hf.hub import HubArguments
 from alip_hf.io import write_text_atomic
+from alip_hf.models import MODEL_CONFIGS, parse_config_overrides
 from alip_hf.resources import DEMO_DATA, run_config
 
 logger = logging.getLogger(__name__)
@@ -39,9 +40,16 @@ class ModelArguments:
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A saved ALIP/CLIP model directory (or Hub id) to start from."}
     )
-    model_config: Literal["tiny", "small", "vit-b-32", "vit-b-16"] = field(
-        default="small", metadata={"help": "Architecture trained from scratch when --model_name_or_path is not set "
-                                   "(tiny: smoke tests; small: the demo run; vit-b-32/16: the published towers)."}
+    model_config: Literal[tuple(MODEL_CONFIGS)] = field(
+        default="small", metadata={"help": "Named size trained from scratch when --model_name_or_path is not set "
+                                   "(tiny: smoke tests; small: the demo run; vit-b-32/16: the ALIP towers, GELU; "
+                                   "vit-b-32-quickgelu: OpenAI CLIP's); see alip_hf.models.MODEL_SOURCES."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated dotted ALIPConfig keys on top of --model_config (or the loaded model's "
+                  "config), e.g. 'text_config.hidden_size=128,vision_config.patch_size=8,lcg_gamma=1.5'; "
+                  "values are read as int, float, true/false or text. A run YAML may give a mapping."},
     )
     tokenizer_name_or_path: str | None = field(
         default=None,
@@ -72,6 +80,8 @@ class ModelArguments:
             raise ValueError("--lora_target_modules is set but --lora_rank is 0")
         if self.freeze_vision and self.freeze_text:
             raise ValueError("--freeze_vision and --freeze_text together leave only logit_scale to train")
+        if self.config_overrides is not None:
+            parse_config_overrides(self.config_overrides)  # a malformed item fails here, before any work
 
 
 @dataclass
@@ -139,10 +149,6 @@ class TrainArguments(HubArguments):
     _argument_group_name = "training"
 
     output_dir: str = field(default="outputs/alip-demo", metadata={"help": "Where everything is written."})
-    overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Start a fresh run in an --output_dir that holds an earlier run (its checkpoints and metrics log "
-                "are removed; its other files are replaced at the end). Without it such a run is refused unless "
-                "it resumes (--resume_from_checkpoint)."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Samples per process per micro-batch."})
     gradient_accumulation_steps: int = field(
         default=1, metadata={"help": "Micro-batches per optimizer step; the loss sees all k*B negatives at once."}
@@ -183,7 +189,20 @@ class TrainArguments(HubArguments):
         metadata={"help": "Trackers (tensorboard, wandb, ...; 'none'); metrics.jsonl is always written."},
     )
     nonfinite: Literal["stop", "skip"] = field(
-        default="stop", metadata={"help": "On a non-finite loss: stop naming the step, or skip the step and count."}
+        default="stop", metadata={"help": "On a non-finite loss or gradient: stop naming the step, or skip the step "
+                                  "(weights, optimizer and gate running means left as before it) and count."}
+    )
+    max_consecutive_nonfinite: int = field(
+        default=10, metadata={"help": "--nonfinite skip: stop with an error after this many skipped steps in a row."}
+    )
+    resume_allow_changes: list[str] | None = field(
+        default=None, metadata={"help": "Settings that may differ from the resumed checkpoint's run (e.g. "
+                                "learning_rate max_steps, or comma-separated); they are applied and recorded. "
+                                "Any other difference is refused."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "A fresh run in an output_dir holding another run's checkpoints deletes "
+                                 "them (without it, such a run is refused)."}
     )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload output_dir to the Hub at the end."})
     hub_model_id: str | None = field(default=None, metadata={
@@ -204,34 +223,67 @@ class TrainArguments(HubArguments):
             raise ValueError("--push_to_hub needs --hub_model_id")
         if self.save_total_limit < 1:
             raise ValueError("--save_total_limit must be >= 1")
+        if self.max_consecutive_nonfinite < 1:
+            raise ValueError(f"--max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}")
+        self.resume_allow_changes = [name for item in self.resume_allow_changes or [] for name in item.split(",")
+                                     if name]
+        if self.resume_allow_changes and not self.resume_from_checkpoint:
+            raise ValueError("--resume_allow_changes needs --resume_from_checkpoint")
         self.report_to = [r for r in self.report_to if r != "none"]
         if "tensorboard" in self.report_to and importlib.util.find_spec("tensorboard") is None:
             logger.warning("tensorboard is not installed; not reporting to it")
             self.report_to.remove("tensorboard")
 
 
-ARGUMENT_GROUPS = (ModelArguments, DataArguments, TrainArguments, recipes.RecipeArguments)
+ARGUMENT_GROUPS = (ModelArguments, DataArguments, TrainArguments, *recipes.ARGUMENT_GROUPS)
 
 
 def _yaml_to_argv(path: str) -> list[str]:
-    """A YAML mapping of flag -> value as command-line tokens (lists become several tokens)."""
+    """A YAML mapping of flag -> value as command-line tokens (lists become several tokens; a mapping, as
+    `config_overrides` takes, becomes one `key=value,...` token with nested keys dotted)."""
     with open(path, encoding="utf-8") as file:
         values = yaml.safe_load(file) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of argument names to values")
     argv = []
     for key, value in values.items():
-        if value is None:
+        if value is None or value == [] or key in RECORD_KEYS:  # an empty list is the flag's default: no values
             continue
-        items = value if isinstance(value, list) else [value]
-        argv += [f"--{key}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in items)]
+        if isinstance(value, dict):
+            items = [",".join(f"{k}={_yaml_scalar(v)}" for k, v in _dotted(value, path, key).items())]
+        else:
+            items = [_yaml_scalar(v) for v in (value if isinstance(value, list) else [value])]
+        argv += [f"--{key}", *items]
     return argv
+
+
+def _yaml_scalar(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _dotted(mapping: dict, path: str, flag: str, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, path, flag, f"{prefix}{key}."))
+        elif isinstance(value, list):
+            raise ValueError(f"{path}: {flag}.{prefix}{key}: expected a single value, got a list")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _given_flags(argv: list[str]) -> set[str]:
+    """Names of the flags present in `argv` (`--name value` or `--name=value`; dashes read as underscores)."""
+    return {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
 
 
 def parse_args(argv: list[str] | None = None):
     """Parses flags, or a YAML file (`train.py run.yaml` or `--config run.yaml`) followed by flag overrides.
 
-    Returns `(model_args, data_args, train_args, recipe_args)`; unknown flags and invalid combinations raise.
+    Returns `(model_args, data_args, train_args, recipe_args)`, the last being the chosen recipe's arguments
+    (`recipes.RecipeArguments` or its recipe's subclass). Unknown flags, a flag of another recipe than the
+    chosen one and invalid combinations raise.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     config = None
@@ -243,20 +295,41 @@ def parse_args(argv: list[str] | None = None):
         del argv[i : i + 2]
     if config is not None:
         argv = _yaml_to_argv(str(run_config(config))) + argv  # flags after the file override it: argparse keeps the last value
-    parser = HfArgumentParser(ARGUMENT_GROUPS, description=(
+    # No abbreviated flags: every flag given is known by its full name (a recipe's flags are checked by name).
+    parser = HfArgumentParser(ARGUMENT_GROUPS, allow_abbrev=False, description=(
         "Train CLIP/ALIP/VeCLIP. Usage: train.py [RUN.yaml | --config RUN.yaml] [--flag value ...]; flags after "
         "the YAML file override it. RUN is a path or a packaged config's name (alip-vit-b-32, clip-vit-b-32, "
         "veclip-vit-b-16, demo, tiny). With no arguments: a small ALIP model on the bundled demo data."))
-    return parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, train_args, *recipe_groups = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, train_args, recipes.resolve_arguments(recipe_groups, given=_given_flags(argv))
 
 
-def save_args(groups, path: Path):
-    """Writes the resolved arguments of every group as one YAML file (atomically)."""
+# train_args.yaml's records beside the flags: the model configuration actually built, the run's identity and the
+# changes allowed on resume. Skipped when the file is read back as a run YAML (the flags rebuild the same run).
+RECORD_KEY = "resolved_model_config"
+RECORD_KEYS = (RECORD_KEY, "run_id", "resume_changes")
+
+
+def used_arguments(groups) -> dict:
+    """The flags of every group as one flat mapping of what the run uses, readable back as a run YAML:
+    `--model_config` is dropped when `--model_name_or_path` replaces it, `--config_overrides` is a typed mapping."""
     resolved = {}
     for group in groups:
         resolved.update(dataclasses.asdict(group))
+    if resolved.get("model_name_or_path"):
+        resolved["model_config"] = None
+    if resolved.get("config_overrides"):
+        resolved["config_overrides"] = parse_config_overrides(resolved["config_overrides"])
+    if resolved.get("report_to") == []:
+        resolved["report_to"] = ["none"]  # the flag's spelling of no tracker (an empty list is no value)
+    return resolved
+
+
+def save_args(groups, path: Path, model_config: dict | None = None, extra: dict | None = None):
+    """Writes the used arguments (the resolved model configuration, and `extra`: the run id and resume changes)
+    as one YAML file, atomically; the file is a run YAML: `train.py path/train_args.yaml` repeats the run."""
+    resolved = used_arguments(groups)
+    if model_config is not None:
+        resolved[RECORD_KEY] = model_config
+    resolved.update(extra or {})
     write_text_atomic(path, yaml.safe_dump(resolved, sort_keys=False))
-
-
-
-

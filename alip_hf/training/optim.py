@@ -34,10 +34,15 @@ def build_optimizer(model, train: TrainArguments, max_steps: int):
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon)
-    warmup = train.warmup_steps if train.warmup_steps >= 0 else int(train.warmup_ratio * max_steps)
+    warmup = warmup_steps_for(train, max_steps)
     # Deviation: the official code uses OneCycleLR(pct_start=0.1), whose cosine warm-up starts at lr/25.
     scheduler = get_scheduler(train.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=max_steps)
     return optimizer, scheduler
 
 
+
+
+def warmup_steps_for(train: TrainArguments, max_steps: int) -> int:
+    """`--warmup_steps`, or `--warmup_ratio` of the run's steps."""
+    return train.warmup_steps if train.warmup_steps >= 0 else int(train.warmup_ratio * max_steps)

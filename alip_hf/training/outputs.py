@@ -41,6 +41,56 @@ def evaluate(model: ALIPModel, processor, args: DataArguments, accelerator: Acce
         model.train(was_training)
 
 
+def check_eval_data(args: DataArguments) -> int:
+    """Checks `--eval_data` before training, as the evaluation will read it: the source loads, each task's
+    columns, labels and captions are there, and every image of every evaluated split decodes. Returns the number
+    of images checked.
+
+    Raises:
+        ValueError: naming the source, split, column, or the row (index and id) of an image that does not decode.
+    """
+    from alip_hf.data import decode_image
+    from alip_hf.evaluation.loading import captions_per_image, class_names_and_labels, load_split
+    from alip_hf.evaluation.presets import LINEAR_PROBE, RETRIEVAL, resolve_tasks
+
+    if args.eval_data is None:
+        return 0
+    try:
+        tasks = resolve_tasks(args.eval_data, args.eval_split)
+    except Exception as error:
+        raise ValueError(f"--eval_data {args.eval_data} (split {args.eval_split!r}) cannot be loaded: "
+                         f"{type(error).__name__}: {error}") from error
+    checked, seen = 0, set()
+    for task in tasks:
+        for split in dict.fromkeys(s for s in (task.split, task.train_split if task.task == LINEAR_PROBE else None,
+                                               task.val_split) if s):
+            try:
+                dataset, image_column = load_split(task, split)
+                if task.task == RETRIEVAL:
+                    captions_per_image(task, dataset)
+                else:
+                    class_names_and_labels(task, dataset)
+            except Exception as error:
+                raise ValueError(f"--eval_data {task.source} split {split!r}: {error}") from error
+            key = (task.source, split, task.row_filter, image_column)
+            if key in seen:  # the demo preset's two tasks read the same images
+                continue
+            seen.add(key)
+            columns = [image_column, *(["id"] if "id" in dataset.column_names else [])]
+            rows = (row for batch in dataset.select_columns(columns).iter(batch_size=256)
+                    for row in zip(*(batch[c] for c in columns)))
+            for row, (cell, *row_id) in enumerate(rows):
+                try:
+                    decode_image(cell)
+                except Exception as error:
+                    name = f"row {row}" + (f" (id {row_id[0]!r})" if row_id else "")
+                    raise ValueError(f"--eval_data {task.source} split {split!r}, column {image_column!r}, {name}: "
+                                     f"the image does not decode ({type(error).__name__}: {error})") from error
+                checked += 1
+    logger.info("--eval_data %s: %d images of %d task(s) checked", args.eval_data, checked, len(tasks))
+    return checked
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Saving the result
 # ----------------------------------------------------------------------------------------------------------------
@@ -65,7 +115,12 @@ def save_outputs(model: ALIPModel, processor, output_dir: str, results: dict[str
         export_to_open_clip(model, out, processor=processor)
     except ValueError as error:  # a model open_clip's CLIP cannot express (e.g. VeCLIP's T5 tokenizer)
         logger.info("not written in open_clip's format: %s", error)
-    write_text_atomic(out / "README.md", model_card(out, results))
+    write_model_card(out, results)
+
+
+def write_model_card(output_dir: str | Path, results: dict[str, float]):
+    """`README.md`: the model card with the results (rewritten once the final evaluation has run)."""
+    write_text_atomic(Path(output_dir) / "README.md", model_card(Path(output_dir), results))
 
 
 def model_card(output_dir: Path, results: dict[str, float]) -> str:

@@ -1,5 +1,6 @@
-"""One training run as the list of its steps: accelerator -> model + processor -> data -> optimizer + schedule
--> `accelerator.prepare` -> resume -> loop -> save."""
+"""One training run as the list of its steps: accelerator -> lock the output directory -> check the eval data
+-> model + processor -> data -> optimizer + schedule -> `accelerator.prepare` -> resume (identity checked) ->
+loop -> save -> final evaluation -> model card."""
 
 from __future__ import annotations
 
@@ -21,16 +22,32 @@ from alip_hf.training.arguments import (
     TrainArguments,
     save_args,
 )
-from alip_hf.training.checkpoints import STATE_FILE, checkpoint_dir, load_checkpoint, resolve_checkpoint
+from alip_hf.training.checkpoints import (
+    _checkpoints,
+    _run_id,
+    checkpoint_dir,
+    load_checkpoint,
+    read_state,
+    resolve_checkpoint,
+)
 from alip_hf.training.data import build_train_data, check_text_context
 from alip_hf.training.loop import train_loop
-from alip_hf.training.optim import build_optimizer
+from alip_hf.training.optim import build_optimizer, warmup_steps_for
 from alip_hf.training.outputs import (
     ARGS_FILE,
+    check_eval_data,
     evaluate,
     final_model,
     push_to_hub,
     save_outputs,
+    write_model_card,
+)
+from alip_hf.training.run import (
+    OutputDirLock,
+    apply_optimizer_changes,
+    check_resume,
+    new_run_record,
+    run_identity,
 )
 from alip_hf.training.tracking import METRICS_FILE, JSONLinesTracker, tracker_config
 
@@ -39,63 +56,111 @@ logger = logging.getLogger("train")
 
 def run_training(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments,
                  recipe_args: recipes.RecipeArguments) -> dict[str, float]:
-    """Trains, evaluates and saves; returns the metrics of the last step (with the evaluation results)."""
-    groups = (model_args, data_args, train_args, recipe_args)
+    """Trains, saves, evaluates; returns the metrics of the last step (with the evaluation results)."""
     # main() may run several times in one interpreter (notebooks, tests); the precision of an earlier run must
     # not stick. The process group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         mixed_precision=train_args.mixed_precision, project_dir=train_args.output_dir,
         log_with=[*train_args.report_to, JSONLinesTracker(Path(train_args.output_dir) / METRICS_FILE)])
+    lock = OutputDirLock(train_args.output_dir)
+    _on_main(accelerator, lambda: lock.acquire() and None)  # before anything is written to output_dir
+    try:
+        return _train(accelerator, model_args, data_args, train_args, recipe_args)
+    finally:
+        lock.release()
+
+
+def _on_main(accelerator: Accelerator, fn):
+    """Runs `fn` on the main process and returns its result on every process; an error there is raised on
+    every process (the others would otherwise wait for it at the next barrier)."""
+    if accelerator.num_processes == 1:
+        return fn()
+    from accelerate.utils import broadcast_object_list
+
+    payload = [None, None]
+    if accelerator.is_main_process:
+        try:
+            payload[0] = fn()
+        except Exception as error:
+            payload[1] = error
+    broadcast_object_list(payload)
+    if payload[1] is not None:
+        raise payload[1]
+    return payload[0]
+
+
+def _train(accelerator: Accelerator, model_args: ModelArguments, data_args: DataArguments,
+           train_args: TrainArguments, recipe_args: recipes.RecipeArguments) -> dict[str, float]:
+    groups = (model_args, data_args, train_args, recipe_args)
+    output_dir = Path(train_args.output_dir)
     set_seed(train_args.seed)
     recipe = recipes.get_recipe(recipe_args)
-    check_output_dir(train_args, accelerator)
     if train_args.push_to_hub:  # a missing token fails now, not after the training
         resolve_token(train_args.hub_token)
-    if accelerator.is_main_process:
-        save_args(groups, Path(train_args.output_dir) / ARGS_FILE)
+    _on_main(accelerator, lambda: check_eval_data(data_args))  # a mistyped path fails now, not after training
 
-    model = build_model(model_args)
+    model = build_model(model_args, seed=train_args.seed)
     processor = build_processor(model_args, core_model(model, accelerator))
     check_text_context(data_args, core_model(model, accelerator))
 
     resume_path = resolve_checkpoint(train_args.resume_from_checkpoint, train_args.output_dir)
-    start_step = json.loads((resume_path / STATE_FILE).read_text())["global_step"] if resume_path else 0
+    resumed = read_state(resume_path) if resume_path else None
+    _on_main(accelerator, lambda: _claim_output_dir(train_args, resumed))
+    start_step = resumed["global_step"] if resumed else 0
     if start_step == 0 and accelerator.is_main_process:  # a fresh run does not append to an old run's log
-        (Path(train_args.output_dir) / METRICS_FILE).unlink(missing_ok=True)
+        (output_dir / METRICS_FILE).unlink(missing_ok=True)
     train_data = build_train_data(data_args, train_args, recipe, processor, accelerator, start_step,
                                   cache_dir=model_args.cache_dir)
     max_steps = train_data.max_steps
 
     optimizer, scheduler = build_optimizer(model, train_args, max_steps)
     # The scheduler is not prepared: Accelerate would step it once per process, changing the schedule with
-    # the number of processes. It is registered so that checkpoints hold it.
+    # the number of processes. Checkpoints hold it as JSON (not `register_for_checkpointing`, which pickles).
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
+    identity = run_identity(model_args, data_args, train_args, recipe_args,
+                            model_config=core_model(model, accelerator).config,
+                            num_processes=accelerator.num_processes, train_rows=train_data.num_rows,
+                            max_steps=max_steps, warmup_steps=warmup_steps_for(train_args, max_steps))
     counters = {"skipped_images": train_data.skipped["skipped_images"],
                 "skipped_texts": train_data.skipped["skipped_texts"], "truncated_texts": 0, "nonfinite_steps": 0}
     if resume_path is not None:
-        counters.update({k: v for k, v in load_checkpoint(accelerator, resume_path).items() if k in counters})
-        logger.info("resumed from %s at step %d", resume_path, start_step)
-    global_batch = (train_args.per_device_train_batch_size * accelerator.num_processes
-                    * train_args.gradient_accumulation_steps)
+        run = _resume(accelerator, resume_path, resumed, identity, train_args, optimizer, scheduler, start_step)
+        counters.update({k: v for k, v in resumed.items() if k in counters})
+    else:
+        run = _on_main(accelerator, lambda: new_run_record(identity))  # one run id for every process
+    if accelerator.is_main_process:
+        save_args(groups, output_dir / ARGS_FILE, model_config=core_model(model, accelerator).config.to_diff_dict(),
+                  extra={"run_id": run["run_id"], "resume_changes": run["changes"]})
+    global_batch = identity["global_batch_size"]
     logger.info("%s with %d process(es), global batch %d, %d steps", accelerator.distributed_type,
                 accelerator.num_processes, global_batch, max_steps)
     accelerator.init_trackers("train", config=tracker_config(groups))
 
     metrics, finished = train_loop(
         model, optimizer, scheduler, recipe, train_data, accelerator, train_args, start_step, counters,
-        run_eval=lambda: evaluate(core_model(model, accelerator), processor, data_args, accelerator))
+        run_eval=lambda: evaluate(core_model(model, accelerator), processor, data_args, accelerator),
+        checkpoint_state=lambda: {**counters, "run": run})
+    if counters["nonfinite_steps"]:
+        logger.warning("%d of %d steps were skipped for a non-finite loss or gradient",
+                       counters["nonfinite_steps"], max_steps)
     if not finished:  # --stop_after_steps: leave the run as a kill would, resumable from its checkpoints
         accelerator.end_training()
         return metrics
 
-    model = final_model(accelerator, model)
-    results = {k: v for k, v in metrics.items() if k.startswith("eval/")}
-    if results and accelerator.is_main_process:
-        print(json.dumps(results, indent=1))
+    # The model is saved before the final evaluation: an evaluation that fails loses no training.
+    trained = final_model(accelerator, model)
     if accelerator.is_main_process:
-        save_outputs(model, processor, train_args.output_dir, results)
+        save_outputs(trained, processor, train_args.output_dir, {})
+    accelerator.wait_for_everyone()
+    results = evaluate(trained, processor, data_args, accelerator)
+    if results:
+        accelerator.log(results, step=max_steps)
+        metrics.update(results)
+    if accelerator.is_main_process:
+        if results:
+            print(json.dumps(results, indent=1))
+            write_model_card(train_args.output_dir, results)
         if train_args.push_to_hub:
             push_to_hub(train_args.output_dir, train_args.hub_model_id, train_args.hub_options())
     accelerator.wait_for_everyone()
@@ -103,26 +168,41 @@ def run_training(model_args: ModelArguments, data_args: DataArguments, train_arg
     return metrics
 
 
-# What a run that trained leaves in its output directory (outputs.save_outputs, checkpoints, the metrics log).
-# train_args.yaml alone is not one: a run that failed before its first step (bad data, say) may be rerun.
-RUN_MARKERS = (METRICS_FILE, "model.safetensors", "checkpoints")
-
-
-def check_output_dir(train_args: TrainArguments, accelerator: Accelerator):
-    """Refuses a fresh run in an `--output_dir` that holds an earlier run, whose checkpoints a later `latest`
-    resume would pick and whose files would mix with this run's; `--overwrite_output_dir` clears them first.
-
-    Resuming (`--resume_from_checkpoint`) continues the run that is there and is always allowed.
-    """
-    out = Path(train_args.output_dir)
-    earlier = [name for name in RUN_MARKERS if (out / name).exists()]
-    if not earlier or train_args.resume_from_checkpoint is not None:
+def _claim_output_dir(train_args: TrainArguments, resumed: dict | None):
+    """Refuses to mix two runs' checkpoints in one output_dir: a fresh run (or a resume of another run) in a
+    directory holding checkpoints of a run it does not continue, unless `--overwrite_output_dir` (which
+    deletes them)."""
+    run_id = (resumed or {}).get("run", {}).get("run_id")
+    others = [p for p in _checkpoints(train_args.output_dir) if resumed is None or _run_id(p) != run_id]
+    if not others:
         return
     if not train_args.overwrite_output_dir:
+        if resumed is None and train_args.resume_from_checkpoint == "latest":
+            raise FileExistsError(
+                f"--resume_from_checkpoint latest: none of the checkpoints in {checkpoint_dir(train_args.output_dir)} "
+                f"({', '.join(p.name for p in others)}) is complete (see the warnings); name one with "
+                "--resume_from_checkpoint, or pass --overwrite_output_dir to start afresh")
+        what = "a fresh run" if resumed is None else f"resuming run {run_id}"
         raise FileExistsError(
-            f"--output_dir {out} holds an earlier run ({', '.join(earlier)}); pass --overwrite_output_dir to "
-            "start a new run there, --resume_from_checkpoint latest to continue it, or another --output_dir")
-    if accelerator.is_main_process:
-        shutil.rmtree(checkpoint_dir(str(out)), ignore_errors=True)
-        (out / METRICS_FILE).unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
+            f"{checkpoint_dir(train_args.output_dir)} holds checkpoints of another run "
+            f"({', '.join(p.name for p in others)}) and this is {what}: pass --resume_from_checkpoint latest to "
+            "continue that run, another --output_dir, or --overwrite_output_dir to delete them")
+    for path in others:
+        logger.warning("--overwrite_output_dir: deleting %s of another run", path)
+        shutil.rmtree(path)
+
+
+def _resume(accelerator, path: Path, resumed: dict, identity: dict, train_args: TrainArguments, optimizer,
+            scheduler, start_step: int) -> dict:
+    """Checks the checkpoint's identity against this run's, restores it, applies the allowed changes; returns
+    the run record to continue."""
+    unknown = sorted(set(train_args.resume_allow_changes) - set(identity))
+    if unknown:
+        raise ValueError(f"--resume_allow_changes {','.join(unknown)}: not run settings; they are "
+                         f"{', '.join(sorted(identity))}")
+    run = check_resume(resumed.get("run"), identity, train_args.resume_allow_changes, path, start_step)
+    load_checkpoint(accelerator, path, scheduler)
+    changed = {change["field"] for change in run["changes"][len(resumed["run"].get("changes", [])):]}
+    apply_optimizer_changes(optimizer, scheduler, train_args, changed)
+    logger.info("resumed run %s from %s at step %d", run["run_id"], path, start_step)
+    return run

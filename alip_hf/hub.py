@@ -26,6 +26,9 @@ logger = logging.getLogger(__name__)
 # run), atomic writers' temporary files and the run's lock file stay local.
 # (fnmatch patterns on paths relative to the folder; `*` also matches `/`.)
 RUN_IGNORE_PATTERNS = ["checkpoints/*", ".*tmp*", "*/.*tmp*", "*.tmp", ".train.lock"]
+# Arguments never written anywhere (train_args.yaml is uploaded with the model; trackers and checkpoints keep
+# what they are given).
+SECRET_ARGUMENTS = ("hub_token",)
 NO_TOKEN_MESSAGE = ("pushing to the Hub needs a token with write access: pass --hub_token, set the HF_TOKEN "
                     "environment variable, or log in once with `hf auth login`")
 

@@ -308,3 +308,10 @@ def test_dataset_config_name_and_cache_dir_reach_load_dataset(monkeypatch, tmp_p
     assert data.load_source("org/pairs", split="train", config_name="2017", cache_dir=str(tmp_path)) == "loaded"
     assert seen["args"] == ("org/pairs",)
     assert seen["kwargs"] == {"split": "train", "streaming": False, "name": "2017", "cache_dir": str(tmp_path)}
+
+
+def test_the_token_is_never_written_to_the_run(tiny_data, tmp_path, api):
+    train.main(tiny_data.argv(tmp_path, "--save_steps", "1", "--push_to_hub", "true", "--hub_model_id", "me/tiny",
+                              "--hub_token", "hf_secret_token_123"))
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and b"hf_secret_token_123" in p.read_bytes()]
+    assert not leaked, leaked

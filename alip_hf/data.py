@@ -431,6 +431,7 @@ class ExampleBuilder:
     transform: ImageTransform
     seed: int = 0
     clean: Callable[[str], str] | None = None  # the collator's text cleaning: a text empty after it is skipped
+    id_column: str | None = None  # carried into the example as "id" (per-sample logs are joined on it)
 
     def __call__(self, row: dict, epoch: int, index: int) -> tuple[dict | None, str | None]:
         for role, column in self.selector.columns.items():
@@ -443,7 +444,10 @@ class ExampleBuilder:
             return None, "skipped_images"
         rng = sample_rng(self.seed, epoch, index)
         texts, stats = self.selector.select(row, rng)
-        return {"pixel_values": self.transform(image, rng), **texts, "stats": stats}, None
+        example = {"pixel_values": self.transform(image, rng), **texts, "stats": stats}
+        if self.id_column is not None:
+            example["id"] = str(row[self.id_column])
+        return example, None
 
 
 class MapStyleExamples(torch.utils.data.Dataset):
@@ -605,8 +609,8 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[dict[str, to
 @dataclass
 class Collator:
     """Examples -> model batch: `pixel_values (B, 3, H, W)`, `input_ids`/`attention_mask (B, L)`, optionally
-    `caption_input_ids`/`caption_attention_mask (B, L')`, and `stats` (summed integer counts, including
-    `truncated_texts`)."""
+    `caption_input_ids`/`caption_attention_mask (B, L')`, `stats` (summed integer counts, including
+    `truncated_texts`), and `ids` (list of `B` str) when the examples carry their id."""
 
     tokenizer: Any
     max_length: int = 77
@@ -630,4 +634,6 @@ class Collator:
             for key, value in example["stats"].items():
                 stats[key] = stats.get(key, 0) + value
         batch["stats"] = stats
+        if "id" in examples[0]:
+            batch["ids"] = [e["id"] for e in examples]
         return batch

@@ -184,6 +184,11 @@ class Recipe:
         """Scalars to log for one optimizer step (slash-namespaced keys)."""
         return {"loss/total": output.loss.item(), **{f"loss/{k}": v.item() for k, v in output.parts.items()}}
 
+    def sample_values(self, output) -> dict | None:
+        """Per-sample values of one step's global batch, `{column: (N,) tensor}` with `schema` column names
+        (`train.py --log_sample_weights`), or `None` when the recipe has none."""
+        return None
+
 
 class ClipRecipe(Recipe):
     name = "clip"
@@ -248,6 +253,18 @@ class AlipRecipe(Recipe):
             "gate/dcg/caption_similarity_mean": _mean(g.similarity_image_caption),
             "gate/dcg/text_running_mean": float(g.running_mean_image_text),
             "gate/dcg/caption_running_mean": float(g.running_mean_image_caption),
+        }
+
+    def sample_values(self, output):
+        # The values the loss used: the running means were updated with this batch first (train mode), so
+        # they depend on the batch, unlike recaption.audit's eval-mode values.
+        g = output.gates
+        return {
+            schema.LCG_WEIGHT: g.sample_weight, schema.LCG_WEIGHT_RAW: g.sample_weight_raw,
+            schema.DCG_TEXT_WEIGHT: g.text_pair_weight, schema.DCG_CAPTION_WEIGHT: g.caption_pair_weight,
+            schema.SIMILARITY_TEXT_CAPTION: g.similarity_text_caption,
+            schema.SIMILARITY_IMAGE_TEXT: g.similarity_image_text,
+            schema.SIMILARITY_IMAGE_CAPTION: g.similarity_image_caption,
         }
 
 

@@ -20,6 +20,21 @@ REWRITE_MODEL = "rewrite_model"
 REWRITE_PROMPT_VERSION = "rewrite_prompt_version"
 ERROR = "error"  # why a row failed (empty when it did not)
 
+# The noise audit (`python -m recaption.audit`, `train.py --log_sample_weights`): ALIP's gate values per row, joined
+# on `id`. Symbols of the ALIP paper: S a cosine similarity, H its running mean, gamma the gate's sharpness.
+LCG_WEIGHT = "lcg_weight"  # Language Consistency Gate sample weight W^s = min(exp(gamma (S_tc - H_tc)), 1)
+LCG_WEIGHT_RAW = "lcg_weight_raw"  # W^s before clipping at 1: ranks the rows that W^s ties at 1
+DCG_TEXT_WEIGHT = "dcg_text_weight"  # Description Consistency Gate weight of (image, web text); 1 where W^s is 1
+DCG_CAPTION_WEIGHT = "dcg_caption_weight"  # the same for (image, caption)
+SIMILARITY_TEXT_CAPTION = "similarity_text_caption"  # S_tc
+SIMILARITY_IMAGE_TEXT = "similarity_image_text"  # S_xt
+SIMILARITY_IMAGE_CAPTION = "similarity_image_caption"  # S_xc
+CLIP_SCORE = "clip_score"  # image-web text cosine of a CLIP model: the usual filtering baseline (LAION, DataComp)
+AUDIT_MODEL = "audit_model"  # provenance: the scoring model (`<model>@<revision or weights digest>`)
+GATE_COLUMNS = (LCG_WEIGHT, LCG_WEIGHT_RAW, DCG_TEXT_WEIGHT, DCG_CAPTION_WEIGHT,
+                SIMILARITY_TEXT_CAPTION, SIMILARITY_IMAGE_TEXT, SIMILARITY_IMAGE_CAPTION)
+AUDIT_SCORES = (*GATE_COLUMNS, CLIP_SCORE)
+
 
 # Columns that only exist after a recaption step, with the step that writes them.
 PRODUCED_BY = {CAPTION: "python -m recaption.caption", VECAP: "python -m recaption.rewrite"}

@@ -3,6 +3,7 @@
     python -m recaption.caption   # `caption`: synthetic caption from the image alone (ALIP, VeCLIP)
     python -m recaption.rewrite   # `vecap`: LLM fusion of `alt_text` and `caption` (VeCLIP)
     python -m recaption.publish   # push the result to the Hub with a dataset card
+    python -m recaption.audit     # ALIP gate values per row: filter noisy pairs, detection AUC, report
 
 Each step is also a library call (`caption(...)`, `rewrite(...)`, `publish(...)`); runs are sharded over
 Accelerate processes, resumable, and write atomically (see `recaption.common`).
@@ -12,6 +13,8 @@ import importlib
 
 # Resolved on first use, so that `python -m recaption.<step>` does not import the step twice.
 _EXPORTS = {
+    "AuditArguments": "recaption.audit",
+    "audit": "recaption.audit",
     "CaptionArguments": "recaption.caption",
     "Captioner": "recaption.caption",
     "caption": "recaption.caption",

@@ -252,13 +252,25 @@ def _save_digest_cache(output_dir: str, identity: dict | None) -> None:
         atomic_write_json(os.path.join(output_dir, DIGEST_CACHE), entries)
 
 
+# What `from_pretrained` reads from a model directory: weights, configs, tokenizer and processor files, remote
+# code. Logs, cards and sub-directories (a training run's checkpoints/, clip_export/, sample_weights/) are not
+# the model: a run that writes them later must not make the same weights look like another model.
+MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt", ".model", ".tiktoken", ".py",
+                       ".jinja")
+
+
+def model_files(model_dir: str) -> list[str]:
+    """The files of a local model directory that define the model (top level only), sorted."""
+    return sorted(entry.path for entry in os.scandir(model_dir)
+                  if entry.is_file() and not entry.name.startswith(".") and entry.name.endswith(MODEL_FILE_SUFFIXES))
+
+
 def model_identity(model: str, revision: str | None, commit: str | None) -> dict[str, Any]:
     """What identifies the weights a step ran: every file of a local model directory with its sha256 (weights
     replaced at the same path must not pass as the same model), else the Hub commit, else the id and revision
     (a Hub model whose commit could not be resolved)."""
     if os.path.isdir(model):
-        files = [f for f in local_files(model) if os.path.isfile(f)]
-        return {"files": {os.path.relpath(f, model): file_sha256(f) for f in files}}
+        return {"files": {os.path.basename(f): file_sha256(f) for f in model_files(model)}}
     if commit:
         return {"id": model, "commit": commit}
     return {"id": model, "revision": revision}

@@ -378,3 +378,18 @@ def test_model_file_digests_are_cached_by_path_size_and_mtime(tmp_path, monkeypa
     assert common.file_sha256(str(weights)) == "f" * 64  # from the cache: the file is not read again
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # rewritten: another mtime
     assert common.file_sha256(str(weights)) == hashlib.sha256(b"weights").hexdigest()
+
+
+def test_model_identity_covers_what_from_pretrained_reads_not_logs_or_subdirectories(tmp_path):
+    from recaption.common import model_identity
+
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"weights v1")
+    before = model_identity(str(tmp_path), None, None)
+    (tmp_path / "README.md").write_text("a card written after the audit")
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    (tmp_path / "checkpoints" / "step_000001").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_000001" / "model.safetensors").write_bytes(b"older weights")
+    assert model_identity(str(tmp_path), None, None) == before
+    (tmp_path / "model.safetensors").write_bytes(b"weights v2")
+    assert model_identity(str(tmp_path), None, None) != before

@@ -102,6 +102,9 @@ class DataArguments:
         "help": "Train on the first N rows of the split only (debugging, quick runs)."})
     streaming: bool = field(default=False, metadata={"help": "Read lazily (needs --max_steps); for large data."})
     image_column: str = field(default=schema.IMAGE, metadata={"help": "Column holding the image."})
+    id_column: str = field(
+        default=schema.ID, metadata={"help": "Stable key column (WebDataset `__key__` if absent); read only by "
+                                             "--log_sample_weights, whose rows are joined on it."})
     max_text_length: int = field(default=77, metadata={"help": "Tokens per text; longer texts keep their end token."})
     crop_scale_min: float = field(default=0.9, metadata={"help": "RandomResizedCrop lower area bound (ALIP: 0.9)."})
     crop_scale_max: float = field(default=1.0, metadata={"help": "RandomResizedCrop upper area bound."})
@@ -209,9 +212,19 @@ class TrainArguments(HubArguments):
         "help": "Hub model repository (user/name or org/name) that --push_to_hub uploads output_dir to."})
     license: str | None = field(default=None, metadata={
         "help": "Licence id written to the model card (e.g. apache-2.0, mit); default: 'other'."})
+    log_sample_weights: bool = field(
+        default=False, metadata={"help": "Write the gate values of every sample seen in the last epoch to "
+                                         "output_dir/sample_weights (Parquet, joined on --id_column)."})
+    log_sample_weights_steps: int = field(
+        default=0, metadata={"help": "Record the samples of every N-th step instead of the last epoch "
+                                     "(implies --log_sample_weights; needed for streaming data)."})
 
     def __post_init__(self):
         super().__post_init__()
+        if self.log_sample_weights_steps < 0:
+            raise ValueError(f"--log_sample_weights_steps must be >= 0, got {self.log_sample_weights_steps}")
+        if self.log_sample_weights_steps:
+            self.log_sample_weights = True
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")

@@ -35,7 +35,8 @@ class TrainData:
 def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes.Recipe, processor,
                      accelerator: Accelerator, start_step: int, cache_dir: str | None = None) -> TrainData:
     """Loads, checks columns, validates rows, and builds the per-process DataLoader of micro-batches that
-    starts at optimizer step `start_step` (`cache_dir`: `--cache_dir`, where Hub data is cached)."""
+    starts at optimizer step `start_step` (`cache_dir`: `--cache_dir`, where Hub data is cached). With
+    `--log_sample_weights` the batches carry their rows' ids."""
     check_global_batch(train, accelerator.num_processes)
     source = f"--train_data {args.train_data} (split {args.train_split!r})"
     dataset = data.load_source(args.train_data, split=args.train_split, streaming=args.streaming,
@@ -47,13 +48,16 @@ def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes
     data.require_text_columns(dataset, recipe.columns(), source)
     if not args.streaming and len(dataset) == 0:
         raise ValueError(f"{source} has no rows")
+    id_column = _id_column(dataset, args.id_column) if train.log_sample_weights else None
+    kept_columns = [args.image_column, *recipe.columns().values(), *([id_column] if id_column else [])]
     dataset = data.undecoded_images(dataset, args.image_column)
     transform = data.ImageTransform.from_image_processor(
         processor.image_processor, train=True, crop_scale=(args.crop_scale_min, args.crop_scale_max))
     # The processor's text cleaning (CLIP's ftfy + whitespace + lower-case for the CLIP tokenizer) applies too;
     # the builder uses it to skip (and count) texts that clean to nothing, which would train as empty prompts.
     clean = clean_clip_text if processor.text_cleaning != "none" else None
-    build = data.ExampleBuilder(args.image_column, recipe.text_selector(), transform, seed=train.seed, clean=clean)
+    build = data.ExampleBuilder(args.image_column, recipe.text_selector(), transform, seed=train.seed, clean=clean,
+                                id_column=id_column)
     collate = data.Collator(processor.tokenizer, max_length=args.max_text_length, clean=clean)
     batch = train.per_device_train_batch_size
     common = dict(collate_fn=collate, num_workers=args.dataloader_num_workers,
@@ -61,7 +65,7 @@ def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes
     if args.streaming:
         from datasets.distributed import split_dataset_by_node
 
-        dataset = dataset.select_columns([args.image_column, *recipe.columns().values()])
+        dataset = dataset.select_columns(kept_columns)
         if args.shuffle_buffer:
             dataset = dataset.shuffle(seed=train.seed, buffer_size=args.shuffle_buffer)
         dataset = split_dataset_by_node(dataset, rank=accelerator.process_index, world_size=accelerator.num_processes)
@@ -69,7 +73,7 @@ def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes
         loader = torch.utils.data.DataLoader(stream, batch_size=batch, drop_last=True, **common)
         return TrainData(loader, steps_for(train, accelerator, None), None,
                          {"skipped_images": 0, "skipped_texts": 0}, resume_skips_batches=True)
-    dataset = dataset.select_columns([args.image_column, *recipe.columns().values()])
+    dataset = dataset.select_columns(kept_columns)
     with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
         dataset, skipped = data.filter_valid_rows(dataset, build, num_proc=args.preprocessing_num_proc)
     if len(dataset) == 0:
@@ -82,6 +86,16 @@ def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes
         start=start_step * train.gradient_accumulation_steps)
     loader = torch.utils.data.DataLoader(data.MapStyleExamples(dataset, build), batch_sampler=sampler, **common)
     return TrainData(loader, max_steps, len(dataset), skipped, resume_skips_batches=False)
+
+
+def _id_column(dataset, id_column: str) -> str:
+    """The id column that per-sample logs are joined on: `--id_column`, else WebDataset's `__key__`."""
+    available = list(dataset.column_names or (dataset.features or {}).keys())
+    for name in (id_column, "__key__"):
+        if name in available:
+            return name
+    raise ValueError(f"--log_sample_weights: id column {id_column!r} not found (nor WebDataset '__key__'); "
+                     f"available columns: {available}. Pass --id_column with a column that identifies each row.")
 
 
 def check_global_batch(train: TrainArguments, num_processes: int) -> None:

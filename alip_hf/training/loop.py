@@ -30,8 +30,11 @@ LOGIT_SCALE_MAX = math.log(100)  # CLIP's clamp of the learnable temperature, ke
 # One optimizer step
 # ----------------------------------------------------------------------------------------------------------------
 
+_NOT_MODEL_INPUTS = ("stats", "ids")
+
+
 def _model_inputs(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "stats"}
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
 
 
 def forward_backward(model, core: ALIPModel, recipe: recipes.Recipe, micro_batches: list[dict],
@@ -73,12 +76,14 @@ def forward_backward(model, core: ALIPModel, recipe: recipes.Recipe, micro_batch
 
 
 def train_loop(model, optimizer, scheduler, recipe, train_data: TrainData, accelerator: Accelerator,
-               args: TrainArguments, start_step: int, counters: dict, run_eval, checkpoint_state) -> tuple[dict, bool]:
+               args: TrainArguments, start_step: int, counters: dict, run_eval, checkpoint_state,
+               sample_log=None) -> tuple[dict, bool]:
     """Optimizer steps `start_step + 1 .. max_steps`; returns the metrics of the last logged step and whether
     the run reached `max_steps` (False when stopped by `--stop_after_steps`).
 
     `run_eval()` gives the `eval/...` metrics (every `--eval_steps`, not at the last step); `checkpoint_state()`
-    the JSON state saved with each checkpoint (counters and run identity)."""
+    the JSON state saved with each checkpoint (counters and run identity). `sample_log` (a `SampleWeightLog`)
+    records per-sample gate values of the steps it wants."""
     max_steps = train_data.max_steps
     core = core_model(model, accelerator)
     k = args.gradient_accumulation_steps
@@ -96,6 +101,8 @@ def train_loop(model, optimizer, scheduler, recipe, train_data: TrainData, accel
         # The gates update their running means inside the forward pass, before the loss is known to be finite.
         buffers = _snapshot_buffers(core) if args.nonfinite == "skip" else None
         output = forward_backward(model, core, recipe, micro_batches, accelerator, args.local_loss)
+        if sample_log is not None:
+            sample_log.record(step, output, micro_batches)
         stats = _sum_stats(accelerator, micro_batches)
         updated = _all_finite(accelerator, output.loss) and apply_update(
             model, core, optimizer, accelerator, args.max_grad_norm)

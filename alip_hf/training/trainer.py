@@ -49,6 +49,7 @@ from alip_hf.training.run import (
     new_run_record,
     run_identity,
 )
+from alip_hf.training.sample_weights import SampleWeightLog, clear_sample_weights
 from alip_hf.training.tracking import METRICS_FILE, JSONLinesTracker, tracker_config
 
 logger = logging.getLogger("train")
@@ -137,10 +138,13 @@ def _train(accelerator: Accelerator, model_args: ModelArguments, data_args: Data
                 accelerator.num_processes, global_batch, max_steps)
     accelerator.init_trackers("train", config=tracker_config(groups))
 
+    sample_log = build_sample_log(recipe, train_data, train_args, accelerator, start_step)
     metrics, finished = train_loop(
         model, optimizer, scheduler, recipe, train_data, accelerator, train_args, start_step, counters,
         run_eval=lambda: evaluate(core_model(model, accelerator), processor, data_args, accelerator),
-        checkpoint_state=lambda: {**counters, "run": run})
+        checkpoint_state=lambda: {**counters, "run": run}, sample_log=sample_log)
+    if sample_log is not None:
+        sample_log.save()
     if counters["nonfinite_steps"]:
         logger.warning("%d of %d steps were skipped for a non-finite loss or gradient",
                        counters["nonfinite_steps"], max_steps)
@@ -166,6 +170,23 @@ def _train(accelerator: Accelerator, model_args: ModelArguments, data_args: Data
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
+
+
+def build_sample_log(recipe, train_data, train_args: TrainArguments, accelerator: Accelerator,
+                     start_step: int) -> SampleWeightLog | None:
+    """The `--log_sample_weights` recorder, or None when the flag is off."""
+    if not train_args.log_sample_weights:
+        return None
+    if type(recipe).sample_values is recipes.Recipe.sample_values:
+        raise ValueError(f"--log_sample_weights: --recipe {recipe.name} has no per-sample gate values to log")
+    if start_step == 0 and accelerator.is_main_process:
+        clear_sample_weights(train_args.output_dir)
+    batches_per_epoch = None
+    if train_data.num_rows is not None:
+        batches_per_epoch = train_data.num_rows // (train_args.per_device_train_batch_size * accelerator.num_processes)
+    return SampleWeightLog(recipe, train_args.output_dir, train_data.max_steps, train_args.gradient_accumulation_steps,
+                           batches_per_epoch, train_args.log_sample_weights_steps, accelerator.process_index,
+                           accelerator.num_processes)
 
 
 def _claim_output_dir(train_args: TrainArguments, resumed: dict | None):

@@ -56,7 +56,8 @@ def _data_files(source: str) -> list[str]:
 
 
 def load_source(
-    source: str, split: str = "train", streaming: bool = False
+    source: str, split: str = "train", streaming: bool = False, config_name: str | None = None,
+    cache_dir: str | None = None,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Loads image-text data from a `save_to_disk` directory, local files, WebDataset shards or the Hub.
 
@@ -71,11 +72,17 @@ def load_source(
             - a Hub dataset id (`org/name`).
         split: the split to read.
         streaming: return an `IterableDataset` that reads lazily.
+        config_name: the configuration (subset) of a Hub dataset or dataset directory (`load_dataset`'s `name`).
+        cache_dir: where `datasets` caches what it downloads and prepares.
 
     Raises:
         FileNotFoundError: a local path or pattern that matches nothing.
         ValueError: a split that the source does not have, or files of mixed or unknown formats.
     """
+    hub = {"name": config_name, "cache_dir": cache_dir}
+    if config_name is not None and (_is_saved_dataset(source) if os.path.isdir(source) else _looks_local(source)):
+        raise ValueError(f"--dataset_config_name {config_name!r}: {source!r} is a saved dataset or data files, "
+                         "which have no configurations; it applies to Hub datasets and dataset directories")
     if os.path.isdir(source) and _is_saved_dataset(source):
         loaded = datasets.load_from_disk(source)
         if isinstance(loaded, datasets.DatasetDict):
@@ -86,7 +93,7 @@ def load_source(
     if os.path.isdir(source):
         check_webdataset_shards(sorted(glob.glob(os.path.join(source, "**", "*.tar"), recursive=True)))
         # Split names come from the file names, as on the Hub (`train-00000.parquet`, `test/...`).
-        return _load_files(source, source, split=split, streaming=streaming)
+        return _load_files(source, source, split=split, streaming=streaming, **hub)
     if "{" in source and ".tar" in source:
         files = _expand_braces(source)
     elif _looks_local(source):
@@ -94,14 +101,15 @@ def load_source(
         if not files or not all(os.path.exists(f) for f in files):
             raise FileNotFoundError(f"no data files found at {source!r}")
     else:
-        return datasets.load_dataset(source, split=split, streaming=streaming)
+        return datasets.load_dataset(source, split=split, streaming=streaming, **hub)
     builders = {_FILE_BUILDERS.get(Path(f).suffix) for f in files}
     if len(builders) != 1 or None in builders:
         raise ValueError(f"{source!r}: expected files of one format among {sorted(_FILE_BUILDERS)}, got {files[:5]}")
     builder = builders.pop()
     if builder == "webdataset":
         check_webdataset_shards(files)
-    return _load_files(source, builder, data_files={split: files}, split=split, streaming=streaming)
+    return _load_files(source, builder, data_files={split: files}, split=split, streaming=streaming,
+                       cache_dir=cache_dir)
 
 
 def _load_files(source: str, path: str, split: str, **kwargs):

@@ -168,6 +168,25 @@ def load_model_and_processor(path: str, device="cpu", trust_remote_code: bool = 
     return model, processor
 
 
+def write_model_card(args: EvalArguments, records: list[dict], argv: list[str]):
+    """Adds the evaluation to `--model_card`: an existing card (a trained model's README) keeps its training
+    section and metadata, its evaluation section and `model-index` are updated; a new card is rendered with the
+    training arguments saved beside the model (`train_args.yaml`), when there are any."""
+    import yaml
+
+    from alip_hf.evaluation.cards import hub_id, portable_command, update_model_card
+    from alip_hf.io import write_text_atomic
+
+    card_path = Path(args.model_card)
+    plot_link = os.path.relpath(args.plot, card_path.resolve().parent) if args.plot else None
+    saved_args = Path(args.model) / "train_args.yaml"
+    train_args = yaml.safe_load(saved_args.read_text()) if saved_args.is_file() else None
+    card = update_model_card(
+        card_path, records, model_name=hub_id(args.model) or Path(args.model).name, train_args=train_args,
+        recall_plot=plot_link, eval_command="python eval.py " + portable_command(list(argv)))
+    write_text_atomic(card_path, str(card))
+
+
 def compare_main(args: EvalArguments) -> str:
     """`--compare`: the Markdown table of the results files (printed, and written to `--compare_output`), and their
     plot with `--plot`."""
@@ -204,11 +223,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         _matplotlib,
         datacomp_summary,
         plot_recall_at_k,
-        render_model_card,
         results_table,
     )
     from alip_hf.evaluation.runners import EvalSettings, run_and_save
-    from alip_hf.io import write_text_atomic
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     accelerator = Accelerator()
@@ -233,10 +250,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.plot:
             plot_recall_at_k(records, args.plot)
         if args.model_card:
-            plot_link = os.path.relpath(args.plot, Path(args.model_card).resolve().parent) if args.plot else None
-            card = render_model_card(records, model_name=Path(args.model).name, recall_plot=plot_link,
-                                     eval_command="python eval.py " + " ".join(sys.argv[1:] if argv is None else argv))
-            write_text_atomic(args.model_card, card)
+            write_model_card(args, records, sys.argv[1:] if argv is None else argv)
         for record in failed:
             logger.error("%s %s failed: %s", record["dataset"], record["task"], record["error"])
     accelerator.wait_for_everyone()

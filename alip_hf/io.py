@@ -32,6 +32,18 @@ def _chmod_default(path: str | os.PathLike, directory: bool = False) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def apply_default_permissions(root: str | os.PathLike) -> None:
+    """Gives `root` and everything under it the permissions of an ordinary `open()` / `mkdir` (0666 / 0777 less
+    the umask). Some writers (safetensors through `save_pretrained`, `tempfile`) create private 0600 files."""
+    root = Path(root)
+    mask = _umask()
+    os.chmod(root, (0o777 if root.is_dir() else 0o666) & ~mask)
+    if root.is_dir():
+        for path in root.rglob("*"):
+            if not path.is_symlink():
+                os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextmanager
 def replaced_atomically(path: str | os.PathLike, mode: Literal["w", "wb"] = "w") -> Iterator[Any]:
     """An open temporary file beside `path` that replaces `path` once the block ends without error (else it is
@@ -117,6 +129,7 @@ def save_directory_atomically(output_dir: str | os.PathLike, write: Callable[[Pa
     tmp_dir = make_staging_dir(output_dir)
     try:
         write(tmp_dir)
+        apply_default_permissions(tmp_dir)
         replace_directory(tmp_dir, output_dir)
     finally:
         if tmp_dir.exists():

@@ -138,7 +138,7 @@ def model_config(args: ModelArguments) -> ALIPConfig:
 
     overrides = parse_config_overrides(args.config_overrides) if args.config_overrides else {}
     if args.model_name_or_path:
-        config = ALIPConfig.from_pretrained(args.model_name_or_path)
+        config = ALIPConfig.from_pretrained(args.model_name_or_path, **hub_kwargs(args, remote_code=False))
         return ALIPConfig.from_dict(apply_config_overrides(config.to_dict(), overrides)) if overrides else config
     return ALIPConfig(**apply_config_overrides(MODEL_CONFIGS[args.model_config], overrides))
 
@@ -157,9 +157,10 @@ def build_model(args: ModelArguments, seed: int) -> ALIPModel:
 
     torch.manual_seed(seed)
     if args.model_name_or_path and not args.config_overrides:
-        model = ALIPModel.from_pretrained(args.model_name_or_path)
+        model = ALIPModel.from_pretrained(args.model_name_or_path, **hub_kwargs(args, remote_code=False))
     elif args.model_name_or_path:
-        model = ALIPModel.from_pretrained(args.model_name_or_path, config=model_config(args))
+        model = ALIPModel.from_pretrained(args.model_name_or_path, config=model_config(args),
+                                          **hub_kwargs(args, remote_code=False))
     else:
         model = ALIPModel(model_config(args))
     if args.freeze_vision:
@@ -189,20 +190,42 @@ def build_processor(args: ModelArguments, model: ALIPModel) -> ALIPProcessor:
 
     from modeling_alip import ALIPProcessor, clip_tokenizer
 
-    source = Path(args.model_name_or_path) if args.model_name_or_path else None
-    if source is not None and (source / "preprocessor_config.json").exists():
-        image_processor = AutoImageProcessor.from_pretrained(source)
+    source = args.model_name_or_path
+    if source is not None and _has_file(source, "preprocessor_config.json", args):
+        image_processor = AutoImageProcessor.from_pretrained(source, **hub_kwargs(args))
     else:
         size = model.config.vision_config.image_size
         image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     tokenizer_path = args.tokenizer_name_or_path
-    if tokenizer_path is None and source is not None and (source / "tokenizer_config.json").exists():
+    if tokenizer_path is None and source is not None and _has_file(source, "tokenizer_config.json", args):
         tokenizer_path = source
     if tokenizer_path is not None:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, **hub_kwargs(args))
     else:
         tokenizer = clip_tokenizer(model_max_length=model.config.text_config.max_position_embeddings)
     return ALIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def hub_kwargs(args: ModelArguments, remote_code: bool = True) -> dict:
+    """`from_pretrained` keywords of `--model_revision`, `--cache_dir` and `--trust_remote_code` (run_clip.py's
+    flags). The model class is always ALIPModel, so remote code only concerns tokenizers and image processors."""
+    kwargs = {"revision": args.model_revision, "cache_dir": args.cache_dir}
+    if remote_code:
+        kwargs["trust_remote_code"] = args.trust_remote_code
+    return kwargs
+
+
+def _has_file(source: str, filename: str, args: ModelArguments) -> bool:
+    """Whether the local directory or Hub repository `source` holds `filename` (at `--model_revision`)."""
+    if Path(source).is_dir():
+        return (Path(source) / filename).exists()
+    from transformers.utils import cached_file
+
+    try:
+        return cached_file(source, filename, revision=args.model_revision, cache_dir=args.cache_dir,
+                           _raise_exceptions_for_missing_entries=False) is not None
+    except OSError:
+        return False
 
 
 def core_model(model, accelerator: Accelerator | None = None) -> ALIPModel:

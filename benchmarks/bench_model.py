@@ -6,7 +6,7 @@ One step = forward + loss + backward + AdamW step. Rows (all on the same batch o
 * `ALIP single path, text 77`: `ALIPModel` without captions (plain CLIP loss), texts padded to 77;
 * the same with `attn_implementation="eager"` and without `attention_mask` (to find where time goes);
 * `ALIP bi-path, 2 x 77`: raw text + caption, both padded to 77 (the official code's fixed layout);
-* `ALIP bi-path, dynamic`: both texts padded to the batch's longest text (`--dynamic-length`);
+* `ALIP bi-path, dynamic`: both texts padded to the batch's longest text (`--dynamic_length`);
 * `ALIP single path, dynamic`.
 
 The ALIP model is converted from the open_clip model (`convert_open_clip`), so both compute the same
@@ -198,13 +198,13 @@ def parse_args(argv=None):
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS), help="architectures to time")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per row (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per row first")
-    parser.add_argument("--batch-size", type=int, help="override each config's batch size")
-    parser.add_argument("--dynamic-length", type=int, default=20, help="longest text in the dynamically padded rows")
-    parser.add_argument("--no-diagnostics", action="store_true", help="skip the eager / no-mask single-path rows")
+    parser.add_argument("--batch_size", type=int, help="override each config's batch size")
+    parser.add_argument("--dynamic_length", type=int, default=20, help="longest text in the dynamically padded rows")
+    parser.add_argument("--no_diagnostics", action="store_true", help="skip the eager / no-mask single-path rows")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     args = parser.parse_args(argv)
     if args.repeats < 1 or not 6 <= args.dynamic_length <= CONTEXT:
-        parser.error("--repeats must be >= 1 and --dynamic-length in [6, 77]")
+        parser.error("--repeats must be >= 1 and --dynamic_length in [6, 77]")
     return args
 
 

@@ -5,10 +5,10 @@ a fixed word list and one in ten random letters, mixed case, punctuation, digits
 
 * Tokenisation: `open_clip` ViT-B-32 tokenizer (pure-Python BPE with ftfy cleaning, always 77 wide) against
   `ALIPProcessor(text=...)` (the same cleaning + the `tokenizers` BPE, padded to the longest row) and
-  `clip_tokenizer()` alone (no ftfy cleaning), called once per batch of `--batch-size` texts as a data loader
+  `clip_tokenizer()` alone (no ftfy cleaning), called once per batch of `--batch_size` texts as a data loader
   does. The script first checks that the processor's ids equal open_clip's on every text.
 * Text tower: the text features of a CLIP ViT-B/32-sized text tower (width 512, 12 layers, 8 heads, random
-  weights) on one batch of `--tower-batch-size` texts, padded to the batch's longest text vs to 77, with the
+  weights) on one batch of `--tower_batch_size` texts, padded to the batch's longest text vs to 77, with the
   attention mask. The script checks that both give the same features first.
 
 Rows are interleaved inside each repeat so that load from other processes hits every row alike; tables
@@ -136,9 +136,9 @@ def text_tower_table(texts: list[str], repeats: int) -> list[str]:
 
 def main(argv: list[str] | None = None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--num-texts", type=int, default=2048, help="texts tokenised per repeat")
-    parser.add_argument("--batch-size", type=int, default=64, help="texts per tokeniser call")
-    parser.add_argument("--tower-batch-size", type=int, default=16, help="texts in the timed text-tower batch")
+    parser.add_argument("--num_texts", type=int, default=2048, help="texts tokenised per repeat")
+    parser.add_argument("--batch_size", type=int, default=64, help="texts per tokeniser call")
+    parser.add_argument("--tower_batch_size", type=int, default=16, help="texts in the timed text-tower batch")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (the median is reported)")
     parser.add_argument("--output", type=Path, default=None, help="also write the tables to this markdown file")
     args = parser.parse_args(argv)

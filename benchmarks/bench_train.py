@@ -135,9 +135,9 @@ def main(argv: list[str] | None = None):
         print(json.dumps(measure(job["argv"], job["steps"], job["warmup"])))
         return
     shard_dir = Path(tempfile.mkdtemp(prefix="bench_wds_"))
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_synthetic_webdataset.py"), "--output-dir",
-                    str(shard_dir), "--num-samples", str(args.num_samples), "--samples-per-shard", "500",
-                    "--extra-text-keys", "caption"], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_synthetic_webdataset.py"), "--output_dir",
+                    str(shard_dir), "--num_samples", str(args.num_samples), "--samples_per_shard", "500",
+                    "--extra_text_keys", "caption"], check=True, capture_output=True)
     num_shards = len(list(shard_dir.glob("*.tar")))
     shards = str(shard_dir / f"{{00000..{num_shards - 1:05d}}}.tar")
     table = {name: [] for name in rows(shards, args.batch, args.model_config)}

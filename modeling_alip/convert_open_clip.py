@@ -23,14 +23,14 @@ so every key starts with `module.`. Both formats map onto transformers' CLIP nam
 The architecture is read from tensor shapes (widths, layers, MLP size, patch and image size, context
 length, vocabulary size, projection size). Two things are not in the weights:
 
-* attention heads: taken from the open_clip model config when one is given (`--model-name` or
-  `--model-config`), else `width // 64`, open_clip's default head width;
+* attention heads: taken from the open_clip model config when one is given (`--model_name` or
+  `--model_config`), else `width // 64`, open_clip's default head width;
 * the MLP activation (GELU or QuickGELU, see [`resolve_quick_gelu`]).
 
 The gate running means are not in either format (the official code keeps them as Python locals of its
 training loop), so the converted model starts them at `gate_initial_mean`, as the official code does.
 
-    python -m modeling_alip.convert_open_clip --checkpoint epoch_32.pt --model-name ViT-B-32 --output alip-b32
+    python -m modeling_alip.convert_open_clip --checkpoint epoch_32.pt --model_name ViT-B-32 --output alip-b32
 """
 
 from __future__ import annotations
@@ -154,16 +154,16 @@ def open_clip_model_config(model_name: str) -> dict:
         import open_clip
     except ImportError as error:
         raise ImportError(
-            f"--model-name {model_name} needs open_clip (pip install open_clip_torch); or pass --model-config "
+            f"--model_name {model_name} needs open_clip (pip install open_clip_torch); or pass --model_config "
             "with the model's JSON config"
         ) from error
     name = model_name.replace("/", "-")
     config = open_clip.get_model_config(name)
     if config is None:
         raise ValueError(
-            f"--model-name {model_name}: open_clip has no config of that name "
+            f"--model_name {model_name}: open_clip has no config of that name "
             f"(known ViTs include {[n for n in open_clip.list_models() if n.startswith('ViT-B')][:6]}); "
-            "pass --model-config with the model's JSON config instead"
+            "pass --model_config with the model's JSON config instead"
         )
     return config
 
@@ -171,7 +171,7 @@ def open_clip_model_config(model_name: str) -> dict:
 def resolve_quick_gelu(quick_gelu: bool | None, model_name: str | None = None, model_config: dict | None = None) -> bool:
     """Decides the MLP activation, which the weights do not record.
 
-    In order: an explicit `quick_gelu` (the `--quick-gelu`/`--no-quick-gelu` flag) wins; then the model
+    In order: an explicit `quick_gelu` (the `--quick_gelu true/false` flag) wins; then the model
     config's `quick_gelu` key (open_clip's `*-quickgelu` configs set it; a config without it means GELU);
     then a model name ending in `-quickgelu`; otherwise GELU, open_clip's default, with a warning. OpenAI's
     released CLIPs use QuickGELU, so their open_clip names end in `-quickgelu`. The official ALIP code
@@ -185,7 +185,7 @@ def resolve_quick_gelu(quick_gelu: bool | None, model_name: str | None = None, m
     if model_name is not None and model_name.lower().endswith("-quickgelu"):
         return True
     logger.warning(
-        "activation not given and not in a model config: using GELU (open_clip's default). Pass --quick-gelu "
+        "activation not given and not in a model config: using GELU (open_clip's default). Pass --quick_gelu "
         "for OpenAI-initialised or QuickGELU-trained weights; a wrong choice changes the features."
     )
     return False
@@ -224,8 +224,8 @@ def _heads(width: int, configured: int | None, tower: str) -> int:
     heads = configured if configured is not None else width // DEFAULT_HEAD_WIDTH
     if heads < 1 or width % heads:
         raise ValueError(
-            f"{tower} width {width} cannot be split into {heads} attention heads; pass --model-name or "
-            "--model-config so the head count comes from the model's config"
+            f"{tower} width {width} cannot be split into {heads} attention heads; pass --model_name or "
+            "--model_config so the head count comes from the model's config"
         )
     return heads
 
@@ -392,29 +392,43 @@ def _processor_for(config: ALIPConfig):
         return None
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def build_parser():
+    """The command's flags: its own, and the Hub options shared with train.py (alip_hf.hub)."""
+    from transformers.hf_argparser import string_to_bool
+
+    from alip_hf.hub import hub_parser
+
+    parser = hub_parser(
         prog="python -m modeling_alip.convert_open_clip",
         description="Convert an open_clip CLIP or official ALIP checkpoint into an ALIP model directory.",
     )
     parser.add_argument("--checkpoint", required=True, help="open_clip / official ALIP checkpoint (.pt, .bin, .safetensors)")
     parser.add_argument("--output", required=True, help="directory to write the ALIP model (save_pretrained) to")
-    parser.add_argument("--model-name", help="open_clip model name, e.g. ViT-B-32 or ViT-B-32-quickgelu (heads, activation)")
-    parser.add_argument("--model-config", help="open_clip model config JSON file, instead of --model-name")
+    parser.add_argument("--model_name", help="open_clip model name, e.g. ViT-B-32 or ViT-B-32-quickgelu (heads, activation)")
+    parser.add_argument("--model_config", help="open_clip model config JSON file, instead of --model_name")
     parser.add_argument(
-        "--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
-        help="QuickGELU (--quick-gelu) or GELU (--no-quick-gelu); default: from the model config/name, else GELU",
+        "--quick_gelu", type=string_to_bool, nargs="?", const=True, default=None,
+        help="QuickGELU (--quick_gelu or --quick_gelu true) or GELU (--quick_gelu false); default: from the model "
+             "config/name, else GELU",
     )
-    parser.add_argument("--no-processor", action="store_true", help="write the model only, without the processor")
+    parser.add_argument("--no_processor", action="store_true", help="write the model only, without the processor")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists and is not empty")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.model_name and args.model_config:
-        parser.error("pass --model-name or --model-config, not both")
+        parser.error("pass --model_name or --model_config, not both")
     return args
 
 
 def main(argv=None) -> Path:
+    from alip_hf.hub import hub_arguments, push_model_directory
+
     args = parse_args(argv)
+    hub = hub_arguments(args)  # checked before the conversion, not after
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model_config = json.loads(Path(args.model_config).read_text()) if args.model_config else None
     print(f"reading {args.checkpoint}")
@@ -435,6 +449,7 @@ def main(argv=None) -> Path:
 
     save_directory_atomically(args.output, write, overwrite=args.overwrite, overwrite_flag="--overwrite")
     print(f"ALIP model written to {args.output}")
+    push_model_directory(args.output, args.hub_model_id if args.push_to_hub else None, hub, what=f"{Path(args.checkpoint).name} (open_clip)")
     return Path(args.output)
 
 

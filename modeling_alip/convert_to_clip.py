@@ -112,20 +112,30 @@ def _load_processor(model_dir: Path):
         return CLIPProcessor.from_pretrained(model_dir)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def build_parser():
+    """The command's flags: its own, and the Hub options shared with train.py (alip_hf.hub)."""
+    from alip_hf.hub import hub_parser
+
+    parser = hub_parser(
         prog="python -m modeling_alip.convert_to_clip",
         description="Export an ALIP model directory as a plain transformers CLIPModel directory.",
     )
     parser.add_argument("--model", required=True, help="ALIP model directory (written by save_pretrained)")
     parser.add_argument("--output", required=True, help="directory to write the CLIPModel to")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists and is not empty")
-    parser.add_argument("--no-processor", action="store_true", help="do not copy the processor even if present")
-    return parser.parse_args(argv)
+    parser.add_argument("--no_processor", action="store_true", help="do not copy the processor even if present")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> Path:
+    from alip_hf.hub import hub_arguments, push_model_directory
+
     args = parse_args(argv)
+    hub = hub_arguments(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model_dir = Path(args.model)
     if not (model_dir / "config.json").exists():
@@ -136,6 +146,7 @@ def main(argv=None) -> Path:
         logger.info("no processor in %s: exporting weights and config only", model_dir)
     output = export_to_clip(model, args.output, processor=processor, overwrite=args.overwrite)
     print(f"CLIPModel written to {output}")
+    push_model_directory(output, args.hub_model_id if args.push_to_hub else None, hub, what="CLIPModel export")
     return output
 
 

@@ -293,18 +293,28 @@ def _load(model_dir: Path):
     return model, processor
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+def build_parser():
+    """The command's flags: its own, and the Hub options shared with train.py (alip_hf.hub)."""
+    from alip_hf.hub import hub_parser
+
+    parser = hub_parser(
         prog="python -m modeling_alip.convert_to_open_clip",
         description="Write open_clip_config.json + open_clip_model.safetensors for an ALIP or CLIP model directory.",
     )
     parser.add_argument("--model_dir", required=True, help="model directory written by save_pretrained")
     parser.add_argument("--output_dir", help="where to write the two open_clip files (default: --model_dir itself)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> Path:
+    from alip_hf.hub import hub_arguments, push_model_directory
+
     args = parse_args(argv)
+    hub = hub_arguments(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").is_file():
@@ -314,6 +324,8 @@ def main(argv=None) -> Path:
         logger.warning("no processor in %s: preprocess_cfg uses CLIP's defaults", model_dir)
     output = export_to_open_clip(model, args.output_dir or model_dir, processor=processor)
     print(f"open_clip files written to {output}; load with open_clip.create_model_and_transforms('local-dir:{output}')")
+    # The directory with both formats side by side, as open_clip's own Hub repositories are laid out.
+    push_model_directory(output, args.hub_model_id if args.push_to_hub else None, hub, what="open_clip export")
     return output
 
 

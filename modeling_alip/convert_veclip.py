@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel, HfArgumentParser
 from transformers.utils import logging
 
-from alip_hf.io import replace_directory
+from alip_hf.io import apply_default_permissions, replace_directory
 
 from .processing_veclip import align_text_config, veclip_processor
 
@@ -63,6 +63,9 @@ class ConvertArguments:
                   "config that disagrees with it (only when you know the config is what is wrong)."},
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace --output if it exists."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Upload --output to the Hub."})
+    hub_model_id: str | None = field(default=None, metadata={
+        "help": "Hub model repository (user/name or org/name) that --push_to_hub uploads --output to."})
 
 
 def find_model_folder(root: str | os.PathLike) -> Path:
@@ -206,6 +209,7 @@ def convert_veclip(
         processor.image_processor.save_pretrained(staging)
         source_weights = next(folder / name for name in WEIGHT_FILES if (folder / name).is_file())
         write_model_card(staging, model.config, input_path, source_weights, tokenizer, loaded_tokenizer, resize_only)
+        apply_default_permissions(staging)  # safetensors writes private files
         replace_directory(staging, output_dir)
     logger.info(f"Wrote {output_dir}")
     return output_dir
@@ -261,12 +265,23 @@ evaluate with `python eval.py --model {directory.name} ...`.
         handle.write(card)
 
 
+def build_parser() -> HfArgumentParser:
+    """The command's flags: its own, and the Hub options shared with train.py (alip_hf.hub)."""
+    from alip_hf.hub import HubArguments
+
+    return HfArgumentParser((ConvertArguments, HubArguments), prog="python -m modeling_alip.convert_veclip")
+
+
 def main(argv: list[str] | None = None) -> Path:
-    (args,) = HfArgumentParser(ConvertArguments).parse_args_into_dataclasses(args=argv)
+    from alip_hf.hub import push_model_directory
+
+    args, hub = build_parser().parse_args_into_dataclasses(args=argv)
+    if args.push_to_hub and not args.hub_model_id:
+        raise ValueError("--push_to_hub needs --hub_model_id")
     verbosity = logging.get_verbosity()
     logging.set_verbosity_info()  # says what is loaded and written; restored for callers of main()
     try:
-        return convert_veclip(
+        output = convert_veclip(
             args.input,
             args.output,
             tokenizer=args.tokenizer,
@@ -274,6 +289,8 @@ def main(argv: list[str] | None = None) -> Path:
             set_token_ids_from_tokenizer=args.set_token_ids_from_tokenizer,
             overwrite=args.overwrite,
         )
+        push_model_directory(output, args.hub_model_id if args.push_to_hub else None, hub, what="VeCLIP checkpoint")
+        return output
     finally:
         logging.set_verbosity(verbosity)
 

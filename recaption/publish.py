@@ -5,7 +5,7 @@ version, generation settings, and the counts of `summary.json` (rows, failures, 
 The licence is inherited from the source (its card's `license`), or given with `--license`; publishing
 with an unknown licence is refused.
 
-    python -m recaption.publish --output_dir out/vecap --repo_id me/yfcc-vecap
+    python -m recaption.publish --output_dir out/vecap --hub_dataset_id me/yfcc-vecap --hub_private_repo
     python -m recaption.publish --output_dir out/vecap --dry_run      # card + data under out/vecap/hub_preview
 """
 
@@ -22,8 +22,9 @@ from typing import Any
 import yaml
 
 from alip_hf.data import load_source
+from alip_hf.evaluation.cards import hub_id, is_local, portable
+from alip_hf.hub import HubArguments, resolve_token
 from alip_hf.io import write_text_atomic, write_with_atomically
-from recaption.common import atomic_write_json
 
 UNKNOWN_LICENSE = "unknown"
 
@@ -33,21 +34,21 @@ class PublishArguments:
     output_dir: str = field(
         metadata={"help": "Output dir of the last recaption step (holds data/ and run_config.json)."}
     )
-    repo_id: str | None = field(
-        default=None, metadata={"help": "Hub dataset repo to push to (not needed with --dry_run)."}
+    hub_dataset_id: str | None = field(
+        default=None, metadata={"help": "Hub dataset repository (user/name or org/name) to push to (not needed with "
+                                "--dry_run). The --hub_* options say how."}
     )
     dry_run: bool = field(default=False, metadata={"help": "Write the card and data locally instead of pushing."})
     dry_run_dir: str | None = field(
         default=None, metadata={"help": "Where --dry_run writes (default <output_dir>/hub_preview)."}
     )
     license: str | None = field(default=None, metadata={"help": "Licence id; default: the source's."})
-    private: bool = field(default=False, metadata={"help": "Create the Hub repo as private."})
     split: str = field(default="train", metadata={"help": "Split name of the data."})
     max_shard_size: str = field(default="500MB", metadata={"help": "Parquet shard size on the Hub."})
 
     def __post_init__(self):
-        if not self.dry_run and not self.repo_id:
-            raise ValueError("--repo_id is needed to publish (or use --dry_run)")
+        if not self.dry_run and not self.hub_dataset_id:
+            raise ValueError("--hub_dataset_id is needed to publish (or use --dry_run)")
 
 
 def _run_dir(path: str) -> str | None:
@@ -113,8 +114,8 @@ def _step_section(run: dict[str, Any]) -> str:
     return "\n".join([
         f"### `{config['step']}`",
         "",
-        f"- model: `{config.get('model')}` (revision `{config.get('revision')}`, commit `{config.get('commit')}`), "
-        f"recorded per row as `{config.get(model_key)}`",
+        f"- model: `{portable(config.get('model'))}` (revision `{config.get('revision')}`, commit "
+        f"`{config.get('commit')}`), recorded per row as `{portable(config.get(model_key))}`",
         f"- prompt version: `{config.get(version_key)}`",
         f"- generation: `{json.dumps(config.get('generation'), sort_keys=True)}`",
         f"- results: `{json.dumps(counts, sort_keys=True)}`",
@@ -129,16 +130,19 @@ def _step_section(run: dict[str, Any]) -> str:
 
 
 def render_card(chain: list[dict[str, Any]], license: str, split: str = "train", repo_id: str | None = None) -> str:
-    """The dataset card (YAML header + Markdown) for the runs in `chain` (from `provenance_chain`)."""
-    source = chain[0]["config"]["source"]
+    """The dataset card (YAML header + Markdown) for the runs in `chain` (from `provenance_chain`); local paths
+    (of the source, of models) appear by their base names only."""
+    source = portable(chain[0]["config"]["source"])
     rows = chain[-1]["summary"]["rows"]
     header = {
         "license": license if license != UNKNOWN_LICENSE else "other",
         "task_categories": ["image-to-text", "zero-shot-image-classification"],
         "tags": ["synthetic-captions", "image-text-pairs"],
         "size_categories": [_size_category(rows)],
-        "configs": [{"config_name": "default", "data_files": [{"split": split, "path": f"data/{split}-*"}]}],
+        # `configs` and `dataset_info` are written by `datasets` (push_to_hub, or `datasets_metadata` offline).
     }
+    if hub_id(source):
+        header["source_datasets"] = [source]
     licence_line = (
         f"`{license}`, inherited from the source `{source}`."
         if license != UNKNOWN_LICENSE
@@ -176,37 +180,107 @@ def _size_category(rows: int) -> str:
     return "n>1T" if rows > 10**12 else "100M<n<1B"
 
 
-def publish(args: PublishArguments) -> str:
-    """Pushes data + card to `args.repo_id`, or writes them under the dry-run dir; returns where they went."""
+def datasets_metadata(dataset, split: str) -> dict[str, Any]:
+    """The `dataset_info` and `configs` YAML that `datasets` writes to a card for `dataset` pushed as `split`,
+    made with its own functions (`DatasetInfosDict`, `MetadataConfigs`), for the offline preview."""
+    from datasets import DatasetInfo, SplitDict, SplitInfo
+    from datasets.info import DatasetInfosDict
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub import DatasetCardData
+
+    splits = SplitDict()
+    splits.add(SplitInfo(name=split, num_bytes=dataset.data.nbytes, num_examples=len(dataset)))
+    info = DatasetInfo(config_name="default", features=dataset.features, splits=splits,
+                       dataset_size=dataset.data.nbytes)
+    card_data = DatasetCardData()
+    DatasetInfosDict({"default": info}).to_dataset_card_data(card_data)
+    MetadataConfigs({"default": {"data_files": [{"split": split, "path": f"data/{split}-*"}]}}).to_dataset_card_data(
+        card_data)
+    return card_data.to_dict()
+
+
+def merge_card(card: str, written: dict[str, Any] | None) -> str:
+    """`card` (ours) with the metadata `datasets` wrote (`written`): its `dataset_info` and `configs` are kept,
+    our provenance fields (licence, tags, ...) are added to them, our Markdown replaces its body."""
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    ours = DatasetCard(card)
+    merged = dict(written or {})
+    merged.update({k: v for k, v in ours.data.to_dict().items() if k not in DATASETS_KEYS})
+    return str(DatasetCard(f"---\n{DatasetCardData(**merged).to_yaml()}\n---\n{ours.text}"))
+
+
+DATASETS_KEYS = ("dataset_info", "configs")
+
+
+def publish(args: PublishArguments, hub: HubArguments | None = None) -> str:
+    """Pushes data + card to `args.hub_dataset_id`, or writes them under the dry-run dir; returns where they went.
+
+    The data goes first with `Dataset.push_to_hub` (which writes the card's `dataset_info` and `configs`); the
+    card is then read back from the same revision (or pull request), our provenance merged in, and committed with
+    `provenance.json`.
+    """
+    hub = hub or HubArguments()
     chain = provenance_chain(args.output_dir)
     license = args.license or source_license(chain[0]["config"]["source"])
-    card = render_card(chain, license, args.split, args.repo_id)
+    card = render_card(chain, license, args.split, args.hub_dataset_id)
     data_dir = os.path.join(_run_dir(args.output_dir), "data")
+    provenance = json.dumps({"runs": _portable_runs(chain), "license": license}, indent=2, sort_keys=True, default=str)
     if args.dry_run:
         target = args.dry_run_dir or os.path.join(_run_dir(args.output_dir), "hub_preview")
         os.makedirs(os.path.join(target, "data"), exist_ok=True)
         for path in sorted(glob.glob(os.path.join(data_dir, f"{args.split}-*.parquet"))):
             destination = os.path.join(target, "data", os.path.basename(path))
             write_with_atomically(destination, lambda tmp, source=path: shutil.copyfile(source, tmp))
-        write_text_atomic(os.path.join(target, "README.md"), card)
-        atomic_write_json(os.path.join(target, "provenance.json"), {"runs": chain, "license": license})
+        dataset = load_source(data_dir, split=args.split)
+        write_text_atomic(os.path.join(target, "README.md"), merge_card(card, datasets_metadata(dataset, args.split)))
+        write_text_atomic(os.path.join(target, "provenance.json"), provenance)
         return target
     if license == UNKNOWN_LICENSE:
-        raise ValueError(f"the licence of {chain[0]['config']['source']!r} is unknown; pass --license")
-    from huggingface_hub import DatasetCard
+        raise ValueError(f"the licence of {portable(chain[0]['config']['source'])!r} is unknown; pass --license")
+    from huggingface_hub import CommitOperationAdd, DatasetCard, HfApi, hf_hub_download
 
+    token = resolve_token(hub.hub_token)
+    options = hub.hub_options()
     dataset = load_source(data_dir, split=args.split)
-    dataset.push_to_hub(args.repo_id, split=args.split, private=args.private, max_shard_size=args.max_shard_size)
-    # After the data: push_to_hub writes its own README, which this card replaces.
-    DatasetCard(card).push_to_hub(args.repo_id, repo_type="dataset")
-    return f"https://huggingface.co/datasets/{args.repo_id}"
+    commit = dataset.push_to_hub(
+        args.hub_dataset_id, split=args.split, private=options.private, token=token, revision=options.revision,
+        create_pr=options.create_pr, commit_message=options.commit_message or "Upload recaptioned data",
+        max_shard_size=args.max_shard_size)
+    # With --hub_create_pr the data sits in a pull request: the card goes into the same one.
+    revision = getattr(commit, "pr_revision", None) if options.create_pr else options.revision
+    written = DatasetCard.load(hf_hub_download(args.hub_dataset_id, "README.md", repo_type="dataset",
+                                               revision=revision, token=token)).data.to_dict()
+    HfApi(token=token).create_commit(
+        args.hub_dataset_id, repo_type="dataset", revision=revision,
+        operations=[CommitOperationAdd("README.md", merge_card(card, written).encode()),
+                    CommitOperationAdd("provenance.json", provenance.encode())],
+        commit_message=options.commit_message or "Dataset card: how the captions were made")
+    return f"https://huggingface.co/datasets/{args.hub_dataset_id}"
+
+
+def _portable_runs(chain: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The recorded runs with local paths (sources, models, output dirs) reduced to base names."""
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return portable(value) if isinstance(value, str) and is_local(value) else value
+
+    return clean(chain)
+
+
+def build_parser():
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser((PublishArguments, HubArguments), prog="python -m recaption.publish")
 
 
 def main(argv: list[str] | None = None) -> str:
-    from transformers import HfArgumentParser
 
-    (args,) = HfArgumentParser(PublishArguments).parse_args_into_dataclasses(args=argv)
-    where = publish(args)
+    args, hub = build_parser().parse_args_into_dataclasses(args=argv)
+    where = publish(args, hub)
     print(where)
     return where
 

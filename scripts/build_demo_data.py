@@ -374,19 +374,19 @@ def build(
     source_root, output_dir = Path(source_root), Path(output_dir)
     if not (source_root / "png").is_dir():
         raise FileNotFoundError(
-            f"--source-root {source_root}: no png/ directory; install the packages with "
+            f"--source_root {source_root}: no png/ directory; install the packages with "
             f"`{' '.join(APT_COMMAND)}` (or pass --install), or pass the openclipart directory of a `dpkg -x` tree"
         )
     clips, summary = find_clips(source_root)
     by_category = select_categories(clips, min_per_category, summary)
     if not by_category:
-        raise ValueError(f"{source_root}: no category has --min-per-category={min_per_category} drawings")
+        raise ValueError(f"{source_root}: no category has --min_per_category={min_per_category} drawings")
     rendered = collect_rows(by_category, per_category, image_size, quality, max_pixels, summary)
     splits = split_rows(rendered, test_fraction)
     for name, rows in splits.items():
         if not rows:  # an empty Parquet split cannot be loaded back
-            raise ValueError(f"{source_root}: the {name} split is empty; lower --min-per-category or change "
-                             f"--test-fraction={test_fraction}")
+            raise ValueError(f"{source_root}: the {name} split is empty; lower --min_per_category or change "
+                             f"--test_fraction={test_fraction}")
     summary.rows = {
         name: dict(sorted(collections.Counter(row[CATEGORY] for row in rows).items())) for name, rows in splits.items()
     }
@@ -403,22 +403,22 @@ def build(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--source-root", default=DEFAULT_SOURCE_ROOT, help="directory holding png/ and svg/")
-    parser.add_argument("--output-dir", default="alip_hf/demo_data", help="where the Parquet files and README.md go")
+    parser.add_argument("--source_root", default=DEFAULT_SOURCE_ROOT, help="directory holding png/ and svg/")
+    parser.add_argument("--output_dir", default="alip_hf/demo_data", help="where the Parquet files and README.md go")
     parser.add_argument("--install", action="store_true", help=f"run `{' '.join(APT_COMMAND)}` when missing (root)")
-    parser.add_argument("--image-size", type=int, default=64, help="side of the square output images, pixels")
-    parser.add_argument("--per-category", type=int, default=400, help="at most this many drawings per category")
-    parser.add_argument("--min-per-category", type=int, default=30, help="drop categories with fewer drawings")
-    parser.add_argument("--test-fraction", type=float, default=0.12, help="share of each category held out")
+    parser.add_argument("--image_size", type=int, default=64, help="side of the square output images, pixels")
+    parser.add_argument("--per_category", type=int, default=400, help="at most this many drawings per category")
+    parser.add_argument("--min_per_category", type=int, default=30, help="drop categories with fewer drawings")
+    parser.add_argument("--test_fraction", type=float, default=0.12, help="share of each category held out")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality, 1-95")
-    parser.add_argument("--max-pixels", type=int, default=2**26, help="skip source images with more pixels")
+    parser.add_argument("--max_pixels", type=int, default=2**26, help="skip source images with more pixels")
     args = parser.parse_args(argv)
     if not 0 < args.test_fraction < 1:
-        parser.error(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
+        parser.error(f"--test_fraction must be in (0, 1), got {args.test_fraction}")
     if not 1 <= args.quality <= 95:
         parser.error(f"--quality must be in [1, 95], got {args.quality}")
     if args.image_size < 1 or args.per_category < 1 or args.min_per_category < 1:
-        parser.error("--image-size, --per-category and --min-per-category must be positive")
+        parser.error("--image_size, --per_category and --min_per_category must be positive")
     return args
 
 

@@ -5,14 +5,14 @@ Each sample is three or more tar members sharing a 9-digit key:
     000000000.jpg            a random drawing (coloured rectangles and ellipses on a random background)
     000000000.txt            a random short text, the stand-in for the web alt-text
     000000000.json           img2dataset's metadata: key, url, caption, status, width, height, sha256, ...
-    000000000.<name>.txt     one per `--extra-text-keys` name (e.g. `caption`, `vecap`): more random text
+    000000000.<name>.txt     one per `--extra_text_keys` name (e.g. `caption`, `vecap`): more random text
 
 Shards are `00000.tar`, `00001.tar`, ...; read them back with
 `data.load_source("<dir>/{00000..00001}.tar")` (columns `jpg`, `txt`, `json`, `<name>.txt`).
 The same arguments give byte-identical shards (seeded generator, fixed tar headers).
 
-    python scripts/make_synthetic_webdataset.py --output-dir /tmp/shards --num-samples 2000 \\
-        --samples-per-shard 1000 --extra-text-keys caption vecap
+    python scripts/make_synthetic_webdataset.py --output_dir /tmp/shards --num_samples 2000 \\
+        --samples_per_shard 1000 --extra_text_keys caption vecap
 """
 
 from __future__ import annotations
@@ -111,11 +111,11 @@ def write_shards(
             `json` are taken; a dot would change how readers split the member name).
     """
     if num_samples < 1 or samples_per_shard < 1 or image_size < 1:
-        raise ValueError(f"--num-samples, --samples-per-shard and --image-size must be positive, got "
+        raise ValueError(f"--num_samples, --samples_per_shard and --image_size must be positive, got "
                          f"{num_samples}, {samples_per_shard}, {image_size}")
     for name in extra_text_keys:
         if not name.isidentifier() or name in ("txt", "jpg", "json"):
-            raise ValueError(f"--extra-text-keys: {name!r} must be a plain name other than txt/jpg/json")
+            raise ValueError(f"--extra_text_keys: {name!r} must be a plain name other than txt/jpg/json")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -133,11 +133,11 @@ def write_shards(
 
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", required=True, help="directory for 00000.tar, 00001.tar, ...")
-    parser.add_argument("--num-samples", type=int, default=2000, help="samples in all shards together")
-    parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar file")
-    parser.add_argument("--image-size", type=int, default=64, help="side of the square JPEG images, pixels")
-    parser.add_argument("--extra-text-keys", nargs="*", default=[], help="extra text members, e.g. caption vecap")
+    parser.add_argument("--output_dir", required=True, help="directory for 00000.tar, 00001.tar, ...")
+    parser.add_argument("--num_samples", type=int, default=2000, help="samples in all shards together")
+    parser.add_argument("--samples_per_shard", type=int, default=1000, help="samples per tar file")
+    parser.add_argument("--image_size", type=int, default=64, help="side of the square JPEG images, pixels")
+    parser.add_argument("--extra_text_keys", nargs="*", default=[], help="extra text members, e.g. caption vecap")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random images and texts")
     args = parser.parse_args(argv)
     try:

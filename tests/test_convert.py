@@ -140,7 +140,7 @@ def test_heads_default_to_width_over_64_without_a_model_config():
 
 
 def test_narrow_tower_without_a_model_config_is_rejected_naming_the_flags():
-    with pytest.raises(ValueError, match="--model-name or --model-config"):
+    with pytest.raises(ValueError, match="--model_name or --model_config"):
         convert_open_clip(tiny_open_clip(False).state_dict(), quick_gelu=False)
 
 
@@ -161,7 +161,7 @@ def test_checkpoint_files_convert_through_the_cli(tmp_path, layout):
     config_path.write_text(json.dumps(tiny_open_clip_config(True)))
 
     output = tmp_path / "alip"
-    argv = ["--checkpoint", str(path), "--model-config", str(config_path), "--output", str(output), "--no-processor"]
+    argv = ["--checkpoint", str(path), "--model_config", str(config_path), "--output", str(output), "--no_processor"]
     convert_open_clip_main(argv)
 
     model = ALIPModel.from_pretrained(output).eval()
@@ -180,7 +180,7 @@ def test_cli_writes_a_processor_sized_for_the_model(tmp_path):
     path = tmp_path / "clip.pt"
     torch.save(open_clip.CLIP(**config).state_dict(), path)
     (tmp_path / "tiny.json").write_text(json.dumps(config))
-    convert_open_clip_main(["--checkpoint", str(path), "--model-config", str(tmp_path / "tiny.json"), "--output", str(tmp_path / "alip")])
+    convert_open_clip_main(["--checkpoint", str(path), "--model_config", str(tmp_path / "tiny.json"), "--output", str(tmp_path / "alip")])
 
     processor = ALIPProcessor.from_pretrained(tmp_path / "alip")
     assert processor.image_processor.crop_size == {"height": 30, "width": 30}
@@ -243,7 +243,7 @@ def test_open_clip_model_names_give_heads_and_activation():
 
     assert open_clip_model_config("ViT-B/32")["text_cfg"]["heads"] == 8  # the official ALIP script's spelling
     assert resolve_quick_gelu(None, "ViT-B-32-quickgelu", open_clip_model_config("ViT-B-32-quickgelu"))
-    with pytest.raises(ValueError, match="--model-name ViT-Q-99"):
+    with pytest.raises(ValueError, match="--model_name ViT-Q-99"):
         open_clip_model_config("ViT-Q-99")
 
 

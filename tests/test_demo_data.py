@@ -206,7 +206,7 @@ def test_builder_output_is_byte_identical_across_runs(fake_tree, tmp_path):
 
 
 def test_builder_names_the_flag_when_the_packages_are_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--source-root.*apt-get install"):
+    with pytest.raises(FileNotFoundError, match="--source_root.*apt-get install"):
         builder.build(tmp_path / "nowhere", tmp_path / "out")
 
 
@@ -281,5 +281,5 @@ def test_synthetic_webdataset_is_byte_identical_for_a_seed_and_differs_across_se
 
 
 def test_synthetic_webdataset_rejects_reserved_extra_keys(tmp_path):
-    with pytest.raises(ValueError, match="--extra-text-keys.*'txt'"):
+    with pytest.raises(ValueError, match="--extra_text_keys.*'txt'"):
         webdataset_writer.write_shards(tmp_path, num_samples=2, extra_text_keys=["txt"])

@@ -317,10 +317,11 @@ def test_model_card_renders_train_py_flat_metrics_and_rejects_unknown_placeholde
     assert "| demo |  | 50.00 | 75.00 | 25.00 |" in card and "| demo |  | 12.50 |" in card
     assert "- `recipe`: `alip`" in card
     template = tmp_path / "card.md"
-    template.write_text("{{results_table}} {{license}}")
-    with pytest.raises(KeyError, match="license"):
+    sections = "{{usage}} {{training}} <!-- evaluation:start -->{{results_table}}<!-- evaluation:end -->"
+    template.write_text(sections + " {{seed_note}}")
+    with pytest.raises(KeyError, match="seed_note"):
         ev.render_model_card(flat, template=template)
-    assert ev.render_model_card(flat, template=template, license="mit").endswith(" mit")
+    assert ev.render_model_card(flat, template=template, seed_note="seed 0").endswith(" seed 0")
 
 
 def test_model_card_of_train_py_shows_its_eval_split_and_a_command_for_its_eval_data(tmp_path):
@@ -334,8 +335,8 @@ def test_model_card_of_train_py_shows_its_eval_split_and_a_command_for_its_eval_
     card = ev.render_model_card({"eval/val.parquet/image_retrieval_recall@1": 0.25},
                                 train_args={"eval_data": other, "eval_split": "validation"})
     assert "| val.parquet | validation | 25.00 |" in card
-    assert (reproduce + f"--dataset {other} --task zeroshot_retrieval --split validation "
-            "--caption_columns alt_text caption\n") in card
+    assert (reproduce + "--dataset val.parquet --task zeroshot_retrieval --split validation "
+            "--caption_columns alt_text caption\n") in card and str(tmp_path) not in card  # no local paths
 
 
 def test_folder_style_class_names_become_words_and_string_labels_still_match():

@@ -10,6 +10,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from alip_hf.data import (
 )
 from recaption.caption import CaptionArguments, Captioner, caption
 from recaption.common import GenerationArguments, RunArguments
+from alip_hf.hub import HubArguments
 from recaption.publish import PublishArguments, publish, source_license
 from recaption.rewrite import RewriteArguments, rewrite, select_vecap
 from recaption.tiny import (
@@ -394,43 +396,138 @@ def test_two_processes_split_the_shards_with_no_duplicate_and_no_dropped_tail(as
 # ----------------------------------------------------------------------------- publish
 
 
-def test_publish_dry_run_writes_a_card_and_data_that_load_back(rewritten, assets, tmp_path):
+def _assert_no_local_paths(text: str, *roots):
+    for root in roots:
+        assert str(root) not in text, f"local path {root} in the card"
+    assert not re.search(r"(?<![\w.])/(tmp|root|home|work)/", text), "an absolute local path in the card"
+
+
+def test_publish_dry_run_writes_a_card_with_datasets_metadata_provenance_and_no_local_paths(rewritten, assets,
+                                                                                              tmp_path):
+    from huggingface_hub import DatasetCard
+
     from recaption.publish import main as publish_main
 
     out, summary = rewritten
     target = publish_main(["--output_dir", str(out), "--dry_run", "--dry_run_dir", str(tmp_path / "hub"),
                            "--license", "cc-by-4.0"])
-    card = open(os.path.join(target, "README.md"), encoding="utf-8").read()
-    assert card.startswith("---\nlicense: cc-by-4.0\n")
-    for expected in (assets["captioner"], assets["lm"], "none-v1", "vecap-v1+1shot", '"max_new_tokens": 8',
-                     f"Rows: {ROWS}", '"fallbacks": %d' % summary["fallbacks"], "Merge them into one short caption"):
-        assert expected in card, expected
+    text = open(os.path.join(target, "README.md"), encoding="utf-8").read()
+    card = DatasetCard(text)
+    for expected in (os.path.basename(assets["captioner"]), os.path.basename(assets["lm"]), "none-v1",
+                     "vecap-v1+1shot", '"max_new_tokens": 8', f"Rows: {ROWS}", '"fallbacks": %d' % summary["fallbacks"],
+                     "Merge them into one short caption"):
+        assert expected in card.text, expected
+    meta = card.data.to_dict()
+    assert meta["license"] == "cc-by-4.0" and "synthetic-captions" in meta["tags"]
+    # what datasets writes, with its own functions
+    assert meta["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": "data/train-*"}]}]
+    assert meta["dataset_info"]["splits"] == [{"name": "train", "num_bytes": mock.ANY, "num_examples": ROWS}]
+    assert {f["name"] for f in meta["dataset_info"]["features"]} >= {ID, CAPTION, VECAP}
+    _assert_no_local_paths(text, assets["root"], tmp_path)
     result = load_source(target)
     assert len(result) == ROWS and {CAPTION, VECAP} <= set(result.column_names)
-    provenance = json.load(open(os.path.join(target, "provenance.json")))
-    assert [run["config"]["step"] for run in provenance["runs"]] == ["caption", "rewrite"]
+    provenance_text = open(os.path.join(target, "provenance.json")).read()
+    _assert_no_local_paths(provenance_text, assets["root"], tmp_path)
+    assert [run["config"]["step"] for run in json.loads(provenance_text)["runs"]] == ["caption", "rewrite"]
 
 
-def test_publish_pushes_the_data_then_the_card(rewritten):
+class FakeDatasetRepo:
+    """The Hub side of a dataset push, offline: `Dataset.push_to_hub` writes the README with datasets' own
+    card-updating code (`_get_updated_dataset_card`) into a local folder; the card is read back from it; commits
+    are recorded with their arguments."""
+
+    def __init__(self, root, readme: str | None = None):
+        self.root, self.commits, self.pushes = root, [], []
+        root.mkdir(parents=True, exist_ok=True)
+        if readme is not None:
+            (root / "README.md").write_text(readme)
+
+    def push_to_hub(self, dataset, repo_id, **kwargs):
+        from datasets.arrow_dataset import _get_updated_dataset_card
+        from datasets.splits import SplitInfo
+        from fsspec.implementations.dirfs import DirFileSystem
+        from fsspec.implementations.local import LocalFileSystem
+        from huggingface_hub import CommitInfo
+
+        self.pushes.append((repo_id, len(dataset), kwargs))
+        fs = DirFileSystem(path=str(self.root), fs=LocalFileSystem())
+        card, _ = _get_updated_dataset_card(
+            fs=fs, config_name="default", splits_info=[SplitInfo(kwargs["split"], 1000, len(dataset))],
+            features=dataset.features, data_dir="data", set_default=None, uploaded_sizes=[1000], deleted_sizes=[0],
+            remove_other_splits=False)
+        (self.root / "README.md").write_text(str(card))
+        pr = "refs/pr/1" if kwargs.get("create_pr") else None
+        return CommitInfo(commit_url="https://huggingface.co/datasets/me/x/commit/" + "1" * 40, commit_message="m",
+                          commit_description="", oid="1" * 40, pr_url=pr and "https://huggingface.co/datasets/me/x/discussions/1")
+
+    def download(self, repo_id, filename, repo_type=None, revision=None, token=None):
+        self.downloads = getattr(self, "downloads", []) + [(repo_id, filename, repo_type, revision, token)]
+        return str(self.root / filename)
+
+    def create_commit(self, api, repo_id, operations, **kwargs):
+        self.commits.append((repo_id, {op.path_in_repo: op.path_or_fileobj for op in operations}, kwargs))
+
+
+@pytest.fixture
+def fake_repo(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    repo = FakeDatasetRepo(tmp_path / "repo")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.setattr(datasets.Dataset, "push_to_hub", lambda ds, repo_id, **kw: repo.push_to_hub(ds, repo_id, **kw))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", repo.download)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit",
+                        lambda api, repo_id, operations, **kw: repo.create_commit(api, repo_id, operations, **kw))
+    return repo
+
+
+def test_publish_pushes_the_data_then_adds_provenance_to_the_card_datasets_wrote(rewritten, fake_repo):
     from huggingface_hub import DatasetCard
 
+    from recaption.publish import main as publish_main
+
     out, _ = rewritten
-    calls = []
-    with mock.patch.object(datasets.Dataset, "push_to_hub", autospec=True,
-                           side_effect=lambda ds, repo, **kw: calls.append(("data", repo, len(ds), kw))), \
-         mock.patch.object(DatasetCard, "push_to_hub", autospec=True,
-                           side_effect=lambda card, repo, **kw: calls.append(("card", repo, card.content, kw))):
-        url = publish(PublishArguments(output_dir=str(out), repo_id="me/tiny-vecap", license="cc-by-4.0", private=True))
+    url = publish_main(["--output_dir", str(out), "--hub_dataset_id", "me/tiny-vecap", "--license", "cc-by-4.0",
+                        "--hub_private_repo", "true", "--hub_revision", "v2", "--hub_commit_message", "first"])
     assert url.endswith("datasets/me/tiny-vecap")
-    assert [c[:2] for c in calls] == [("data", "me/tiny-vecap"), ("card", "me/tiny-vecap")]
-    assert calls[0][2] == ROWS and calls[0][3]["private"] is True and calls[0][3]["split"] == "train"
-    assert "license: cc-by-4.0" in calls[1][2] and calls[1][3]["repo_type"] == "dataset"
+    ((repo_id, rows, push),) = fake_repo.pushes
+    assert (repo_id, rows) == ("me/tiny-vecap", ROWS)
+    assert push["private"] is True and push["revision"] == "v2" and push["token"] == "hf_test_token"
+    assert push["commit_message"] == "first" and push["create_pr"] is False and push["split"] == "train"
+    assert fake_repo.downloads == [("me/tiny-vecap", "README.md", "dataset", "v2", "hf_test_token")]
+    ((repo_id, files, commit),) = fake_repo.commits
+    assert commit["revision"] == "v2" and commit["repo_type"] == "dataset" and commit["commit_message"] == "first"
+    card = DatasetCard(files["README.md"].decode())
+    meta = card.data.to_dict()
+    assert meta["dataset_info"]["splits"][0]["num_examples"] == ROWS  # written by datasets, kept
+    assert meta["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*"}]
+    assert meta["license"] == "cc-by-4.0" and "## How it was made" in card.text  # added by publish
+    assert json.loads(files["provenance.json"])["license"] == "cc-by-4.0"
+
+
+def test_publish_with_a_pull_request_puts_the_card_in_the_same_pull_request(rewritten, fake_repo):
+    out, _ = rewritten
+    publish(PublishArguments(output_dir=str(out), hub_dataset_id="me/x", license="cc-by-4.0"),
+            HubArguments(hub_create_pr=True))
+    assert fake_repo.pushes[0][2]["create_pr"] is True
+    assert fake_repo.downloads[0][3] == "refs/pr/1" and fake_repo.commits[0][2]["revision"] == "refs/pr/1"
+
+
+def test_publish_without_a_token_says_how_to_give_one(rewritten, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    out, _ = rewritten
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    with pytest.raises(ValueError, match="--hub_token.*HF_TOKEN.*hf auth login"):
+        publish(PublishArguments(output_dir=str(out), hub_dataset_id="me/x", license="cc-by-4.0"))
 
 
 def test_publish_inherits_the_source_licence_and_refuses_an_unknown_one(rewritten, tmp_path):
     out, _ = rewritten
     with pytest.raises(ValueError, match="--license"):
-        publish(PublishArguments(output_dir=str(out), repo_id="me/x"))
+        publish(PublishArguments(output_dir=str(out), hub_dataset_id="me/x"))
     source = tmp_path / "src"
     source.mkdir()
     (source / "README.md").write_text("---\nlicense: cc-by-sa-4.0\n---\n# data\n")

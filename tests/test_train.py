@@ -189,21 +189,6 @@ def test_nonfinite_loss_skip_leaves_weights_and_counts_steps(tiny_data, tmp_path
     assert all(torch.equal(ref[k], nan[k]) for k in ref if "running_mean" not in k)
 
 
-def test_push_to_hub_uploads_the_output_folder(tiny_data, tmp_path, monkeypatch):
-    import huggingface_hub
-
-    calls = {}
-    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: calls.setdefault("repo", repo_id))
-    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kw: calls.setdefault("upload", kw))
-    train.main(tiny_data.argv(tmp_path, "--max_steps", "1", "--push_to_hub", "true", "--hub_model_id", "me/tiny"))
-    assert calls["repo"] == "me/tiny" and calls["upload"]["repo_id"] == "me/tiny"
-    folder = calls["upload"]["folder_path"]
-    names = {p.name for p in tmp_path.iterdir()}
-    assert str(folder) == str(tmp_path)
-    assert {"config.json", "model.safetensors", "README.md", "train_args.yaml", "tokenizer.json"} <= names
-    assert "checkpoints/*" in calls["upload"]["ignore_patterns"]
-
-
 # ---- gradient accumulation ------------------------------------------------------------------------------------
 
 

@@ -25,7 +25,6 @@ from alip_hf.evaluation.presets import (
     resolve_tasks,
 )
 from alip_hf.io import replaced_atomically
-from alip_hf.resources import MODEL_CARD_TEMPLATE
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _records_from(results) -> list[dict]:
+def records_from(results) -> list[dict]:
     """Finished records from a results file payload, a list of records, or train.py's flat
     `eval/<dataset>/<metric>` (a failed task's record, which has no metrics, is left out)."""
     if isinstance(results, dict) and "results" in results:
@@ -63,7 +62,7 @@ def _percent(value) -> str:
 
 def results_table(results) -> str:
     """Markdown tables (one per task kind) of the records, values in percent."""
-    records = _records_from(results)
+    records = records_from(results)
     if not records:
         return "_Not evaluated._"
     sections = []
@@ -121,7 +120,7 @@ def plot_recall_at_k(results, path: str | os.PathLike, figsize: tuple[float, flo
     """
     if isinstance(results, (str, os.PathLike)):
         results = json.loads(Path(results).read_text(encoding="utf-8"))
-    records = [r for r in _records_from(results) if r.get("recall_curve")]
+    records = [r for r in records_from(results) if r.get("recall_curve")]
     if not records:
         raise ValueError("no retrieval results with a recall_curve to plot: evaluate a retrieval task "
                          "(recall_curve_max_k > 0)")
@@ -157,52 +156,22 @@ def plot_recall_at_k(results, path: str | os.PathLike, figsize: tuple[float, flo
 
 
 def render_model_card(results, template: str | os.PathLike | None = None, **info) -> str:
-    """The model card: `model_card.md` with its `{{placeholders}}` filled from the results and `info`.
+    """The model card as text: `cards.build_model_card` (huggingface_hub's `ModelCard`, with `model-index`)."""
+    from alip_hf.evaluation.cards import build_model_card
 
-    Args:
-        results: records (`run_evaluation`), a results file's payload, or train.py's flat metrics.
-        template: a template path (default: this repository's `model_card.md`).
-        info: `model_name`, `base_model`, `description`, `train_args` (dict), `eval_command`, `recall_plot` (the
-            path of `plot_recall_at_k`'s PNG, relative to the card: embedded as an image); missing ones get
-            neutral defaults so every placeholder is filled.
-
-    Raises:
-        KeyError: a placeholder in the template that nothing fills.
-    """
-    train_args = info.pop("train_args", None) or {}
-    records = _records_from(results)
-    if train_args.get("eval_split"):  # train.py's flat metrics hold no split; its arguments name the one it used
-        records = [{**r, "split": r.get("split") or train_args["eval_split"]} for r in records]
-    recall_plot = info.pop("recall_plot", None)
-    values = {
-        "model_name": info.pop("model_name", None) or Path(str(train_args.get("output_dir", ""))).name
-        or (records[0].get("model") if records else None) or "model",
-        "base_model": info.pop("base_model", None) or train_args.get("model_name_or_path") or "trained from scratch",
-        "description": info.pop("description", None) or "A CLIP-style dual encoder.",
-        "training": _training_summary(train_args),
-        "results_table": results_table(records),
-        "eval_command": info.pop("eval_command", None) or _eval_command(records, train_args.get("eval_data")),
-        "evaluated_datasets": ", ".join(sorted({r["dataset"] for r in records})) or "none",
-        "recall_plot": f"![Retrieval recall@k]({Path(recall_plot).as_posix()})" if recall_plot else "",
-    }
-    values.update({k: str(v) for k, v in info.items()})
-    text = Path(template or MODEL_CARD_TEMPLATE).read_text(encoding="utf-8")
-
-    def fill(match):
-        if match.group(1) not in values:
-            name = match.group(1)
-            raise KeyError(f"model card placeholder {{{{{name}}}}} has no value; pass it as {name}=")
-        return str(values[match.group(1)])
-
-    return re.sub(r"\{\{\s*(\w+)\s*\}\}", fill, text)
+    return str(build_model_card(results, template, **info))
 
 
-def _eval_command(records: list[dict], eval_data: str | None = None) -> str:
+def eval_command(records: list[dict], eval_data: str | None = None) -> str:
     """The eval.py command that evaluates the card's datasets again.
 
     The data is train.py's `--eval_data` when given, else the records' datasets when all are presets, else the
     demo preset; the split is added where the records share one that differs from the presets' own.
     """
+    from alip_hf.evaluation.cards import portable
+
+    if not records and eval_data is None:  # not evaluated: say how, without naming data the run never saw
+        return "python eval.py --model <this directory> --preset <preset>   # or --dataset <data> --task <task>"
     splits = {r.get("split") for r in records} - {None, ""}
     split = splits.pop() if len(splits) == 1 else None
     names = {r["dataset"] for r in records}
@@ -220,19 +189,10 @@ def _eval_command(records: list[dict], eval_data: str | None = None) -> str:
     else:  # train.py evaluated retrieval over the contract's caption columns; flat metrics do not say which it had
         columns = next((r["caption_columns"] for r in records if r.get("caption_columns")),
                        [data_lib.ALT_TEXT, data_lib.CAPTION])
-        flags = ["--dataset", eval_data, "--task", RETRIEVAL, "--split", split or "test", "--caption_columns", *columns]
+        # the user's data, named without its local path (the card is public)
+        flags = ["--dataset", portable(eval_data), "--task", RETRIEVAL, "--split", split or "test",
+                 "--caption_columns", *columns]
     return "python eval.py --model <this directory> " + shlex.join(flags)
-
-
-def _training_summary(train_args: dict) -> str:
-    if not train_args:
-        return "Not recorded."
-    keys = [k for k in ("recipe", "model_config", "config_overrides", "model_name_or_path", "train_data",
-                        "max_steps", "per_device_train_batch_size", "learning_rate", "seed")
-            if train_args.get(k) is not None]
-    return "\n".join(f"- `{k}`: `{train_args[k]}`" for k in keys) or "See the saved arguments."
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -249,7 +209,7 @@ def datacomp_summary(results) -> dict:
     here), so an average over fewer than 38 is never mistaken for DataComp's.
     """
     suite = PRESET_GROUPS["datacomp"]
-    scores = {r["dataset"]: r.get("main_score") for r in _records_from(results)
+    scores = {r["dataset"]: r.get("main_score") for r in records_from(results)
               if r["dataset"] in suite and r["task"] in (ZEROSHOT, RETRIEVAL)}
     scores = {name: value for name, value in scores.items() if value is not None}
     missing = [name for name in suite if name not in scores] + sorted(DATACOMP_UNSUPPORTED)
@@ -277,7 +237,7 @@ def comparison(paths: list[str | os.PathLike]) -> tuple[list[str], list[str], di
         names = [str(p) for p in paths]
     rows, scores = [], {}
     for model, payload in zip(names, payloads):
-        for record in _records_from(payload):
+        for record in records_from(payload):
             row = record["dataset"] if record["task"] != LINEAR_PROBE else f"{record['dataset']} (linear probe)"
             if row not in rows:
                 rows.append(row)

@@ -17,6 +17,7 @@ import yaml
 from transformers import HfArgumentParser
 
 from alip_hf import recipes, schema
+from alip_hf.hub import SECRET_ARGUMENTS, HubArguments
 from alip_hf.io import write_text_atomic
 from alip_hf.models import MODEL_CONFIGS, parse_config_overrides
 from alip_hf.resources import DEMO_DATA, run_config
@@ -54,6 +55,12 @@ class ModelArguments:
         default=None,
         metadata={"help": "Tokenizer directory; default: the model directory's, else the CLIP BPE tokenizer."},
     )
+    model_revision: str = field(default="main", metadata={
+        "help": "Branch, tag or commit of --model_name_or_path / --tokenizer_name_or_path on the Hub."})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "Where models and datasets downloaded from the Hub are stored (default: the Hugging Face cache)."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Allow a Hub tokenizer or image processor to run the code its repository ships (read it first)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     freeze_vision: bool = field(default=False, metadata={"help": "Freeze the image tower and its projection."})
     freeze_text: bool = field(default=False, metadata={"help": "Freeze the text tower and its projection."})
@@ -88,7 +95,11 @@ class DataArguments:
         metadata={"help": "Training data: save_to_disk dir, parquet/json/csv files or glob, WebDataset tars, Hub id; "
                           "'demo': the bundled demo data."},
     )
+    dataset_config_name: str | None = field(default=None, metadata={
+        "help": "Configuration (subset) of a Hub dataset or dataset directory given as --train_data."})
     train_split: str = field(default="train", metadata={"help": "Split of --train_data to train on."})
+    max_train_samples: int | None = field(default=None, metadata={
+        "help": "Train on the first N rows of the split only (debugging, quick runs)."})
     streaming: bool = field(default=False, metadata={"help": "Read lazily (needs --max_steps); for large data."})
     image_column: str = field(default=schema.IMAGE, metadata={"help": "Column holding the image."})
     id_column: str = field(
@@ -106,9 +117,9 @@ class DataArguments:
     preprocessing_num_proc: int | None = field(
         default=None, metadata={"help": "Processes for the one-off image/text validation of map-style data."}
     )
-    eval_data: str | None = field(
-        default=str(DEMO_DATA), metadata={"help": "Evaluation data (zero-shot + retrieval); 'none' disables evaluation."}
-    )
+    eval_data: str | None = field(default=None, metadata={
+        "help": "Evaluation data (zero-shot + retrieval), a path or an eval.py preset; 'none' disables evaluation. "
+                "Default: the demo data's test split when training on the demo data, else no evaluation."})
     eval_split: str = field(default="test", metadata={"help": "Split of --eval_data."})
 
     def __post_init__(self):
@@ -117,16 +128,30 @@ class DataArguments:
                              f"{self.crop_scale_max}")
         if self.max_text_length < 2:
             raise ValueError("--max_text_length must leave room for the start and end tokens")
-        if self.eval_data is not None and self.eval_data.lower() == "none":
-            self.eval_data = None
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError(f"--max_train_samples must be >= 1, got {self.max_train_samples}")
         # `demo` names the bundled demo data wherever the package is installed (the packaged run YAMLs use it).
         self.train_data = str(DEMO_DATA) if self.train_data == DEMO_DATA_NAME else self.train_data
+        if self.eval_data is None:
+            # Evaluating a model trained on the user's data on clip art says nothing about it, and would end
+            # up in its model card: the demo evaluation is only the default of the demo run.
+            self.eval_data = str(DEMO_DATA) if is_demo_data(self.train_data) else None
+        elif self.eval_data.lower() == "none":
+            self.eval_data = None
         self.eval_data = str(DEMO_DATA) if self.eval_data == DEMO_DATA_NAME else self.eval_data
 
 
+def is_demo_data(source: str) -> bool:
+    """Whether `source` is the bundled demo data (its packaged path, or its name `demo`)."""
+    path = Path(source)
+    if path.exists() and DEMO_DATA.exists():
+        return path.resolve() == DEMO_DATA.resolve()
+    return source == DEMO_DATA_NAME
+
+
 @dataclass
-class TrainArguments:
-    """Optimisation, precision, checkpoints and logging."""
+class TrainArguments(HubArguments):
+    """Optimisation, precision, checkpoints, logging and the Hub upload."""
 
     _argument_group_name = "training"
 
@@ -144,6 +169,9 @@ class TrainArguments:
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.98, metadata={"help": "AdamW beta2 (CLIP/ALIP use 0.98)."})
     adam_epsilon: float = field(default=1e-6, metadata={"help": "AdamW epsilon."})
+    lr_scheduler_type: Literal["cosine", "linear", "constant", "constant_with_warmup"] = field(
+        default="cosine", metadata={"help": "Learning-rate schedule after the linear warm-up "
+                                    "(transformers.get_scheduler): cosine or linear decay to 0, or constant."})
     warmup_steps: int = field(default=-1, metadata={"help": "Linear warm-up steps; -1 uses --warmup_ratio."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Warm-up as a fraction of all steps."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (official ALIP: 1); 0 off."})
@@ -184,7 +212,10 @@ class TrainArguments:
                                  "them (without it, such a run is refused)."}
     )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload output_dir to the Hub at the end."})
-    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository id for --push_to_hub."})
+    hub_model_id: str | None = field(default=None, metadata={
+        "help": "Hub model repository (user/name or org/name) that --push_to_hub uploads output_dir to."})
+    license: str | None = field(default=None, metadata={
+        "help": "Licence id written to the model card (e.g. apache-2.0, mit); default: 'other'."})
     log_sample_weights: bool = field(
         default=False, metadata={"help": "Write the gate values of every sample seen in the last epoch to "
                                          "output_dir/sample_weights (Parquet, joined on --id_column)."})
@@ -193,6 +224,7 @@ class TrainArguments:
                                      "(implies --log_sample_weights; needed for streaming data)."})
 
     def __post_init__(self):
+        super().__post_init__()
         if self.log_sample_weights_steps < 0:
             raise ValueError(f"--log_sample_weights_steps must be >= 0, got {self.log_sample_weights_steps}")
         if self.log_sample_weights_steps:
@@ -301,6 +333,8 @@ def used_arguments(groups) -> dict:
     resolved = {}
     for group in groups:
         resolved.update(dataclasses.asdict(group))
+    for secret in SECRET_ARGUMENTS:  # the file goes to the Hub with the model
+        resolved.pop(secret, None)
     if resolved.get("model_name_or_path"):
         resolved["model_config"] = None
     if resolved.get("config_overrides"):

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from alip_hf.io import write_json_atomic, write_text_atomic
+from alip_hf.io import apply_default_permissions, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, state:
         write_text_atomic(tmp / STATE_FILE, json.dumps({**state, "global_step": step, "files": manifest}, indent=1))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        apply_default_permissions(tmp)  # every process has written; safetensors makes private files
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         run_id = state.get("run", {}).get("run_id")

@@ -40,14 +40,19 @@ class TrainData:
 
 
 def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes.Recipe, processor,
-                     accelerator: Accelerator, start_step: int, data_state: dict | None = None) -> TrainData:
+                     accelerator: Accelerator, start_step: int, cache_dir: str | None = None,
+                     data_state: dict | None = None) -> TrainData:
     """Loads, checks columns, validates rows, and builds the per-process DataLoader of micro-batches that
     starts at optimizer step `start_step`: map-style data from the step number, a stream from `data_state`
-    (this process's `StatefulDataLoader.state_dict()` saved with the checkpoint). With
-    `--log_sample_weights` the batches carry their rows' ids."""
+    (this process's `StatefulDataLoader.state_dict()` saved with the checkpoint). `cache_dir`: `--cache_dir`,
+    where Hub data is cached. With `--log_sample_weights` the batches carry their rows' ids."""
     check_global_batch(train, accelerator.num_processes)
     source = f"--train_data {args.train_data} (split {args.train_split!r})"
-    dataset = data.load_source(args.train_data, split=args.train_split, streaming=args.streaming)
+    dataset = data.load_source(args.train_data, split=args.train_split, streaming=args.streaming,
+                               config_name=args.dataset_config_name, cache_dir=cache_dir)
+    if args.max_train_samples is not None:  # the first N rows, before validation (as run_clip.py)
+        dataset = (dataset.take(args.max_train_samples) if args.streaming
+                   else dataset.select(range(min(args.max_train_samples, len(dataset)))))
     data.require_columns(dataset, {data.IMAGE: args.image_column, **recipe.columns()})
     data.require_text_columns(dataset, recipe.columns(), source)
     if not args.streaming and len(dataset) == 0:

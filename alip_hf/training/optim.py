@@ -6,9 +6,7 @@ import logging
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import (
-    get_cosine_schedule_with_warmup,
-)
+from transformers import get_scheduler
 
 if TYPE_CHECKING:
     from alip_hf.training.arguments import TrainArguments
@@ -40,7 +38,8 @@ def adamw_implementation(params: list[torch.nn.Parameter]) -> dict[str, bool]:
 
 
 def build_optimizer(model, train: TrainArguments, max_steps: int):
-    """AdamW with two parameter groups, and linear warm-up followed by cosine decay to 0."""
+    """AdamW with two parameter groups, and linear warm-up followed by `--lr_scheduler_type` (default cosine
+    decay to 0)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -51,7 +50,8 @@ def build_optimizer(model, train: TrainArguments, max_steps: int):
         **adamw_implementation(decay + no_decay))
     warmup = warmup_steps_for(train, max_steps)
     # Deviation: the official code uses OneCycleLR(pct_start=0.1), whose cosine warm-up starts at lr/25.
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, max_steps)
+    scheduler = get_scheduler(train.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=max_steps)
     return optimizer, scheduler
 
 

@@ -4,17 +4,16 @@ export, open_clip's files, the model card and the Hub upload."""
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
 from accelerate import Accelerator
 
-from alip_hf.evaluation.reports import render_model_card
+from alip_hf.evaluation.cards import build_model_card
 from alip_hf.evaluation.runners import evaluate_model
-from alip_hf.io import write_text_atomic
+from alip_hf.hub import HubOptions, push_folder
+from alip_hf.io import apply_default_permissions, make_staging_dir, move_files_into, write_text_atomic
 from modeling_alip import ALIPModel
 from modeling_alip.convert_to_clip import export_to_clip
 from modeling_alip.convert_to_open_clip import export_to_open_clip
@@ -106,12 +105,11 @@ def final_model(accelerator: Accelerator, model) -> ALIPModel:
 def save_outputs(model: ALIPModel, processor, output_dir: str, results: dict[str, float]):
     """`save_pretrained` of model and processor, the CLIPModel export and a model card (main process only)."""
     out = Path(output_dir)
-    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tmp-final-"))
+    tmp = make_staging_dir(out / "final")
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    for item in tmp.iterdir():  # each file replaced atomically
-        os.replace(item, out / item.name)
-    tmp.rmdir()
+    apply_default_permissions(tmp)  # safetensors writes 0600
+    move_files_into(tmp, out)  # each file replaced atomically; checkpoints and logs stay
     export_to_clip(model, str(out / "clip_export"), processor=processor, overwrite=True)
     try:  # open_clip's files beside the transformers ones: CLIP_benchmark and DataComp's evaluation load them
         export_to_open_clip(model, out, processor=processor)
@@ -126,17 +124,13 @@ def write_model_card(output_dir: str | Path, results: dict[str, float]):
 
 
 def model_card(output_dir: Path, results: dict[str, float]) -> str:
-    """The model card: `model_card.md` rendered by eval.py from the results and the training arguments."""
+    """The model card (`cards.build_model_card`) from the results and the run's saved arguments."""
     args = yaml.safe_load((output_dir / ARGS_FILE).read_text()) if (output_dir / ARGS_FILE).exists() else {}
-    return render_model_card(results, train_args=args, model_name=args.get("hub_model_id") or output_dir.name)
+    return str(build_model_card(results, train_args=args, model_name=args.get("hub_model_id") or output_dir.name))
 
 
-def push_to_hub(output_dir: str, repo_id: str):
-    """Uploads `output_dir` (without resumable checkpoints) to the Hub model repository `repo_id`."""
-    import huggingface_hub
-
-    huggingface_hub.create_repo(repo_id, exist_ok=True)
-    huggingface_hub.upload_folder(repo_id=repo_id, folder_path=output_dir,
-                                  ignore_patterns=["checkpoints/*", ".tmp-*", "*.tmp", ".train.lock"])
-
-
+def push_to_hub(output_dir: str, repo_id: str, options: HubOptions | None = None):
+    """Uploads `output_dir` to the Hub model repository `repo_id`, without resumable checkpoints or temporary
+    files (`hub.RUN_IGNORE_PATTERNS`); `options`: private, branch, commit message, pull request, token."""
+    return push_folder(output_dir, repo_id, options or HubOptions(), repo_type="model",
+                       default_message=f"Upload {Path(output_dir).name} trained with alip-hf")

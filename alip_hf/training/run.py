@@ -34,6 +34,8 @@ _NOT_IDENTITY = {
     "eval_steps", "eval_data", "eval_split", "report_to", "nonfinite", "max_consecutive_nonfinite", "push_to_hub",
     "hub_model_id", "dataloader_num_workers", "preprocessing_num_proc", "gradient_checkpointing",
     "resume_allow_changes", "overwrite_output_dir",
+    # where and how the result is pushed and cached, not what is trained (the token is never recorded)
+    "hub_private_repo", "hub_revision", "hub_commit_message", "hub_create_pr", "hub_token", "license", "cache_dir",
     # resolved into max_steps / warmup_steps below
     "num_train_epochs", "warmup_ratio",
 }

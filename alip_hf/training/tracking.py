@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from accelerate.tracking import GeneralTracker
 
+from alip_hf.hub import SECRET_ARGUMENTS
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -52,7 +54,8 @@ def tracker_config(groups) -> dict:
     flat = {}
     for group in groups:
         for key, value in dataclasses.asdict(group).items():
-            flat[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+            if key not in SECRET_ARGUMENTS:
+                flat[key] = value if isinstance(value, (int, float, str, bool)) else str(value)
     return flat
 
 

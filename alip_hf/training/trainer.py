@@ -14,6 +14,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 from alip_hf import recipes
+from alip_hf.hub import resolve_token
 from alip_hf.models import build_model, build_processor, core_model
 from alip_hf.training.arguments import (
     DataArguments,
@@ -97,6 +98,8 @@ def _train(accelerator: Accelerator, model_args: ModelArguments, data_args: Data
     output_dir = Path(train_args.output_dir)
     set_seed(train_args.seed)
     recipe = recipes.get_recipe(recipe_args)
+    if train_args.push_to_hub:  # a missing token fails now, not after the training
+        resolve_token(train_args.hub_token)
     _on_main(accelerator, lambda: check_eval_data(data_args))  # a mistyped path fails now, not after training
 
     model = build_model(model_args, seed=train_args.seed)
@@ -110,7 +113,8 @@ def _train(accelerator: Accelerator, model_args: ModelArguments, data_args: Data
     if start_step == 0 and accelerator.is_main_process:  # a fresh run does not append to an old run's log
         (output_dir / METRICS_FILE).unlink(missing_ok=True)
     data_state = load_data_state(resume_path, accelerator.process_index, accelerator.num_processes)
-    train_data = build_train_data(data_args, train_args, recipe, processor, accelerator, start_step, data_state)
+    train_data = build_train_data(data_args, train_args, recipe, processor, accelerator, start_step,
+                                  cache_dir=model_args.cache_dir, data_state=data_state)
     max_steps = train_data.max_steps
 
     optimizer, scheduler = build_optimizer(model, train_args, max_steps)
@@ -164,7 +168,7 @@ def _train(accelerator: Accelerator, model_args: ModelArguments, data_args: Data
             print(json.dumps(results, indent=1))
             write_model_card(train_args.output_dir, results)
         if train_args.push_to_hub:
-            push_to_hub(train_args.output_dir, train_args.hub_model_id)
+            push_to_hub(train_args.output_dir, train_args.hub_model_id, train_args.hub_options())
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics

@@ -37,9 +37,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import datasets
 import numpy as np
 
+from alip_hf.lazy import lazy_import
 from alip_hf.schema import (
     ALT_TEXT,
     AUDIT_MODEL,
@@ -57,7 +57,17 @@ from alip_hf.schema import (
     SIMILARITY_IMAGE_TEXT,
     SIMILARITY_TEXT_CAPTION,
 )
-from recaption.common import RunArguments, StepResult, chunks, error_column, load_image, load_input, run_sharded
+from recaption.common import (
+    RunArguments,
+    StepResult,
+    chunks,
+    error_column,
+    load_image,
+    load_input,
+    run_sharded,
+)
+
+datasets = lazy_import("datasets")  # on first use: `--help` must not wait for it
 
 # The values a score can take: a `--keep_above` outside them is an error. The DCG weights are unclipped by
 # default (as in the official code), so only the LCG weight is bounded by 1.
@@ -210,8 +220,9 @@ class GateScorer:
 
     def __init__(self, model_path: str, revision: str | None = None, clip_score_model: str | None = None,
                  device="cpu"):
-        import modeling_alip  # noqa: F401 - registers ALIP with the Auto classes
         from transformers import AutoModel
+
+        import modeling_alip  # noqa: F401 - registers ALIP with the Auto classes
 
         self.model = load_gated_model(model_path, revision).to(device)
         self.processor = _load_processor(model_path, revision, self.model.config)

@@ -27,7 +27,13 @@ from typing import Any
 import numpy as np
 
 from alip_hf.evaluation.noise import detection_metrics, roc_auc, top_fraction
-from alip_hf.io import make_staging_dir, replace_directory, write_bytes_atomic, write_json_atomic, write_text_atomic
+from alip_hf.io import (
+    make_staging_dir,
+    replace_directory,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from alip_hf.schema import AUDIT_SCORES, ERROR, ID
 
 FILTERED_DIR = "filtered"

@@ -20,8 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import datasets
-
+from alip_hf.lazy import lazy_import
 from alip_hf.schema import CAPTION, CAPTION_MODEL, CAPTION_PROMPT_VERSION, ERROR
 from recaption.common import (
     GenerationArguments,
@@ -35,6 +34,8 @@ from recaption.common import (
     torch_dtype,
 )
 from recaption.prompts import CAPTION_PRESETS, CAPTION_PROMPTS
+
+datasets = lazy_import("datasets")  # on first use: `--help` must not wait for it
 
 
 @dataclass

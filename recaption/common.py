@@ -46,15 +46,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol
 
-import datasets
-import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from alip_hf.data import decode_image, load_source, local_files, require_columns, undecoded_images
 from alip_hf.io import write_json_atomic, write_with_atomically
+from alip_hf.lazy import lazy_import
 from alip_hf.schema import ERROR, ID, IMAGE
 
 logger = logging.getLogger(__name__)
+
+# Loaded on first use: `python -m recaption.<step> --help` must not wait for torch and datasets.
+datasets = lazy_import("datasets")
+pq = lazy_import("pyarrow.parquet")
+data_lib = lazy_import("alip_hf.data")
 
 WEBDATASET_KEY = "__key__"
 IMG2DATASET_METADATA = "json"  # img2dataset writes each sample's metadata (url, status, saved columns) there
@@ -94,7 +97,7 @@ def _inside(path: str, directory: str) -> bool:
 
 def output_overlaps_source(output_dir: str, source: str) -> str | None:
     """How `output_dir` overlaps the local source (`"is"`, `"contains"`, `"lies inside"`), or None."""
-    files = local_files(source)
+    files = data_lib.local_files(source)
     if files is None:
         return None  # a Hub id
     out = os.path.realpath(output_dir)
@@ -205,7 +208,7 @@ def read_ids(shard: datasets.Dataset, id_column: str) -> list[str]:
 def load_image(value):
     """A PIL RGB image from an image cell, decoded by `data.decode_image` (the decoder train.py uses, so a row
     flagged unreadable here is exactly a row train.py would skip)."""
-    return decode_image(value).convert("RGB")
+    return data_lib.decode_image(value).convert("RGB")
 
 
 def atomic_write_json(path: str, payload: dict) -> None:
@@ -308,7 +311,7 @@ def source_identity(args: "RunArguments") -> dict[str, Any]:
     """The source as named, its split and, for local sources, its files with their sizes (a file replaced by
     another of a different size, or files added or removed, change it). Hub sources: name and split; their
     rows are checked through the ids of each shard."""
-    files = local_files(args.source)
+    files = data_lib.local_files(args.source)
     identity: dict[str, Any] = {"source": args.source, "split": args.split}
     if files is not None:
         base = args.source if os.path.isdir(args.source) else os.path.dirname(files[0]) if files else ""
@@ -342,11 +345,11 @@ class Input:
 def load_input(args: RunArguments, required: dict[str, str]) -> Input:
     """Loads the source, checks the needed columns and the id, and turns image decoding off (images are
     decoded one by one so that an unreadable one becomes an `error` value, not a crash)."""
-    dataset = load_source(args.source, split=args.split, streaming=args.streaming)
+    dataset = data_lib.load_source(args.source, split=args.split, streaming=args.streaming)
     columns = list(dataset.column_names or (dataset.features or {}).keys())
     id_column = resolve_id_column(columns, args.id_column, dataset.features)
-    require_columns(dataset, required)
-    return Input(undecoded_images(dataset, args.image_column), id_column, dataset.features)
+    data_lib.require_columns(dataset, required)
+    return Input(data_lib.undecoded_images(dataset, args.image_column), id_column, dataset.features)
 
 
 def iter_shards(

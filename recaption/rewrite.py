@@ -18,8 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import datasets
-
+from alip_hf.lazy import lazy_import
 from alip_hf.schema import (
     ALT_TEXT,
     CAPTION,
@@ -37,6 +36,8 @@ from recaption.common import (
     torch_dtype,
 )
 from recaption.prompts import RewritePrompt, load_rewrite_prompt
+
+datasets = lazy_import("datasets")  # on first use: `--help` must not wait for it
 
 VECAP_FALLBACK = "vecap_fallback"
 DEFAULT_MAX_NEW_TOKENS = 64

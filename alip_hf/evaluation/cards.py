@@ -21,7 +21,7 @@ import re
 import shlex
 from pathlib import Path
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard
 
 from alip_hf.evaluation.presets import LINEAR_PROBE, RETRIEVAL, ZEROSHOT
 from alip_hf.resources import MODEL_CARD_TEMPLATE

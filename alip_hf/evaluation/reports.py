@@ -6,7 +6,6 @@ import json
 import logging
 import math
 import os
-import re
 import shlex
 from pathlib import Path
 

@@ -9,7 +9,7 @@ import pytest
 from conftest import REPO_ROOT
 
 ENTRY_POINTS = ["alip_hf.train", "alip_hf.eval", "recaption.caption", "recaption.rewrite", "recaption.publish",
-                "recaption.audit"]
+                "recaption.audit", "alip_hf.web"]
 HEAVY = ("torch", "datasets", "torchvision", "accelerate")
 
 PROBE = """

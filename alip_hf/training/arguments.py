@@ -113,7 +113,7 @@ class DataArguments:
                                         "(0: stream order)."})
     dataloader_num_workers: int = field(
         default=2, metadata={"help": "DataLoader worker processes per process (2 keeps the demo run's data wait under "
-                                     "10%; 0 loads in the training process)."})
+                                     "10%%; 0 loads in the training process)."})
     preprocessing_num_proc: int | None = field(
         default=None, metadata={"help": "Processes for the one-off image/text validation of map-style data."}
     )

@@ -4,7 +4,7 @@ Column names are the data contract of `alip_hf.schema` (re-exported here for con
 
 The pipeline (second half of the file): decode an image (corrupt ones are skipped and counted), draw its
 crop (`ImageTransform`, RandomResizedCrop scale (0.9, 1.0) as the official ALIP code), pick its text(s) with
-the recipe's `TextSelector`, tokenise a batch padded to its longest text (`tokenize`, `Collator`), and order
+the recipe's `TextSelector`, tokenise a batch padded to its longest text (`Collator`, through the processor's `tokenize`), and order
 map-style data in global batches shared by all processes (`GlobalBatchSampler`) or stream it
 (`StreamingExamples`).
 """
@@ -687,51 +687,21 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
             yield [(epoch, int(i)) for i in permutation[begin : begin + self.batch]]
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[dict[str, torch.Tensor], int]:
-    """Tokenises with padding to the longest row of the batch; over-long texts keep their end token.
-
-    Returns `({"input_ids": (B, L), "attention_mask": (B, L)}, number of truncated texts)` with
-    `L <= max_length`. Truncation cuts the tail and re-appends the end token, because CLIP pools the text at
-    its end token.
-    """
-    # A literal special-token string in web text ("<|endoftext|>") is text, not a token: CLIP pools at the
-    # first end token, so reading it as one would silently cut the text there.
-    ids = tokenizer(texts, add_special_tokens=True, truncation=False, split_special_tokens=True, verbose=False)[
-        "input_ids"
-    ]
-    eos = tokenizer.eos_token_id
-    truncated = sum(len(row) > max_length for row in ids)
-    ids = [row if len(row) <= max_length else row[: max_length - 1] + [eos] for row in ids]
-    length = max(len(row) for row in ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    input_ids = torch.full((len(ids), length), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(ids), length), dtype=torch.long)
-    for i, row in enumerate(ids):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, : len(row)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask}, truncated
-
-
 @dataclass
 class Collator:
     """Examples -> model batch: `pixel_values (B, 3, H, W)`, `input_ids`/`attention_mask (B, L)`, optionally
     `caption_input_ids`/`caption_attention_mask (B, L')`, `stats` (summed integer counts, including
     `truncated_texts`), and `ids` (list of `B` str) when the examples carry their id."""
 
-    tokenizer: Any
+    processor: Any  # an `ALIPProcessor`: its `tokenize` is the one tokenisation path (cleaning included)
     max_length: int = 77
-    clean: Callable[[str], str] | None = None  # text normalisation applied before tokenising
-
-    def _texts(self, examples: list[dict], key: str) -> list[str]:
-        texts = [e[key] for e in examples]
-        return [self.clean(t) for t in texts] if self.clean is not None else texts
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = {"pixel_values": torch.stack([e["pixel_values"] for e in examples])}
-        text, truncated = tokenize(self.tokenizer, self._texts(examples, "text"), self.max_length)
+        text, truncated = self.processor.tokenize([e["text"] for e in examples], self.max_length)
         batch.update(text)
         if examples[0].get("caption") is not None:
-            caption, caption_truncated = tokenize(self.tokenizer, self._texts(examples, "caption"), self.max_length)
+            caption, caption_truncated = self.processor.tokenize([e["caption"] for e in examples], self.max_length)
             batch["caption_input_ids"] = caption["input_ids"]
             batch["caption_attention_mask"] = caption["attention_mask"]
             truncated += caption_truncated

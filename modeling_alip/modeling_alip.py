@@ -12,7 +12,12 @@ from transformers import CLIPModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.processing_utils import Unpack
-from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
+from transformers.utils import (
+    ModelOutput,
+    TransformersKwargs,
+    can_return_tuple,
+    logging,
+)
 
 from .configuration_alip import ALIPConfig
 from .gates import ALIPGates, GateOutput, RunningMeanSimilarity

@@ -241,18 +241,9 @@ class ALIPProcessor(ProcessorMixin):
         for name, texts, prefix in (("text", text, ""), ("captions", captions, "caption_")):
             if texts is None:
                 continue
-            texts = self._as_text_list(texts, name)
-            sizes[name] = len(texts)
-            encoded = self.tokenizer(
-                texts,
-                padding=padding,
-                truncation=truncation,
-                max_length=max_length or self.tokenizer.model_max_length,
-                return_tensors=return_tensors,
-                # Web text is data: a literal "<|endoftext|>" in it must not end the text early (CLIP pools
-                # at the first end token). open_clip tokenizes such strings as text too.
-                split_special_tokens=True,
-            )
+            encoded, _ = self.tokenize(self._as_text_list(texts, name), max_length=max_length, padding=padding,
+                                       truncation=truncation)
+            sizes[name] = len(encoded["input_ids"])
             data[f"{prefix}input_ids"] = encoded["input_ids"]
             data[f"{prefix}attention_mask"] = encoded["attention_mask"]
         if captions is not None and len(set(sizes.values())) > 1:
@@ -273,9 +264,54 @@ class ALIPProcessor(ProcessorMixin):
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"`{name}`[{i}] must be a string, got {type(t).__name__}")
-        if self.text_cleaning == "clip":
-            return [clean_clip_text(t) for t in texts]
         return list(texts)
+
+    def clean_text(self, text: str) -> str:
+        """The text cleaning of this processor's tokenizer: CLIP's (`clean_clip_text`) or none."""
+        return clean_clip_text(text) if self.text_cleaning == "clip" else text
+
+    def tokenize(self, texts: list[str], max_length: int | None = None, padding: bool | str = "longest",
+                 truncation: bool = True, return_tensors: str | None = "pt") -> tuple[BatchFeature, int]:
+        """The project's one tokenisation of texts: this processor's call, the training collator and evaluation
+        prompts all go through it.
+
+        The texts are cleaned (`clean_text`); a literal special-token string in web text ("<|endoftext|>") is
+        text, not a token, because CLIP pools at the first end token and reading it as one would cut the text
+        there (open_clip tokenizes such strings as text too); an over-long text keeps its first
+        `max_length - 1` tokens and its end token, for the same pooling reason.
+
+        Args:
+            texts: `B` strings.
+            max_length: the token limit; by default the tokenizer's `model_max_length` (77 for CLIP).
+            padding: `"longest"` (or `True`) pads to the batch's longest row, `"max_length"` to `max_length`.
+            truncation: cut over-long texts (else they keep every token).
+            return_tensors: `"pt"`, `"np"` or `None` for lists.
+
+        Returns:
+            (`BatchFeature` with `input_ids` and `attention_mask` of shape `(B, L)`, the number of texts cut).
+        """
+        if padding not in (True, "longest", "max_length"):
+            raise ValueError(f"padding must be 'longest' (or True) or 'max_length', got {padding!r}")
+        limit = max_length or self.tokenizer.model_max_length
+        cleaned = [self.clean_text(t) for t in texts]
+        ids = self.tokenizer(cleaned, add_special_tokens=True, truncation=False, split_special_tokens=True,
+                             verbose=False)["input_ids"]
+        truncated = sum(len(row) > limit for row in ids) if truncation else 0
+        if truncated:
+            eos = self.tokenizer.eos_token_id
+            if eos is not None:
+                ids = [row if len(row) <= limit else row[: limit - 1] + [eos] for row in ids]
+            else:  # no end token to keep: the tokenizer's own truncation keeps its special tokens
+                ids = self.tokenizer(cleaned, add_special_tokens=True, truncation=True, max_length=limit,
+                                     split_special_tokens=True)["input_ids"]
+        length = max(len(row) for row in ids)
+        if padding == "max_length":
+            length = max(length, limit)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        input_ids = [row + [pad] * (length - len(row)) for row in ids]
+        attention_mask = [[1] * len(row) + [0] * (length - len(row)) for row in ids]
+        encoded = BatchFeature({"input_ids": input_ids, "attention_mask": attention_mask}, tensor_type=return_tensors)
+        return encoded, truncated
 
     @property
     def model_input_names(self) -> list[str]:

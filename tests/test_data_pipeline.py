@@ -9,15 +9,21 @@ import torch
 from conftest import make_rows, write_parquet
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image, UnidentifiedImageError
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, CLIPImageProcessor
 
 from alip_hf import data
 from alip_hf.recipes import RecipeArguments, get_recipe
+from modeling_alip import ALIPProcessor
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_data):
     return AutoTokenizer.from_pretrained(tiny_data.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def processor(tokenizer):
+    return ALIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer)
 
 
 def _builder(recipe="alip", image_size=30):
@@ -59,24 +65,24 @@ def test_transform_from_clip_image_processor_reads_size_mean_and_std():
     assert (transform.image_size, transform.mean, transform.std) == (24, (0.5,) * 3, (0.25,) * 3)
 
 
-def test_tokenize_pads_to_the_longest_text_of_the_batch(tokenizer):
-    encoded, truncated = data.tokenize(tokenizer, ["a cat", "a photo of the red cat"], max_length=77)
+def test_tokenize_pads_to_the_longest_text_of_the_batch(processor, tokenizer):
+    encoded, truncated = processor.tokenize(["a cat", "a photo of the red cat"], max_length=77)
     assert encoded["input_ids"].shape == (2, 8)  # 6 words + start + end
     assert encoded["attention_mask"].tolist() == [[1] * 4 + [0] * 4, [1] * 8]
     assert truncated == 0
 
 
-def test_over_long_text_is_truncated_keeping_the_end_token_and_counted(tokenizer):
-    encoded, truncated = data.tokenize(tokenizer, ["cat " * 100, "a dog"], max_length=10)
+def test_over_long_text_is_truncated_keeping_the_end_token_and_counted(processor, tokenizer):
+    encoded, truncated = processor.tokenize(["cat " * 100, "a dog"], max_length=10)
     ids = encoded["input_ids"]
     assert ids.shape == (2, 10) and truncated == 1
     assert ids[0, 0] == 49406 and ids[0, -1] == tokenizer.eos_token_id == 49407
     assert (ids[1, 3:] == tokenizer.pad_token_id).all()
 
 
-def test_dynamic_padding_gives_the_same_text_embeddings_as_fixed_padding(tokenizer, tiny_model):
+def test_dynamic_padding_gives_the_same_text_embeddings_as_fixed_padding(processor, tokenizer, tiny_model):
     texts = ["a cat", "a photo of the red cat on the grass"]
-    dynamic, _ = data.tokenize(tokenizer, texts, max_length=77)
+    dynamic, _ = processor.tokenize(texts, max_length=77)
     fixed = tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt")
     with torch.no_grad():
         a = tiny_model.encode_text(dynamic["input_ids"], dynamic["attention_mask"])
@@ -84,22 +90,22 @@ def test_dynamic_padding_gives_the_same_text_embeddings_as_fixed_padding(tokeniz
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_collator_builds_both_text_paths_and_sums_stats(tokenizer):
+def test_collator_builds_both_text_paths_and_sums_stats(processor, tokenizer):
     build = _builder("alip")
     rows = make_rows(3)
     examples = [build({k: v[i] for k, v in rows.items()}, 0, i)[0] for i in range(3)]
-    batch = data.Collator(tokenizer, max_length=77)(examples)
+    batch = data.Collator(processor, max_length=77)(examples)
     assert batch["pixel_values"].shape == (3, 3, 30, 30)
     assert batch["input_ids"].shape[0] == batch["caption_input_ids"].shape[0] == 3
     assert batch["caption_attention_mask"].shape == batch["caption_input_ids"].shape
     assert batch["stats"] == {"truncated_texts": 0, "skipped_images": 0, "skipped_texts": 0}
 
 
-def test_collator_without_caption_path_has_no_caption_keys(tokenizer):
+def test_collator_without_caption_path_has_no_caption_keys(processor, tokenizer):
     build = _builder("clip")
     rows = make_rows(2)
     examples = [build({k: v[i] for k, v in rows.items()}, 0, i)[0] for i in range(2)]
-    assert "caption_input_ids" not in data.Collator(tokenizer)(examples)
+    assert "caption_input_ids" not in data.Collator(processor)(examples)
 
 
 def test_corrupt_images_and_empty_texts_are_skipped_and_counted(tmp_path):

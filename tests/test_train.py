@@ -8,7 +8,7 @@ import torch
 from accelerate import Accelerator
 from conftest import REPO_ROOT, make_rows, read_metrics
 from safetensors.torch import load_file
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, CLIPImageProcessor
 
 from alip_hf import data, train
 from alip_hf.models import build_model
@@ -16,7 +16,7 @@ from alip_hf.recipes import RecipeArguments, get_recipe
 from alip_hf.resources import CONFIGS_DIR
 from alip_hf.training import checkpoints, loop
 from alip_hf.training.arguments import parse_args
-from modeling_alip import ALIPModel
+from modeling_alip import ALIPModel, ALIPProcessor
 
 COMMON_KEYS = {"loss/total", "loss/text", "train/lr", "train/logit_scale", "data/skipped_images",
                "data/skipped_texts", "data/truncated_texts", "train/samples_per_second"}
@@ -196,7 +196,7 @@ def _micro_batches(tokenizer, recipe, rows: int, per_batch: int) -> list[dict]:
     build = data.ExampleBuilder(data.IMAGE, recipe.text_selector(), data.ImageTransform(30, train=False))
     raw = make_rows(rows, seed=4)
     examples = [build({k: v[i] for k, v in raw.items()}, 0, i)[0] for i in range(rows)]
-    collate = data.Collator(tokenizer)
+    collate = data.Collator(ALIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer))
     return [collate(examples[i:i + per_batch]) for i in range(0, rows, per_batch)]
 
 

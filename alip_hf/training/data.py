@@ -12,7 +12,6 @@ from accelerate import Accelerator
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from alip_hf import data, recipes
-from modeling_alip import clean_clip_text
 
 if TYPE_CHECKING:
     from alip_hf.training.arguments import DataArguments, TrainArguments
@@ -64,10 +63,10 @@ def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes
         processor.image_processor, train=True, crop_scale=(args.crop_scale_min, args.crop_scale_max))
     # The processor's text cleaning (CLIP's ftfy + whitespace + lower-case for the CLIP tokenizer) applies too;
     # the builder uses it to skip (and count) texts that clean to nothing, which would train as empty prompts.
-    clean = clean_clip_text if processor.text_cleaning != "none" else None
+    clean = processor.clean_text if processor.text_cleaning != "none" else None
     build = data.ExampleBuilder(args.image_column, recipe.text_selector(), transform, seed=train.seed, clean=clean,
                                 id_column=id_column)
-    collate = data.Collator(processor.tokenizer, max_length=args.max_text_length, clean=clean)
+    collate = data.Collator(processor, max_length=args.max_text_length)
     batch = train.per_device_train_batch_size
     common = dict(collate_fn=collate, num_workers=args.dataloader_num_workers,
                   persistent_workers=False, pin_memory=False)

@@ -13,7 +13,12 @@ from accelerate import Accelerator
 from alip_hf.evaluation.cards import build_model_card
 from alip_hf.evaluation.runners import evaluate_model
 from alip_hf.hub import HubOptions, push_folder
-from alip_hf.io import apply_default_permissions, make_staging_dir, move_files_into, write_text_atomic
+from alip_hf.io import (
+    apply_default_permissions,
+    make_staging_dir,
+    move_files_into,
+    write_text_atomic,
+)
 from modeling_alip import ALIPModel
 from modeling_alip.convert_to_clip import export_to_clip
 from modeling_alip.convert_to_open_clip import export_to_open_clip
@@ -50,7 +55,11 @@ def check_eval_data(args: DataArguments) -> int:
         ValueError: naming the source, split, column, or the row (index and id) of an image that does not decode.
     """
     from alip_hf.data import decode_image
-    from alip_hf.evaluation.loading import captions_per_image, class_names_and_labels, load_split
+    from alip_hf.evaluation.loading import (
+        captions_per_image,
+        class_names_and_labels,
+        load_split,
+    )
     from alip_hf.evaluation.presets import LINEAR_PROBE, RETRIEVAL, resolve_tasks
 
     if args.eval_data is None:

@@ -9,7 +9,7 @@ Times, on decoded demo images (bundled clip art, resized to the model's input si
 
 Rows are interleaved within each repeat; medians over repeats of the per-image time.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_data_transform.py --images 256 --repeats 7 --image-size 224
+    OMP_NUM_THREADS=1 python benchmarks/bench_data_transform.py --images 256 --repeats 7 --image_size 224
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args(argv)
 

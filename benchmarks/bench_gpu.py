@@ -2,7 +2,7 @@
 
 One optimizer step = forward, loss, backward, fused AdamW (train.py's `forward_backward` + `build_optimizer` for
 ours; open_clip's model + `ClipLoss` + the same AdamW for open_clip), on synthetic inputs: images of the model's
-size, web-length texts (`--text-tokens`, padded to the longest as train.py's collator does) for ours, texts
+size, web-length texts (`--text_tokens`, padded to the longest as train.py's collator does) for ours, texts
 padded to 77 for open_clip (its tokenizer's fixed length). Same architecture (`--config`; open_clip gets the
 equivalent model config, quick GELU as transformers' CLIP), same batch, same precision (autocast).
 
@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--text-tokens", type=int, default=20, help="Web alt-text length in tokens.")
-    parser.add_argument("--caption-tokens", type=int, default=30, help="Synthetic caption length in tokens (ALIP).")
+    parser.add_argument("--text_tokens", type=int, default=20, help="Web alt-text length in tokens.")
+    parser.add_argument("--caption_tokens", type=int, default=30, help="Synthetic caption length in tokens (ALIP).")
     parser.add_argument("--models", nargs="+", default=["alip", "clip", "open_clip"])
     args = parser.parse_args(argv)
 

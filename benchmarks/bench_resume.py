@@ -1,6 +1,6 @@
 """Time to resume a streaming run against its position in the stream: restored state (train.py) vs replay.
 
-A stream of `--shards` Parquet files of `--rows-per-shard` rows (64 px JPEG images + a text), read as train.py
+A stream of `--shards` Parquet files of `--rows_per_shard` rows (64 px JPEG images + a text), read as train.py
 reads it: `StreamingExamples` (decode, RandomResizedCrop, text selection; shuffled in blocks of 256) under a
 `StatefulDataLoader` (batch 32, no workers, so only the resume itself is timed). For each position, the time
 from building the loader to its first batch:
@@ -13,7 +13,7 @@ most the current shuffle block and, inside `datasets`, the current shard up to t
 here is mostly `datasets`' wait for a Parquet stream's reader threads to shut down
 (`datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN`).
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_resume.py --shards 16 --rows-per-shard 500 --repeats 3
+    OMP_NUM_THREADS=1 python benchmarks/bench_resume.py --shards 16 --rows_per_shard 500 --repeats 3
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def _drop(batches) -> None:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=16)
-    parser.add_argument("--rows-per-shard", type=int, default=500)
+    parser.add_argument("--rows_per_shard", type=int, default=500)
     parser.add_argument("--positions", type=int, nargs="+", default=None, help="Batches consumed before the resume.")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)

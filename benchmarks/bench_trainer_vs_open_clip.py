@@ -9,7 +9,7 @@ command line:
 * `train.py --recipe clip`  (streaming the shards; text padded to the longest of the batch),
 * `train.py --recipe alip`  (the same shards, the `caption` text as ALIP's second path),
 * `python -m open_clip_train.main --dataset-type webdataset` (texts padded to 77, its default), run by
-  `--open-clip-python`: open_clip_torch[training] pins webdataset<=0.2.86, whose tar reader open_clip_train's
+  `--open_clip_python`: open_clip_torch[training] pins webdataset<=0.2.86, whose tar reader open_clip_train's
   data code needs (with webdataset 1.0 it fails on the sample keys).
 
 Throughput is the steady state: samples per second between step `--skip` and the last step, from each trainer's
@@ -19,7 +19,7 @@ repeat; the table gives medians over repeats and ratios of time per sample again
 
     python -m venv --system-site-packages /tmp/oc_venv && /tmp/oc_venv/bin/pip install webdataset==0.2.86
     OMP_NUM_THREADS=1 python benchmarks/bench_trainer_vs_open_clip.py --steps 40 --skip 10 --repeats 3 \
-        --open-clip-python /tmp/oc_venv/bin/python
+        --open_clip_python /tmp/oc_venv/bin/python
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--shards", type=int, default=4)
     parser.add_argument("--trainers", nargs="+", default=["open_clip", "clip", "alip"])
-    parser.add_argument("--open-clip-python", default=sys.executable,
+    parser.add_argument("--open_clip_python", default=sys.executable,
                         help="Python that runs open_clip_train: open_clip_torch[training] pins webdataset<=0.2.86, "
                              "so this may be a venv (--system-site-packages) holding that version.")
     args = parser.parse_args(argv)

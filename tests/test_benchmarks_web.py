@@ -37,5 +37,5 @@ def test_gpu_benchmark_runs_on_cpu_with_tiny_sizes():
 def test_transform_benchmark_runs():
     import bench_data_transform
 
-    rows = bench_data_transform.main(["--images", "8", "--repeats", "1", "--image-size", "16"])
+    rows = bench_data_transform.main(["--images", "8", "--repeats", "1", "--image_size", "16"])
     assert {r["step"] for r in rows} >= {"eval transform", "train transform", "collate"}

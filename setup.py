@@ -26,6 +26,7 @@ setup(
         "console_scripts": [
             "alip-train = alip_hf.train:cli",
             "alip-eval = alip_hf.eval:cli",
+            "alip-convert = alip_hf.convert:cli",
         ]
     },
     install_requires=[

@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_help.py --repeats 5
 
 The library's commands bind torch and datasets lazily (`alip_hf.lazy`), so their `--help` pays only for argument
-parsing; the converters live in `modeling_alip`, whose import registers ALIP with transformers and so loads torch.
+parsing. The converters' flags live in `alip_hf.convert`; started as `python -m modeling_alip.convert_*` they
+first import `modeling_alip`, which registers ALIP with transformers and so loads torch.
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ["alip_hf.train", "alip_hf.eval", "alip_hf.web", "recaption.caption", "recaption.rewrite",
-            "recaption.publish", "recaption.audit", "modeling_alip.convert_to_clip", "modeling_alip.convert_open_clip",
-            "modeling_alip.convert_to_open_clip", "modeling_alip.convert_veclip"]
+            "recaption.publish", "recaption.audit", "alip_hf.convert to_clip", "alip_hf.convert open_clip",
+            "alip_hf.convert to_open_clip", "alip_hf.convert veclip",
+            # the same converters started through modeling_alip, whose import loads torch (for comparison)
+            "modeling_alip.convert_to_clip", "modeling_alip.convert_veclip"]
 
 
 def measure(module: str) -> tuple[float, float]:
     """(wall seconds, CPU seconds of the child) of one `python -m module --help`."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
+    subprocess.run([sys.executable, "-m", *module.split(), "--help"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL,
                    env=dict(os.environ, PYTHONPATH=str(ROOT)))
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

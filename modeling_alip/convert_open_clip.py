@@ -30,7 +30,7 @@ length, vocabulary size, projection size). Two things are not in the weights:
 The gate running means are not in either format (the official code keeps them as Python locals of its
 training loop), so the converted model starts them at `gate_initial_mean`, as the official code does.
 
-    python -m modeling_alip.convert_open_clip --checkpoint epoch_32.pt --model_name ViT-B-32 --output alip-b32
+    python -m alip_hf.convert open_clip --checkpoint epoch_32.pt --model_name ViT-B-32 --output alip-b32
 """
 
 from __future__ import annotations
@@ -393,27 +393,10 @@ def _processor_for(config: ALIPConfig):
 
 
 def build_parser():
-    """The command's flags: its own, and the Hub options shared with train.py (alip_hf.hub)."""
-    from transformers.hf_argparser import string_to_bool
+    """The command's flags, defined in `alip_hf.convert` (which `--help` answers from without loading torch)."""
+    from alip_hf.convert import build_parser as converter_parser
 
-    from alip_hf.hub import hub_parser
-
-    parser = hub_parser(
-        prog="python -m modeling_alip.convert_open_clip",
-        description="Convert an open_clip CLIP or official ALIP checkpoint into an ALIP model directory.",
-    )
-    parser.add_argument("--checkpoint", required=True, help="open_clip / official ALIP checkpoint (.pt, .bin, .safetensors)")
-    parser.add_argument("--output", required=True, help="directory to write the ALIP model (save_pretrained) to")
-    parser.add_argument("--model_name", help="open_clip model name, e.g. ViT-B-32 or ViT-B-32-quickgelu (heads, activation)")
-    parser.add_argument("--model_config", help="open_clip model config JSON file, instead of --model_name")
-    parser.add_argument(
-        "--quick_gelu", type=string_to_bool, nargs="?", const=True, default=None,
-        help="QuickGELU (--quick_gelu or --quick_gelu true) or GELU (--quick_gelu false); default: from the model "
-             "config/name, else GELU",
-    )
-    parser.add_argument("--no_processor", action="store_true", help="write the model only, without the processor")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists and is not empty")
-    return parser
+    return converter_parser("open_clip")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

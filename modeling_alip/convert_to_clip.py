@@ -5,7 +5,7 @@
 weights and (when given) a `CLIPProcessor`. The result loads with `CLIPModel.from_pretrained` or
 `AutoModel.from_pretrained` in an environment that has never heard of ALIP.
 
-    python -m modeling_alip.convert_to_clip --model runs/alip-b32 --output exports/alip-b32-clip
+    python -m alip_hf.convert to_clip --model runs/alip-b32 --output exports/alip-b32-clip
 """
 
 from __future__ import annotations
@@ -113,18 +113,10 @@ def _load_processor(model_dir: Path):
 
 
 def build_parser():
-    """The command's flags: its own, and the Hub options shared with train.py (alip_hf.hub)."""
-    from alip_hf.hub import hub_parser
+    """The command's flags, defined in `alip_hf.convert` (which `--help` answers from without loading torch)."""
+    from alip_hf.convert import build_parser as converter_parser
 
-    parser = hub_parser(
-        prog="python -m modeling_alip.convert_to_clip",
-        description="Export an ALIP model directory as a plain transformers CLIPModel directory.",
-    )
-    parser.add_argument("--model", required=True, help="ALIP model directory (written by save_pretrained)")
-    parser.add_argument("--output", required=True, help="directory to write the CLIPModel to")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists and is not empty")
-    parser.add_argument("--no_processor", action="store_true", help="do not copy the processor even if present")
-    return parser
+    return converter_parser("to_clip")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

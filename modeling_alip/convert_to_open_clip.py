@@ -7,7 +7,7 @@ module writes those two files into the model directory, so the one directory (or
 `from_pretrained`, with open_clip, and with tools that load open_clip models only (CLIP_benchmark, DataComp's
 evaluation):
 
-    python -m modeling_alip.convert_to_open_clip --model_dir runs/alip-b32
+    python -m alip_hf.convert to_open_clip --model_dir runs/alip-b32
     clip_benchmark eval --model local-dir:runs/alip-b32 --pretrained none --dataset cifar10 --output r.json
 
 The weights are the inverse of [`convert_open_clip.convert_state_dict`] (its key table, read backwards: q, k, v
@@ -294,16 +294,10 @@ def _load(model_dir: Path):
 
 
 def build_parser():
-    """The command's flags: its own, and the Hub options shared with train.py (alip_hf.hub)."""
-    from alip_hf.hub import hub_parser
+    """The command's flags, defined in `alip_hf.convert` (which `--help` answers from without loading torch)."""
+    from alip_hf.convert import build_parser as converter_parser
 
-    parser = hub_parser(
-        prog="python -m modeling_alip.convert_to_open_clip",
-        description="Write open_clip_config.json + open_clip_model.safetensors for an ALIP or CLIP model directory.",
-    )
-    parser.add_argument("--model_dir", required=True, help="model directory written by save_pretrained")
-    parser.add_argument("--output_dir", help="where to write the two open_clip files (default: --model_dir itself)")
-    return parser
+    return converter_parser("to_open_clip")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

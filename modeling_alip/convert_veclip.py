@@ -4,7 +4,7 @@ The VeCLIP releases (github.com/apple/ml-veclip) are zipped `transformers.CLIPMo
 `model.safetensors`) that ship neither a tokenizer (the notebook loads "t5-base" separately) nor an image
 processor (a TensorFlow function instead). The output of
 
-    python -m modeling_alip.convert_veclip --input vecapdfn_clip_b16.zip --output veclip-b16
+    python -m alip_hf.convert veclip --input vecapdfn_clip_b16.zip --output veclip-b16
 
 is a plain CLIP checkpoint (`model_type: clip`, weights unchanged) plus everything needed to use it: the T5
 tokenizer with `model_max_length` set to the text tower's context, the TensorFlow-exact
@@ -24,11 +24,10 @@ import json
 import os
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, CLIPConfig, CLIPModel, HfArgumentParser
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 from transformers.utils import logging
 
 from alip_hf.io import apply_default_permissions, replace_directory
@@ -43,29 +42,12 @@ WEIGHT_FILES = (
 DEFAULT_TOKENIZER = "t5-base"  # what the official notebook loads (T5Tokenizer.from_pretrained("t5-base"))
 
 
-@dataclass
-class ConvertArguments:
-    input: str = field(metadata={"help": "A downloaded VeCLIP checkpoint: its .zip or the unzipped folder."})
-    output: str = field(metadata={"help": "Directory to write (must not exist unless --overwrite)."})
-    tokenizer: str = field(
-        default=DEFAULT_TOKENIZER,
-        metadata={"help": "T5 tokenizer the model was trained with: a Hub id (from the local cache when offline) or "
-                  "a folder with spiece.model / tokenizer.json."},
-    )
-    resize_only: bool = field(
-        default=False,
-        metadata={"help": "Save the image processor in the official `resize_only` mode (squash to a square) instead "
-                  "of short-side resize + centre crop."},
-    )
-    set_token_ids_from_tokenizer: bool = field(
-        default=False,
-        metadata={"help": "Rewrite text_config.eos_token_id/pad_token_id from the tokenizer instead of refusing a "
-                  "config that disagrees with it (only when you know the config is what is wrong)."},
-    )
-    overwrite: bool = field(default=False, metadata={"help": "Replace --output if it exists."})
-    push_to_hub: bool = field(default=False, metadata={"help": "Upload --output to the Hub."})
-    hub_model_id: str | None = field(default=None, metadata={
-        "help": "Hub model repository (user/name or org/name) that --push_to_hub uploads --output to."})
+def __getattr__(name: str):
+    if name == "ConvertArguments":  # the flags live with the command line, in alip_hf.convert
+        from alip_hf.convert import VeclipConvertArguments
+
+        return VeclipConvertArguments
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def find_model_folder(root: str | os.PathLike) -> Path:
@@ -265,11 +247,11 @@ evaluate with `python eval.py --model {directory.name} ...`.
         handle.write(card)
 
 
-def build_parser() -> HfArgumentParser:
-    """The command's flags: its own, and the Hub options shared with train.py (alip_hf.hub)."""
-    from alip_hf.hub import HubArguments
+def build_parser():
+    """The command's flags, defined in `alip_hf.convert` (which `--help` answers from without loading torch)."""
+    from alip_hf.convert import build_parser as converter_parser
 
-    return HfArgumentParser((ConvertArguments, HubArguments), prog="python -m modeling_alip.convert_veclip")
+    return converter_parser("veclip")
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HIDE_PACKAGE
+from conftest import HIDE_PACKAGE, tiny_alip_config
 from safetensors.torch import load_file, save_file
 
 from modeling_alip import ALIPModel
@@ -360,3 +360,14 @@ def test_failed_write_leaves_the_old_directory_and_no_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
 
+
+
+def test_the_converter_command_line_converts_and_names_an_unknown_converter(tmp_path):
+    from alip_hf import convert
+
+    model = ALIPModel(tiny_alip_config())
+    model.save_pretrained(tmp_path / "alip")
+    output = convert.main(["to_clip", "--model", str(tmp_path / "alip"), "--output", str(tmp_path / "clip")])
+    assert (output / "model.safetensors").is_file() and (output / "config.json").is_file()
+    with pytest.raises(SystemExit, match="unknown converter 'to-clip'"):
+        convert.main(["to-clip", "--model", str(tmp_path / "alip")])

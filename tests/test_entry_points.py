@@ -8,14 +8,14 @@ import pytest
 
 from conftest import REPO_ROOT
 
-ENTRY_POINTS = ["alip_hf.train", "alip_hf.eval", "recaption.caption", "recaption.rewrite", "recaption.publish",
+ENTRY_POINTS = ["alip_hf.train", "alip_hf.eval", "alip_hf.convert", "recaption.caption", "recaption.rewrite", "recaption.publish",
                 "recaption.audit", "alip_hf.web"]
 HEAVY = ("torch", "datasets", "torchvision", "accelerate")
 
 PROBE = """
 import runpy, sys
-module = sys.argv[1]
-sys.argv = [module, "--help"]
+module, args = sys.argv[1], sys.argv[2:]
+sys.argv = [module, *args, "--help"]
 try:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 except SystemExit as stop:
@@ -26,9 +26,12 @@ print("LOADED", loaded)
 """
 
 
-@pytest.mark.parametrize("module", ENTRY_POINTS)
+CONVERTERS = ["open_clip", "to_clip", "to_open_clip", "veclip"]
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS + [f"alip_hf.convert {name}" for name in CONVERTERS])
 def test_help_answers_without_loading_torch_or_datasets(module):
-    result = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), module], cwd=REPO_ROOT,
+    result = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *module.split()], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage" in result.stdout.lower()

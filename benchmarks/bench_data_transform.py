@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from alip_hf import data
     from alip_hf.resources import DEMO_DATA
-    from modeling_alip import clean_clip_text, clip_tokenizer
+    from modeling_alip import ALIPProcessor
 
     table = pq.read_table(sorted(DEMO_DATA.glob("train-*.parquet"))[0], columns=["image", "alt_text"])
     rows = table.slice(0, args.images).to_pylist()
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     texts = [r["alt_text"] for r in rows]
     train = data.ImageTransform(args.image_size, train=True)
     evaluate = data.ImageTransform(args.image_size, train=False)
-    collate = data.Collator(clip_tokenizer(), max_length=77, clean=clean_clip_text)
+    collate = data.Collator(ALIPProcessor.default(args.image_size), max_length=77)  # CLIP's BPE and text cleaning
 
     def run_eval():
         for image in images:

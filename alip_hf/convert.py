@@ -1,9 +1,9 @@
 """The checkpoint converters' command line: `python -m alip_hf.convert CONVERTER [flags]` (also `alip-convert`).
 
-    python -m alip_hf.convert open_clip --checkpoint ViT-B-32.pt --model_name ViT-B-32 --output alip-b32
+    python -m alip_hf.convert from_open_clip --checkpoint ViT-B-32.pt --model_name ViT-B-32 --output alip-b32
     python -m alip_hf.convert to_clip --model alip-b32 --output clip-b32
     python -m alip_hf.convert to_open_clip --model_dir alip-b32
-    python -m alip_hf.convert veclip --input vecapdfn_clip_b16.zip --output veclip-dfn-b16
+    python -m alip_hf.convert from_veclip --input vecapdfn_clip_b16.zip --output veclip-dfn-b16
 
 The conversions are `modeling_alip.convert_*`. Their flags are defined here, in a module that imports neither
 torch nor transformers' models, so that `--help` and a mistyped flag answer at once: importing `modeling_alip`
@@ -34,7 +34,7 @@ def _string_to_bool(value: str) -> bool:
 
 def open_clip_parser() -> argparse.ArgumentParser:
     parser = hub_parser(
-        prog="python -m alip_hf.convert open_clip",
+        prog="python -m alip_hf.convert from_open_clip",
         description="Convert an open_clip CLIP or official ALIP checkpoint into an ALIP model directory.",
     )
     parser.add_argument("--checkpoint", required=True, help="open_clip / official ALIP checkpoint (.pt, .bin, .safetensors)")
@@ -103,15 +103,15 @@ def veclip_parser():
         HfArgumentParser,  # the argument parser only, not the models
     )
 
-    return HfArgumentParser((VeclipConvertArguments, HubArguments), prog="python -m alip_hf.convert veclip")
+    return HfArgumentParser((VeclipConvertArguments, HubArguments), prog="python -m alip_hf.convert from_veclip")
 
 
 # converter -> (its flags, the module that converts)
 CONVERTERS = {
-    "open_clip": (open_clip_parser, "modeling_alip.convert_open_clip"),
+    "from_open_clip": (open_clip_parser, "modeling_alip.convert_open_clip"),
     "to_clip": (to_clip_parser, "modeling_alip.convert_to_clip"),
     "to_open_clip": (to_open_clip_parser, "modeling_alip.convert_to_open_clip"),
-    "veclip": (veclip_parser, "modeling_alip.convert_veclip"),
+    "from_veclip": (veclip_parser, "modeling_alip.convert_veclip"),
 }
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ["alip_hf.train", "alip_hf.eval", "alip_hf.web", "recaption.caption", "recaption.rewrite",
-            "recaption.publish", "recaption.audit", "alip_hf.convert to_clip", "alip_hf.convert open_clip",
-            "alip_hf.convert to_open_clip", "alip_hf.convert veclip",
+            "recaption.publish", "recaption.audit", "alip_hf.convert to_clip", "alip_hf.convert from_open_clip",
+            "alip_hf.convert to_open_clip", "alip_hf.convert from_veclip",
             # the same converters started through modeling_alip, whose import loads torch (for comparison)
             "modeling_alip.convert_to_clip", "modeling_alip.convert_veclip"]
 

@@ -30,7 +30,7 @@ length, vocabulary size, projection size). Two things are not in the weights:
 The gate running means are not in either format (the official code keeps them as Python locals of its
 training loop), so the converted model starts them at `gate_initial_mean`, as the official code does.
 
-    python -m alip_hf.convert open_clip --checkpoint epoch_32.pt --model_name ViT-B-32 --output alip-b32
+    python -m alip_hf.convert from_open_clip --checkpoint epoch_32.pt --model_name ViT-B-32 --output alip-b32
 """
 
 from __future__ import annotations
@@ -396,7 +396,7 @@ def build_parser():
     """The command's flags, defined in `alip_hf.convert` (which `--help` answers from without loading torch)."""
     from alip_hf.convert import build_parser as converter_parser
 
-    return converter_parser("open_clip")
+    return converter_parser("from_open_clip")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

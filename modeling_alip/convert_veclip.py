@@ -4,7 +4,7 @@ The VeCLIP releases (github.com/apple/ml-veclip) are zipped `transformers.CLIPMo
 `model.safetensors`) that ship neither a tokenizer (the notebook loads "t5-base" separately) nor an image
 processor (a TensorFlow function instead). The output of
 
-    python -m alip_hf.convert veclip --input vecapdfn_clip_b16.zip --output veclip-b16
+    python -m alip_hf.convert from_veclip --input vecapdfn_clip_b16.zip --output veclip-b16
 
 is a plain CLIP checkpoint (`model_type: clip`, weights unchanged) plus everything needed to use it: the T5
 tokenizer with `model_max_length` set to the text tower's context, the TensorFlow-exact
@@ -251,7 +251,7 @@ def build_parser():
     """The command's flags, defined in `alip_hf.convert` (which `--help` answers from without loading torch)."""
     from alip_hf.convert import build_parser as converter_parser
 
-    return converter_parser("veclip")
+    return converter_parser("from_veclip")
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -26,7 +26,7 @@ print("LOADED", loaded)
 """
 
 
-CONVERTERS = ["open_clip", "to_clip", "to_open_clip", "veclip"]
+CONVERTERS = ["from_open_clip", "to_clip", "to_open_clip", "from_veclip"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS + [f"alip_hf.convert {name}" for name in CONVERTERS])

@@ -24,15 +24,11 @@ from alip_hf.hub import HubArguments, hub_parser
 DEFAULT_VECLIP_TOKENIZER = "t5-base"  # what the official notebook loads (T5Tokenizer.from_pretrained("t5-base"))
 
 
-def _string_to_bool(value: str) -> bool:
-    if value.lower() in ("true", "1", "yes", "y"):
-        return True
-    if value.lower() in ("false", "0", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-
-
 def open_clip_parser() -> argparse.ArgumentParser:
+    from transformers.hf_argparser import (
+        string_to_bool,  # transformers' argument parsing only, not its models
+    )
+
     parser = hub_parser(
         prog="python -m alip_hf.convert from_open_clip",
         description="Convert an open_clip CLIP or official ALIP checkpoint into an ALIP model directory.",
@@ -42,7 +38,7 @@ def open_clip_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_name", help="open_clip model name, e.g. ViT-B-32 or ViT-B-32-quickgelu (heads, activation)")
     parser.add_argument("--model_config", help="open_clip model config JSON file, instead of --model_name")
     parser.add_argument(
-        "--quick_gelu", type=_string_to_bool, nargs="?", const=True, default=None,
+        "--quick_gelu", type=string_to_bool, nargs="?", const=True, default=None,
         help="QuickGELU (--quick_gelu or --quick_gelu true) or GELU (--quick_gelu false); default: from the model "
              "config/name, else GELU",
     )

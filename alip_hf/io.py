@@ -36,12 +36,11 @@ def apply_default_permissions(root: str | os.PathLike) -> None:
     """Gives `root` and everything under it the permissions of an ordinary `open()` / `mkdir` (0666 / 0777 less
     the umask). Some writers (safetensors through `save_pretrained`, `tempfile`) create private 0600 files."""
     root = Path(root)
-    mask = _umask()
-    os.chmod(root, (0o777 if root.is_dir() else 0o666) & ~mask)
+    _chmod_default(root, directory=root.is_dir())
     if root.is_dir():
         for path in root.rglob("*"):
             if not path.is_symlink():
-                os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+                _chmod_default(path, directory=path.is_dir())
 
 
 @contextmanager

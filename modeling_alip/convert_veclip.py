@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 from transformers.utils import logging
 
+from alip_hf.convert import DEFAULT_VECLIP_TOKENIZER
 from alip_hf.io import apply_default_permissions, replace_directory
 
 from .processing_veclip import align_text_config, veclip_processor
@@ -39,7 +40,7 @@ logger = logging.get_logger(__name__)
 WEIGHT_FILES = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
 )
-DEFAULT_TOKENIZER = "t5-base"  # what the official notebook loads (T5Tokenizer.from_pretrained("t5-base"))
+DEFAULT_TOKENIZER = DEFAULT_VECLIP_TOKENIZER  # the command line's default (alip_hf.convert)
 
 
 def __getattr__(name: str):

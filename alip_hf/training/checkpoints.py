@@ -16,14 +16,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
 
-from alip_hf.io import apply_default_permissions, write_json_atomic, write_text_atomic
+from alip_hf.io import (
+    apply_default_permissions,
+    replace_directory,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +102,7 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, state:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         apply_default_permissions(tmp)  # every process has written; safetensors makes private files
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_directory(tmp, final)  # a re-saved step: the old one stays whole until the new one is in place
         run_id = state.get("run", {}).get("run_id")
         own = [p for p in _checkpoints(output_dir) if _run_id(p) == run_id]
         for old in own[:-keep]:

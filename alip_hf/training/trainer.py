@@ -143,6 +143,8 @@ def _train(accelerator: Accelerator, model_args: ModelArguments, data_args: Data
     if result.end == STOPPED:  # --stop_after_steps: leave the run as a kill would, resumable from its checkpoints
         accelerator.end_training()
         return result.metrics
+    if stop_signal.received:  # during the last step or after it: the final save is what is left to do
+        logger.warning("received %s after the last step: saving the final model", stop_signal.received)
     return _finish(accelerator, model, processor, data_args, train_args, result.metrics, train_data.max_steps)
 
 

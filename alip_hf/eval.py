@@ -64,7 +64,7 @@ class EvalArguments:
     preset: list[str] = field(default_factory=list, metadata={
         "help": f"Presets or groups: {sorted(PRESETS)} / {sorted(PRESET_GROUPS)}."})
     dataset: str | None = field(default=None, metadata={
-        "help": "Any source data.load_source reads (instead of --preset)."})
+        "help": "Any source alip_hf.sources.load_source reads ('demo' included) (instead of --preset)."})
     task: list[str] = field(default_factory=list, metadata={
         "help": f"One or more of {TASKS} (aliases {sorted(TASK_ALIASES)}), all on the same images (encoded once); "
                 "with --preset, replaces a classification preset's task."})

@@ -143,18 +143,6 @@ class AuditArguments:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _load_processor(path: str, revision: str | None, config):
-    """The processor saved with the model, else CLIP's preprocessing at the model's size with the CLIP BPE."""
-    from transformers import AutoProcessor
-
-    import modeling_alip
-
-    try:
-        return AutoProcessor.from_pretrained(path, revision=revision)
-    except (OSError, ValueError, TypeError):
-        return modeling_alip.ALIPProcessor.from_config(config)
-
-
 def load_gated_model(path: str, revision: str | None = None):
     """An `ALIPModel` whose gate running means were trained, in eval mode.
 
@@ -163,10 +151,11 @@ def load_gated_model(path: str, revision: str | None = None):
             silently start them at their initial value), or its running means were never updated (a model trained
             with a recipe without gates).
     """
+    from alip_hf.pretrained import load_model
     from modeling_alip import ALIPModel
 
     try:
-        model, info = ALIPModel.from_pretrained(path, revision=revision, output_loading_info=True)
+        model, info = load_model(path, ALIPModel, revision=revision, flag="--model", output_loading_info=True)
     except (OSError, ValueError) as error:
         raise ValueError(f"--model {path!r}: cannot load it as an ALIP model: {error}") from error
     missing = [key for key in GATE_BUFFERS if key in info.get("missing_keys", ())]
@@ -221,22 +210,21 @@ class GateScorer:
 
     def __init__(self, model_path: str, revision: str | None = None, clip_score_model: str | None = None,
                  device="cpu"):
-        from transformers import AutoModel
-
-        import modeling_alip  # noqa: F401 - registers ALIP with the Auto classes
+        from alip_hf.pretrained import load_model_and_processor, load_processor
 
         self.model = load_gated_model(model_path, revision).to(device)
-        self.processor = _load_processor(model_path, revision, self.model.config)
+        self.processor = load_processor(model_path, self.model.config, revision=revision, flag="--model")
         self.clip_model = self.clip_processor = None
         if clip_score_model is not None:
             try:
-                self.clip_model = AutoModel.from_pretrained(clip_score_model).to(device).eval()
+                self.clip_model, self.clip_processor = load_model_and_processor(clip_score_model,
+                                                                                flag="--clip_score_model")
             except (OSError, ValueError) as error:
                 raise ValueError(f"--clip_score_model {clip_score_model!r}: cannot load it: {error}") from error
+            self.clip_model = self.clip_model.to(device).eval()
             if not hasattr(self.clip_model, "get_image_features"):
                 raise ValueError(f"--clip_score_model {clip_score_model!r} is a {type(self.clip_model).__name__}, "
                                  "not a CLIP-style model with get_image_features/get_text_features")
-            self.clip_processor = _load_processor(clip_score_model, None, self.clip_model.config)
         self.commit = getattr(self.model.config, "_commit_hash", None)
         self.digest = weights_digest(self.model)
         self.clip_digest = weights_digest(self.clip_model) if self.clip_model is not None else None

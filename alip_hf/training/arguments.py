@@ -50,6 +50,10 @@ class ModelArguments:
                   "config), e.g. 'text_config.hidden_size=128,vision_config.patch_size=8,lcg_gamma=1.5'; "
                   "values are read as int, float, true/false or text. A run YAML may give a mapping."},
     )
+    allow_new_weights: bool = field(default=False, metadata={
+        "help": "Start from a checkpoint that lacks some of the model's tensors (freshly initialised: a new head is "
+                "intended) or holds tensors the model does not use; each is named in the log. Without it, either is "
+                "an error naming the tensors (a plain CLIP checkpoint's missing gate running means are expected)."})
     tokenizer_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Tokenizer directory; default: the model directory's, else the CLIP BPE tokenizer."},

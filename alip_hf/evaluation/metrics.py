@@ -213,6 +213,41 @@ def mean_recall_at_1(metrics: dict) -> float:
     return 0.5 * (metrics["text_retrieval_recall@1"] + metrics["image_retrieval_recall@1"])
 
 
+def association_jaccard(scores: torch.Tensor, is_association: torch.Tensor) -> float:
+    """WinoGAViL's score of one game: the K highest-scoring candidates are the prediction, K the number of
+    associations, and the score is the Jaccard index |predicted & associated| / |predicted | associated|.
+
+    Args:
+        scores: `(C,)` cue-candidate similarities. is_association: `(C,)` bool.
+
+    Candidates with equal scores (the same image twice) are taken in their published order (a stable sort);
+    DataComp's `np.argsort` leaves such ties to its sort, so the two can differ on them.
+    """
+    k = int(is_association.sum())
+    predicted = torch.zeros_like(is_association)
+    predicted[torch.sort(scores, descending=True, stable=True).indices[:k]] = True
+    return float((predicted & is_association).sum()) / float((predicted | is_association).sum())
+
+
+# DataComp's WinoGAViL metrics (eval_utils/wino_eval.py): the mean Jaccard index over the games with these
+# numbers of candidates.
+WINOGAVIL_GROUPS = {"avg_jaccard_score": (5, 6, 10, 12), "jaccard_score_5": (5,), "jaccard_score_6": (6,),
+                    "jaccard_score_10": (10,), "jaccard_score_12": (12,), "jaccard_score_5-6": (5, 6),
+                    "jaccard_score_10-12": (10, 12)}
+
+
+def winogavil_metrics(jaccards: Sequence[float], num_candidates: Sequence[int]) -> dict[str, float]:
+    """DataComp's WinoGAViL metrics from each game's Jaccard index and candidate count: `avg_jaccard_score` over
+    every game, `jaccard_score_<n>` over the games with n candidates, `jaccard_score_5-6` / `_10-12` over both
+    sizes (the main metric: `jaccard_score_10-12`). NaN for a group without games, as DataComp's empty mean."""
+    jaccards, counts = np.asarray(jaccards, dtype=np.float64), np.asarray(num_candidates)
+    metrics = {}
+    for name, sizes in WINOGAVIL_GROUPS.items():
+        chosen = jaccards if name == "avg_jaccard_score" else jaccards[np.isin(counts, sizes)]
+        metrics[name] = float(chosen.mean()) if len(chosen) else float("nan")
+    return metrics
+
+
 def macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
     """F1 averaged over the classes present in `labels` (WILDS' `F1(average="macro")`, iWildCam's metric):
     classes that are only predicted, never true, do not count."""

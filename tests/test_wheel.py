@@ -2,16 +2,15 @@
 evaluates from a directory outside the checkout, with only the project's own top-level names."""
 
 import os
-import site
 import subprocess
 import sys
-import sysconfig
 import venv
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from _venvs import venv_seeing_the_running_interpreters_packages
 from conftest import REPO_ROOT
 
 OWN_TOP_LEVEL_NAMES = {"alip_hf", "modeling_alip", "recaption"}
@@ -21,34 +20,6 @@ def _run(cmd, cwd, env, timeout=600):
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
-
-
-def _site_packages_of_the_running_interpreter() -> list[str]:
-    """Where the interpreter running the tests finds its installed packages: its own site-packages and, when it
-    runs in a virtual environment made with --system-site-packages, the base interpreter's."""
-    paths = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]
-    if site.ENABLE_USER_SITE:
-        paths.append(site.getusersitepackages())
-    return [path for path in dict.fromkeys(paths) if os.path.isdir(path)]
-
-
-def _venv_seeing_the_running_interpreters_packages(env_dir: Path, with_pip: bool = True) -> Path:
-    """A fresh virtual environment whose dependencies (torch, transformers, ...) are those of the interpreter
-    running the tests, wherever that one found them; returns its bin directory.
-
-    `system_site_packages=True` would not do: it exposes the *base* interpreter's packages, so when the tests run
-    inside a virtual environment (how most people install) the dependencies would be missing. A .pth file naming
-    the running interpreter's site-packages appends them to the new environment's sys.path, after its own
-    site-packages, so the wheel installed there wins. The .pth files inside those directories are not processed
-    (a plain path line does not make a site directory), so an editable install of this project there stays
-    invisible."""
-    venv.create(env_dir, system_site_packages=False, with_pip=with_pip)
-    bin_dir = env_dir / "bin"
-    own_site = subprocess.run([str(bin_dir / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-    (Path(own_site) / "_running_interpreter_site_packages.pth").write_text(
-        "".join(f"{path}\n" for path in _site_packages_of_the_running_interpreter()))
-    return bin_dir
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +46,7 @@ def test_wheel_holds_only_the_projects_own_top_level_names_and_its_package_data(
 
 
 def test_fresh_venv_sees_the_running_interpreters_dependencies_but_not_the_project(tmp_path):
-    # Run from inside a virtual environment, a venv made with system_site_packages=True misses torch and
-    # transformers (they are in the running environment, not the base interpreter's).
-    bin_dir = _venv_seeing_the_running_interpreters_packages(tmp_path / "venv", with_pip=False)
+    bin_dir = venv_seeing_the_running_interpreters_packages(tmp_path / "venv", with_pip=False)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     probe = ("import importlib.util, transformers, torch; print(transformers.__file__); "
              "print([importlib.util.find_spec(name) is None for name in ('alip_hf', 'modeling_alip', 'recaption')])")
@@ -88,10 +57,31 @@ def test_fresh_venv_sees_the_running_interpreters_dependencies_but_not_the_proje
     assert out[1] == "[True, True, True]", "the project must come only from the wheel installed in the venv"
 
 
+def test_venv_made_from_inside_a_venv_sees_that_venvs_packages_not_only_the_base_interpreters(tmp_path):
+    # How the README's test command runs for most users: inside a virtual environment whose packages the base
+    # interpreter does not have. A package only in an outer venv must be importable in the test's venv
+    # (`system_site_packages=True` exposes the base interpreter's packages only, and fails here).
+    outer = tmp_path / "outer"
+    venv.create(outer, system_site_packages=False, with_pip=False)
+    outer_python = str(outer / "bin" / "python")
+    outer_site = _run([outer_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                      cwd=tmp_path, env=dict(os.environ)).stdout.strip()
+    (Path(outer_site) / "only_in_the_outer_venv.py").write_text("VALUE = 42\n")
+    make_inner = ("import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
+                  "from _venvs import venv_seeing_the_running_interpreters_packages as make; "
+                  "print(make(Path(sys.argv[2]), with_pip=False))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    inner_bin = _run([outer_python, "-c", make_inner, str(REPO_ROOT / "tests"), str(tmp_path / "inner")],
+                     cwd=tmp_path, env=env).stdout.strip()
+    out = _run([str(Path(inner_bin) / "python"), "-c", "import only_in_the_outer_venv as m; print(m.VALUE)"],
+               cwd=tmp_path, env=env).stdout.strip()
+    assert out == "42"
+
+
 @pytest.mark.slow  # about a minute: a virtual environment, a tiny training run and an evaluation
 def test_installed_wheel_trains_and_evaluates_outside_the_checkout(wheel, tmp_path):
     env_dir = tmp_path / "venv"
-    bin_dir = _venv_seeing_the_running_interpreters_packages(env_dir)
+    bin_dir = venv_seeing_the_running_interpreters_packages(env_dir)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
                VIRTUAL_ENV=str(env_dir))

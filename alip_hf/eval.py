@@ -41,6 +41,7 @@ from alip_hf.evaluation.presets import (
     RETRIEVAL,
     TASK_ALIASES,
     TASKS,
+    ZEROSHOT,
     EvalTask,
     resolve_tasks,
     unknown_preset_message,
@@ -64,7 +65,7 @@ class EvalArguments:
     preset: list[str] = field(default_factory=list, metadata={
         "help": f"Presets or groups: {sorted(PRESETS)} / {sorted(PRESET_GROUPS)}."})
     dataset: str | None = field(default=None, metadata={
-        "help": "Any source data.load_source reads (instead of --preset)."})
+        "help": "Any source alip_hf.sources.load_source reads ('demo' included) (instead of --preset)."})
     task: list[str] = field(default_factory=list, metadata={
         "help": f"One or more of {TASKS} (aliases {sorted(TASK_ALIASES)}), all on the same images (encoded once); "
                 "with --preset, replaces a classification preset's task."})
@@ -139,7 +140,7 @@ def tasks_from_args(args: EvalArguments) -> list[EvalTask]:
         if not args.task:
             return tasks
         (task,) = args.task
-        changed = [replace(t, task=task, main_metric=None) for t in tasks if t.task != RETRIEVAL]
+        changed = [replace(t, task=task, main_metric=None) for t in tasks if t.task in (ZEROSHOT, LINEAR_PROBE)]
         if task == LINEAR_PROBE and any(t.train_split is None for t in changed):
             names = [t.name for t in changed if t.train_split is None]
             raise ValueError(f"--task linear_probe: presets {names} have no training split")

@@ -8,7 +8,7 @@ apply only where `W^s < 1`. This step computes them for every row of a dataset, 
 model learned, plus a CLIP-score baseline (the image-web text cosine of `--clip_score_model`, by default the audited
 model itself):
 
-    python -m recaption.audit --model outputs/alip-demo --source demo_data --output_dir out/audit \\
+    python -m recaption.audit --model outputs/alip-demo --source demo --output_dir out/audit \\
         --keep_fraction 0.7 --score lcg_weight_raw --noise_column noisy
     accelerate launch -m recaption.audit ...            # shards split across processes/nodes
 
@@ -40,6 +40,7 @@ from typing import Any, Callable
 import numpy as np
 
 from alip_hf.lazy import lazy_import
+from alip_hf.sources import is_empty_text
 from alip_hf.schema import (
     ALT_TEXT,
     AUDIT_MODEL,
@@ -260,10 +261,6 @@ def _reason(error: Exception) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(error).__name__}: {error}")
 
 
-def _is_empty(text) -> bool:
-    return not isinstance(text, str) or not text.strip()
-
-
 class _AuditStepBase:
     """What both steps share: the columns read, row checks, and the summary."""
 
@@ -281,13 +278,14 @@ class _AuditStepBase:
 
     def check_rows(self, shard: datasets.Dataset, ids: list[str]) -> tuple[list[tuple], dict[str, str]]:
         """`([(id, image, text, caption)] of the scorable rows, {id: error})`; the error's first word is its
-        reason (`unreadable_image`, `empty_text`, `empty_caption`), which filtering counts."""
+        reason (`unreadable_image`, `empty_text`, `empty_caption`), which filtering counts. Empty is the data
+        contract's rule (`alip_hf.sources.is_empty_text`), so the rows not scored are the rows training skips."""
         valid, errors = [], {}
         columns = (shard[self.run.image_column], shard[self.args.text_column], shard[self.args.caption_column])
         for row_id, cell, text, caption in zip(ids, *columns):
-            if _is_empty(text):
+            if is_empty_text(text):
                 errors[row_id] = f"empty_text: column {self.args.text_column!r} is empty"
-            elif _is_empty(caption):
+            elif is_empty_text(caption):
                 errors[row_id] = f"empty_caption: column {self.args.caption_column!r} is empty"
             else:
                 try:

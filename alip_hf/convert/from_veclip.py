@@ -129,6 +129,9 @@ def file_sha256(path: Path) -> str:
 
 def load_veclip_model(folder: Path, config: CLIPConfig) -> CLIPModel:
     """Loads the released `CLIPModel` with `config`; every weight must be present and of the right shape."""
+    from alip_hf.pretrained import check_model_files
+
+    check_model_files(folder)  # a damaged download is named, not reported in safetensors' words
     model, info = CLIPModel.from_pretrained(folder, config=config, dtype="auto", output_loading_info=True)
     problems = {key: info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)}
     if problems:

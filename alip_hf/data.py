@@ -43,7 +43,7 @@ from alip_hf.schema import (  # noqa: F401  (re-exported: the contract's names a
     REWRITE_PROMPT_VERSION,
     VECAP,
 )
-from alip_hf.sources import duplicate_ids, is_empty_text, read_id
+from alip_hf.sources import is_empty_text, read_id
 # Moved to the data contract (`alip_hf.sources`); importable from here too for existing callers.
 from alip_hf.sources import load_source, local_files, require_columns, require_text_columns  # noqa: F401
 

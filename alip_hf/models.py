@@ -147,9 +147,13 @@ def model_config(args: ModelArguments) -> ALIPConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_model(args: ModelArguments, seed: int) -> ALIPModel:
+def build_model(args: ModelArguments, seed: int, max_text_length: int | None = None) -> ALIPModel:
     """A pretrained ALIP/CLIP model, or a freshly initialised one of a named size; `--config_overrides` apply
-    to both. `seed` seeds the initialisation (of a new model, and of the LoRA adapters)."""
+    to both. `seed` seeds the initialisation (of a new model, and of the LoRA adapters).
+
+    `max_text_length` (`--max_text_length`) beyond the text tower's positions: a new model is built with that many
+    positions; a pretrained one is stretched to it by Long-CLIP's rule (`ALIPModel.stretch_text_positions`,
+    recorded in its config)."""
     import torch
 
     from modeling_alip import ALIPModel
@@ -161,8 +165,13 @@ def build_model(args: ModelArguments, seed: int) -> ALIPModel:
         config = {"config": model_config(args)} if args.config_overrides else {}
         model = load_model(args.model_name_or_path, ALIPModel, allow_new_weights=args.allow_new_weights,
                            **hub_kwargs(args, remote_code=False), **config)
+        if max_text_length and max_text_length > model.config.text_config.max_position_embeddings:
+            model.stretch_text_positions(max_text_length)
     else:
-        model = ALIPModel(model_config(args))
+        config = model_config(args)
+        if max_text_length and max_text_length > config.text_config.max_position_embeddings:
+            config.text_config.max_position_embeddings = max_text_length
+        model = ALIPModel(config)
     if args.freeze_vision:
         _freeze(model.vision_model, model.visual_projection)
     if args.freeze_text:
@@ -213,16 +222,22 @@ def build_processor(args: ModelArguments, model: ALIPModel) -> ALIPProcessor:
 
         processor = load_processor(args.model_name_or_path, model.config,
                                    tokenizer_name_or_path=args.tokenizer_name_or_path, **hub_kwargs(args))
-        if isinstance(processor, ALIPProcessor):
-            return processor
-        return ALIPProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer)
-    size = model.config.vision_config.image_size
-    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    if args.tokenizer_name_or_path is not None:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path, **hub_kwargs(args))
+        if not isinstance(processor, ALIPProcessor):
+            processor = ALIPProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer)
     else:
-        tokenizer = clip_tokenizer(model_max_length=model.config.text_config.max_position_embeddings)
-    return ALIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+        size = model.config.vision_config.image_size
+        image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        if args.tokenizer_name_or_path is not None:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path, **hub_kwargs(args))
+        else:
+            tokenizer = clip_tokenizer(model_max_length=model.config.text_config.max_position_embeddings)
+        processor = ALIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    # A model with more positions than its tokenizer knows (built or stretched for --max_text_length): the
+    # tokenizer follows, and is saved so.
+    context = model.config.text_config.max_position_embeddings
+    if processor.tokenizer.model_max_length < context:
+        processor.tokenizer.model_max_length = context
+    return processor
 
 
 def hub_kwargs(args: ModelArguments, remote_code: bool = True) -> dict:

@@ -41,6 +41,11 @@ class ALIPConfig(CLIPConfig):
         clip_pair_weights (`bool`, defaults to `False`):
             Clamp the DCG pair weights at 1 like the LCG weight. The official code leaves them unclipped, so
             the default is `False`; `True` is a deliberate deviation, not the official recipe.
+        text_position_stretch (`dict`, *optional*):
+            How the text tower's position embeddings were stretched from a shorter checkpoint, e.g.
+            `{"rule": "long-clip", "original_length": 77, "kept_positions": 20}` (see
+            [`ALIPModel.stretch_text_positions`]); `None` when every position was trained as it is.
+            `text_config.max_position_embeddings` is the stretched length.
     """
 
     model_type = "alip"
@@ -52,6 +57,7 @@ class ALIPConfig(CLIPConfig):
     dcg_gamma: float = 2.0
     gate_initial_mean: float = 1.0
     clip_pair_weights: bool = False
+    text_position_stretch: dict | None = None
 
     def validate_architecture(self):
         """Rejects gate hyper-parameters outside their meaningful range, naming the field."""

@@ -8,6 +8,7 @@ it is a plain CLIP model; with captions it computes the bi-path adaptive contras
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import CLIPModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -21,6 +22,7 @@ from transformers.utils import (
 
 from .configuration_alip import ALIPConfig
 from .gates import ALIPGates, GateOutput, RunningMeanSimilarity
+from .long_text import LONG_CLIP_KEPT_POSITIONS, LONG_CLIP_RULE, stretch_position_embeddings
 from .loss import contrastive_loss, gather_features
 from .processing_alip import missing_processor_files
 
@@ -120,6 +122,31 @@ class ALIPModel(CLIPModel):
         # so running means missing from a loaded CLIP checkpoint start at their initial value.
         if isinstance(module, RunningMeanSimilarity):
             init.constant_(module.running_mean, self.config.gate_initial_mean)
+
+    @torch.no_grad()
+    def stretch_text_positions(self, new_length: int, kept_positions: int = LONG_CLIP_KEPT_POSITIONS) -> None:
+        """Gives the text tower `new_length` positions by Long-CLIP's knowledge-preserved stretching
+        ([`stretch_position_embeddings`]: the first `kept_positions` kept, the rest interpolated), and records the
+        rule in `config.text_position_stretch`. Texts of at most `kept_positions` tokens keep their features.
+
+        For a model loaded from a shorter checkpoint; a model built from a config simply has
+        `text_config.max_position_embeddings` positions, and a stretched model saved and reloaded keeps its length.
+        """
+        if self.config.text_position_stretch is not None:
+            raise ValueError(f"the text positions were already stretched ({self.config.text_position_stretch}); "
+                             "stretch the original checkpoint once, to the final length")
+        embeddings = self.text_model.embeddings
+        old = embeddings.position_embedding
+        length = old.num_embeddings
+        stretched = nn.Embedding(new_length, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        stretched.weight.copy_(stretch_position_embeddings(old.weight, new_length, kept_positions))
+        stretched.weight.requires_grad_(old.weight.requires_grad)
+        embeddings.position_embedding = stretched
+        embeddings.position_ids = nn.Buffer(torch.arange(new_length, device=old.weight.device).expand((1, -1)),
+                                            persistent=False)
+        self.config.text_config.max_position_embeddings = new_length
+        self.config.text_position_stretch = {"rule": LONG_CLIP_RULE, "original_length": length,
+                                             "kept_positions": kept_positions}
 
     def encode_text(self, input_ids, attention_mask=None, name="input_ids", position_ids=None) -> torch.Tensor:
         """`(B, L)` token ids -> `(B, projection_dim)` L2-normalised text embeddings."""

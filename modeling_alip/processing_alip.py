@@ -337,8 +337,8 @@ class ALIPProcessor(ProcessorMixin):
                 (then only `return_tensors=None` can hold them).
             truncation: cut over-long texts (`True` / `"longest_first"`; `False` / `"do_not_truncate"` keeps them).
             return_tensors: `"pt"`, `"np"` or `None` for lists.
-            options: transformers' text keywords the tokenizer's `pad` takes (`pad_to_multiple_of`, `padding_side`,
-                `return_attention_mask`); any other keyword is a `ValueError` naming it.
+            options: transformers' text keywords the tokenizer's `pad` takes (`pad_to_multiple_of`, `padding_side`
+                "right" only, `return_attention_mask`); any other keyword is a `ValueError` naming it.
 
         Returns:
             (`BatchFeature` with `input_ids` and `attention_mask` of shape `(B, L)`, the number of texts cut).
@@ -384,6 +384,10 @@ class ALIPProcessor(ProcessorMixin):
                 f"ALIPProcessor does not support the text option(s) {sorted(unsupported)}; it takes padding, "
                 f"truncation, max_length, return_tensors and {sorted(PAD_OPTIONS)}"
             )
+        if options.get("padding_side", "right") == "left":
+            # CLIP pools at the first end token, and pads with it: a left-padded row would pool a pad.
+            raise ValueError("ALIPProcessor pads on the right only (padding_side='left' would put an end token, used as "
+                             "padding, before the text, and CLIP pools at the first one)")
         return {key: value for key, value in options.items() if value is not None}
 
 

@@ -361,9 +361,17 @@ def test_eval_on_a_corrupt_image_names_the_row_its_id_and_the_source(tmp_path):
         ev.run_evaluation(model, processor, task)
 
 
-def test_max_text_length_beyond_the_text_context_is_refused_naming_both(tiny_data, tmp_path):
-    with pytest.raises(ValueError, match=r"--max_text_length 78 exceeds the model's text context of 77"):
-        train.main(tiny_data.argv(tmp_path, "--recipe", "clip", "--max_text_length", "78"))
+def test_max_text_length_beyond_an_already_stretched_text_context_is_refused_naming_it(tiny_data, tmp_path):
+    from conftest import tiny_alip_config
+
+    from modeling_alip import ALIPModel
+
+    model = ALIPModel(tiny_alip_config())
+    model.stretch_text_positions(100)
+    model.save_pretrained(tmp_path / "stretched")
+    with pytest.raises(ValueError, match=r"already stretched"):
+        train.main(tiny_data.argv(tmp_path / "out", "--recipe", "clip", "--max_text_length", "120",
+                                  "--model_name_or_path", str(tmp_path / "stretched")))
 
 
 def test_model_file_digests_are_cached_by_path_size_and_mtime(tmp_path, monkeypatch):

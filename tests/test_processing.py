@@ -263,5 +263,7 @@ def test_call_declares_only_inputs_and_takes_options_as_keywords():
 def test_text_option_the_processor_cannot_honour_is_an_error_naming_it(processor):
     with pytest.raises(ValueError, match="stride"):
         processor(text=["a cat"], stride=2)
-    padded = processor(text=["a cat"], pad_to_multiple_of=8, padding_side="left")
-    assert padded["input_ids"].shape == (1, 8) and padded["attention_mask"][0].tolist() == [0] * 4 + [1] * 4
+    with pytest.raises(ValueError, match="padding_side='left'"):
+        processor(text=["a cat"], padding_side="left")
+    padded = processor(text=["a cat"], pad_to_multiple_of=8)
+    assert padded["input_ids"].shape == (1, 8) and padded["attention_mask"][0].tolist() == [1] * 4 + [0] * 4

@@ -108,7 +108,10 @@ class DataArguments:
     id_column: str = field(
         default=schema.ID, metadata={"help": "Stable key column (WebDataset `__key__` if absent); read only by "
                                              "--log_sample_weights, whose rows are joined on it."})
-    max_text_length: int = field(default=77, metadata={"help": "Tokens per text; longer texts keep their end token."})
+    max_text_length: int = field(default=77, metadata={
+        "help": "Tokens per text; longer texts keep their end token. Beyond the model's positions (77 for CLIP), a "
+                "new model is built with this many and a pretrained one is stretched to it by Long-CLIP's rule "
+                "(docs/training.md, long text)."})
     crop_scale_min: float = field(default=0.9, metadata={"help": "RandomResizedCrop lower area bound (ALIP: 0.9)."})
     crop_scale_max: float = field(default=1.0, metadata={"help": "RandomResizedCrop upper area bound."})
     shuffle_buffer: int = field(

@@ -37,6 +37,7 @@ NEEDS = {
     "network": "a download from elsewhere (wget, apt-get, an image URL)",
     "data": "your own data or model: the command is a template (DIR, DATA, `...` stand for your paths)",
     "install": "changes the Python environment (pip install); .ci/run runs the README's two commands in a fresh venv",
+    "suite": "runs tests or a benchmark: CI runs the test suite itself, benchmarks are run by hand (BENCHMARKS.md)",
 }
 PAGES = ["README.md", *sorted(str(path.relative_to(REPO_ROOT)) for path in (REPO_ROOT / "docs").glob("*.md"))]
 SHELL_FENCES = {"bash", "sh", "shell", "console"}

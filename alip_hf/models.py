@@ -132,11 +132,13 @@ def apply_config_overrides(config: dict, overrides: dict) -> dict:
     return config
 
 
-def model_config(args: ModelArguments) -> ALIPConfig:
-    """The configuration a run builds: the loaded model's or the named size's, with `--config_overrides`."""
+def model_config(args: ModelArguments, loss_config: dict | None = None) -> ALIPConfig:
+    """The configuration a run builds: the loaded model's or the named size's, with `--config_overrides`, then
+    the recipe's loss fields (`Recipe.model_config`), which record the loss the model is trained with."""
     from modeling_alip import ALIPConfig
 
     overrides = parse_config_overrides(args.config_overrides) if args.config_overrides else {}
+    overrides = {**overrides, **(loss_config or {})}
     if args.model_name_or_path:
         config = ALIPConfig.from_pretrained(args.model_name_or_path, **hub_kwargs(args, remote_code=False))
         return ALIPConfig.from_dict(apply_config_overrides(config.to_dict(), overrides)) if overrides else config
@@ -148,21 +150,22 @@ def model_config(args: ModelArguments) -> ALIPConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_model(args: ModelArguments, seed: int) -> ALIPModel:
-    """A pretrained ALIP/CLIP model, or a freshly initialised one of a named size; `--config_overrides` apply
-    to both. `seed` seeds the initialisation (of a new model, and of the LoRA adapters)."""
+def build_model(args: ModelArguments, seed: int, loss_config: dict | None = None) -> ALIPModel:
+    """A pretrained ALIP/CLIP model, or a freshly initialised one of a named size; `--config_overrides` and the
+    recipe's loss fields (`loss_config`, see `model_config`) apply to both. `seed` seeds the initialisation (of a
+    new model, and of the LoRA adapters)."""
     import torch
 
     from modeling_alip import ALIPModel
 
     torch.manual_seed(seed)
-    if args.model_name_or_path and not args.config_overrides:
+    if args.model_name_or_path and not (args.config_overrides or loss_config):
         model = ALIPModel.from_pretrained(args.model_name_or_path, **hub_kwargs(args, remote_code=False))
     elif args.model_name_or_path:
-        model = ALIPModel.from_pretrained(args.model_name_or_path, config=model_config(args),
+        model = ALIPModel.from_pretrained(args.model_name_or_path, config=model_config(args, loss_config),
                                           **hub_kwargs(args, remote_code=False))
     else:
-        model = ALIPModel(model_config(args))
+        model = ALIPModel(model_config(args, loss_config))
     if args.freeze_vision:
         _freeze(model.vision_model, model.visual_projection)
     if args.freeze_text:

@@ -93,7 +93,8 @@ def test_training_batches_must_pair_every_row(saved):
         model(**batch, caption_input_ids=captions["input_ids"], caption_attention_mask=captions["attention_mask"])
     with torch.no_grad():  # a paired batch computes the loss as before
         paired = processor(text=LABELS[:3], images=images(3))
-        assert torch.isfinite(model(**paired, return_loss=True).loss)
+        paired_captions = {"caption_input_ids": captions["input_ids"], "caption_attention_mask": captions["attention_mask"]}
+        assert torch.isfinite(model(**paired, **paired_captions, return_loss=True).loss)
     output = model(**batch)  # the N x M output, then a loss asked of it: refused by the loss too
     with pytest.raises(ValueError, match="batch sizes differ"):
         model.compute_loss(output)

@@ -102,7 +102,7 @@ def _train(accelerator: Accelerator, model_args: ModelArguments, data_args: Data
         resolve_token(train_args.hub_token)
     _on_main(accelerator, lambda: check_eval_data(data_args))  # a mistyped path fails now, not after training
 
-    model = build_model(model_args, seed=train_args.seed)
+    model = build_model(model_args, seed=train_args.seed, loss_config=recipe.model_config())
     processor = build_processor(model_args, core_model(model, accelerator))
     check_text_context(data_args, core_model(model, accelerator))
 

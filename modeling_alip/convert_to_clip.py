@@ -43,9 +43,14 @@ def clip_config_from_alip(config: ALIPConfig) -> CLIPConfig:
     return clip_config
 
 
+# The sigmoid loss's bias (`ALIPConfig.loss="siglip"`): a `CLIPModel` has no place for it.
+DROPPED_BIAS = "logit_bias"
+
+
 def clip_state_dict(model: ALIPModel) -> dict[str, torch.Tensor]:
-    """`model.state_dict()` without the gate buffers: exactly `CLIPModel`'s keys."""
-    return {name: tensor for name, tensor in model.state_dict().items() if not name.startswith("gates.")}
+    """`model.state_dict()` without the gate buffers and the sigmoid loss's bias: exactly `CLIPModel`'s keys."""
+    return {name: tensor for name, tensor in model.state_dict().items()
+            if not name.startswith("gates.") and name != DROPPED_BIAS}
 
 
 def clip_processor_from(processor):
@@ -95,6 +100,11 @@ def export_to_clip(model: ALIPModel, output_dir: str | os.PathLike, processor=No
 
     save_directory_atomically(output_dir, write, overwrite=overwrite, overwrite_flag="--overwrite")
     logger.info("wrote CLIPModel to %s (dropped gate buffers and fields: %s)", output_dir, ", ".join(GATE_CONFIG_FIELDS))
+    bias = getattr(model, DROPPED_BIAS, None)
+    if bias is not None:
+        logger.warning("dropped %s = %.4f of the sigmoid loss: a CLIPModel has no bias, so the export's "
+                       "logits_per_image are t * cos without it; rankings (retrieval, zero-shot top-k) are unchanged, "
+                       "but sigmoid(logits) is not the trained model's match probability", DROPPED_BIAS, bias.item())
     return Path(output_dir)
 
 

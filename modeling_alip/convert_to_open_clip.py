@@ -127,8 +127,11 @@ def open_clip_model_cfg(config: CLIPConfig) -> dict:
     if eps != OPEN_CLIP_LAYER_NORM_EPS:
         vision_cfg["norm_kwargs"] = {"eps": eps}
         text_cfg["norm_kwargs"] = {"eps": eps}
-    return {"embed_dim": config.projection_dim, "quick_gelu": _ACTIVATIONS[activation],
-            "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    model_cfg = {"embed_dim": config.projection_dim, "quick_gelu": _ACTIVATIONS[activation],
+                 "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    if getattr(config, "loss", None) == "siglip":  # open_clip creates `logit_bias` only when given its init
+        model_cfg["init_logit_bias"] = float(config.logit_bias_init_value)
+    return model_cfg
 
 
 def _check_tokenizer(tokenizer, config: CLIPConfig):
@@ -193,7 +196,7 @@ def open_clip_state_dict(model: CLIPModel) -> dict[str, torch.Tensor]:
             exported[_FROM_HF[key]] = value
         elif key in _FROM_HF_TRANSPOSED:
             exported[_FROM_HF_TRANSPOSED[key]] = value.T
-        elif key == "logit_scale":
+        elif key in ("logit_scale", "logit_bias"):  # open_clip's CLIP holds the sigmoid loss's bias as logit_bias
             exported[key] = value.reshape(())
         elif (block := _block_key(key)) is not None:
             prefix, name = block
@@ -275,7 +278,9 @@ def export_to_open_clip(model: CLIPModel, output_dir: str | os.PathLike, process
     write_with_atomically(output_dir / OPEN_CLIP_WEIGHTS_NAME,
                           lambda path: save_file(weights, path, metadata={"format": "pt"}))
     write_json_atomic(output_dir / OPEN_CLIP_CONFIG_NAME, open_clip_config, indent=2)
-    logger.info("wrote %s and %s to %s", OPEN_CLIP_CONFIG_NAME, OPEN_CLIP_WEIGHTS_NAME, output_dir)
+    logger.info("wrote %s and %s to %s (kept %s; dropped the gates' running means, which open_clip has no place "
+                "for)", OPEN_CLIP_CONFIG_NAME, OPEN_CLIP_WEIGHTS_NAME, output_dir,
+                "logit_scale and the sigmoid loss's logit_bias" if "logit_bias" in weights else "logit_scale")
     return output_dir
 
 

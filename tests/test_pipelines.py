@@ -132,6 +132,31 @@ def test_pipeline_scores_equal_the_exported_clip_model(saved):
     assert len(batched) == 2 and batched[0] == ours(images(1, seed=5)[0], candidate_labels=LABELS)
 
 
+def test_a_sigmoid_loss_model_scores_each_label_with_the_sigmoid_as_siglip_does(saved, tmp_path):
+    from modeling_alip import ALIPZeroShotImageClassificationPipeline
+
+    _, processor, directory, _ = saved
+    torch.manual_seed(0)
+    model = ALIPModel(tiny_alip_config(loss="siglip", adaptive_loss=False)).eval()
+    with torch.no_grad():
+        model.logit_bias.fill_(0.5)  # scores near neither 0 nor 1
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    classifier = pipeline(TASK, model=str(tmp_path), pipeline_class=ALIPZeroShotImageClassificationPipeline)
+    image = images(1, seed=5)[0]
+    got = scores_by_label(classifier(image, candidate_labels=LABELS))
+    prompts = [f"This is a photo of {label}." for label in LABELS]  # the pipeline's default template
+    with torch.no_grad():
+        logits = model(**processor(text=prompts, images=[image])).logits_per_image[0]
+    for label, logit in zip(LABELS, logits):
+        assert abs(got[label] - torch.sigmoid(logit).item()) < 1e-5
+    assert abs(sum(got.values()) - 1) > 1e-3  # independent per label, not a softmax
+    # a softmax-trained model keeps the stock pipeline's scores
+    stock = pipeline(TASK, model=str(directory))
+    ours = pipeline(TASK, model=str(directory), pipeline_class=ALIPZeroShotImageClassificationPipeline)
+    assert ours(image, candidate_labels=LABELS) == stock(image, candidate_labels=LABELS)
+
+
 REMOTE_PIPELINE = HIDE_PACKAGE + textwrap.dedent(
     """
     import json

@@ -182,7 +182,7 @@ NOT_RECIPES = {
     "modeling_alip/configuration_alip.py": ['model_type = "alip"', 'LOSSES = ("clip", "siglip")', 'loss: str = "clip"'],
     "modeling_alip/loss.py": ['"clip": contrastive_loss', 'loss: str = "clip"'],
     "modeling_alip/processing_alip.py": ['"clip"'],  # the text cleaning of CLIP's tokenizer (text_cleaning="clip")
-    "modeling_alip/convert_veclip.py": ['model_type != "clip"'],  # a VeCLIP release is a transformers CLIP model
+    "alip_hf/convert/from_veclip.py": ['model_type != "clip"'],  # a VeCLIP release is a transformers CLIP model
     # The captioner presets are named after the paper whose captions they reproduce; no code tests them.
     "recaption/caption.py": ['default="alip"'],
     "recaption/prompts.py": ['"alip": CaptionPreset', '"veclip": CaptionPreset'],

@@ -35,7 +35,7 @@ import open_clip  # noqa: E402
 from bench_model import CONFIGS, check_same_network, make_batch, table, time_rows  # noqa: E402
 from open_clip.loss import SigLipLoss  # noqa: E402
 
-from modeling_alip.convert_open_clip import convert_open_clip  # noqa: E402
+from alip_hf.convert.from_open_clip import convert_open_clip  # noqa: E402
 from modeling_alip.gates import ALIPGates  # noqa: E402
 from modeling_alip.loss import adaptive_loss, single_path_loss  # noqa: E402
 

@@ -162,16 +162,17 @@ def test_frozen_vision_tower_is_unchanged_after_training(tiny_data, tmp_path):
 
 
 def _nan_loss(monkeypatch):
-    """Every recipe's loss becomes NaN: they all form it with `modeling_alip.loss.contrastive_loss`."""
+    """Every recipe's loss becomes NaN: they all form it with the pair losses of `modeling_alip.loss.PAIR_LOSSES`
+    (`contrastive_loss` by default)."""
     from modeling_alip import loss
 
-    original = loss.contrastive_loss
+    original = loss.PAIR_LOSSES["clip"]
 
     def contrastive_loss(*args, **kwargs):
         value, diagnostics = original(*args, **kwargs)
         return value * float("nan"), diagnostics
 
-    monkeypatch.setattr(loss, "contrastive_loss", contrastive_loss)
+    monkeypatch.setitem(loss.PAIR_LOSSES, "clip", contrastive_loss)
 
 
 def test_nonfinite_loss_stops_the_run_naming_the_step(tiny_data, tmp_path, monkeypatch):

@@ -131,11 +131,13 @@ def apply_config_overrides(config: dict, overrides: dict) -> dict:
     return config
 
 
-def model_config(args: ModelArguments) -> ALIPConfig:
-    """The configuration a run builds: the loaded model's or the named size's, with `--config_overrides`."""
+def model_config(args: ModelArguments, loss_config: dict | None = None) -> ALIPConfig:
+    """The configuration a run builds: the loaded model's or the named size's, with `--config_overrides`, then
+    the recipe's loss fields (`Recipe.model_config`), which record the loss the model is trained with."""
     from modeling_alip import ALIPConfig
 
     overrides = parse_config_overrides(args.config_overrides) if args.config_overrides else {}
+    overrides = {**overrides, **(loss_config or {})}
     if args.model_name_or_path:
         config = ALIPConfig.from_pretrained(args.model_name_or_path, **hub_kwargs(args, remote_code=False))
         return ALIPConfig.from_dict(apply_config_overrides(config.to_dict(), overrides)) if overrides else config
@@ -147,9 +149,11 @@ def model_config(args: ModelArguments) -> ALIPConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def build_model(args: ModelArguments, seed: int, max_text_length: int | None = None) -> ALIPModel:
-    """A pretrained ALIP/CLIP model, or a freshly initialised one of a named size; `--config_overrides` apply
-    to both. `seed` seeds the initialisation (of a new model, and of the LoRA adapters).
+def build_model(args: ModelArguments, seed: int, loss_config: dict | None = None,
+                max_text_length: int | None = None) -> ALIPModel:
+    """A pretrained ALIP/CLIP model, or a freshly initialised one of a named size; `--config_overrides` and the
+    recipe's loss fields (`loss_config`, see `model_config`) apply to both. `seed` seeds the initialisation (of a
+    new model, and of the LoRA adapters).
 
     `max_text_length` (`--max_text_length`) beyond the text tower's positions: a new model is built with that many
     positions; a pretrained one is stretched to it by Long-CLIP's rule (`ALIPModel.stretch_text_positions`,
@@ -162,13 +166,13 @@ def build_model(args: ModelArguments, seed: int, max_text_length: int | None = N
     if args.model_name_or_path:
         from alip_hf.pretrained import load_model
 
-        config = {"config": model_config(args)} if args.config_overrides else {}
+        config = {"config": model_config(args, loss_config)} if args.config_overrides or loss_config else {}
         model = load_model(args.model_name_or_path, ALIPModel, allow_new_weights=args.allow_new_weights,
                            **hub_kwargs(args, remote_code=False), **config)
         if max_text_length and max_text_length > model.config.text_config.max_position_embeddings:
             model.stretch_text_positions(max_text_length)
     else:
-        config = model_config(args)
+        config = model_config(args, loss_config)
         if max_text_length and max_text_length > config.text_config.max_position_embeddings:
             config.text_config.max_position_embeddings = max_text_length
         model = ALIPModel(config)

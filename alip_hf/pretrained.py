@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 # ALIPModel state that a plain CLIP checkpoint does not have: it starts at its initial value when ALIP is
 # initialised from CLIP. (A parameter added to ALIPModel that CLIP checkpoints lack belongs here, with a reason.)
 STATE_NOT_IN_CLIP_CHECKPOINTS = ("gates.",)
+# The sigmoid loss's bias: a model has it exactly when its `config.loss` is "siglip". A checkpoint trained with the
+# softmax loss and trained on with the sigmoid one lacks it (it starts at `logit_bias_init_value`, SigLIP's -10);
+# one trained with the sigmoid loss and trained on with the softmax one holds a bias that loss has no use for.
+LOSS_STATE = ("logit_bias",)
 # What a saved processor leaves in the model directory (image processor settings, tokenizer files).
 PROCESSOR_FILES = IMAGE_PROCESSOR_FILES + ("tokenizer_config.json", *TOKENIZER_FILES)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -129,9 +133,11 @@ def weights_report(info: dict) -> tuple[list[str], list[str]]:
     loaded_alip_state = info.get("alip_state_in_checkpoint", True)
     if alip_only and not loaded_alip_state:
         missing = [key for key in missing if key not in alip_only]
+    missing = [key for key in missing if key not in LOSS_STATE]
+    unexpected = [key for key in (info.get("unexpected_keys") or ()) if key not in LOSS_STATE]
     mismatched = [f"{key} (shape {tuple(a)} in the checkpoint, {tuple(b)} in the model)"
                   for key, a, b in (info.get("mismatched_keys") or ())]
-    return sorted(missing) + mismatched, sorted(info.get("unexpected_keys") or ())
+    return sorted(missing) + mismatched, sorted(unexpected)
 
 
 def load_model(name_or_path: str | os.PathLike, model_class=None, *, allow_new_weights: bool = False,
@@ -173,6 +179,13 @@ def load_model(name_or_path: str | os.PathLike, model_class=None, *, allow_new_w
     alip_state = [key for key in model.state_dict() if key.startswith(STATE_NOT_IN_CLIP_CHECKPOINTS)]
     info["alip_state_in_checkpoint"] = not set(alip_state) <= set(info.get("missing_keys") or ())
     missing, unexpected = weights_report(info)
+    for key in LOSS_STATE:
+        if key in (info.get("missing_keys") or ()):
+            logger.info("%s %s: the checkpoint has no %s (trained with another loss); it starts at %s", flag, name,
+                        key, getattr(model.config, f"{key}_init_value", None))
+        if key in (info.get("unexpected_keys") or ()):
+            logger.info("%s %s: the checkpoint's %s is dropped (config.loss %r has no bias)", flag, name, key,
+                        getattr(model.config, "loss", None))
     if missing or unexpected:
         described = (f"{flag} {name}: the checkpoint does not fill {type(model).__name__}: "
                      f"missing {missing or 'none'}, unexpected {unexpected or 'none'}")

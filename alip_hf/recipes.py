@@ -6,7 +6,9 @@ A recipe owns everything that differs between the three methods:
 - the embeddings one step needs (`embed`): exact gradient accumulation caches them for all micro-batches and
   replays one micro-batch at a time with gradient (`alip_hf.training.loop.forward_backward`),
 - what is computed once per optimizer step on the whole cached batch (`step_state`: ALIP's gates),
-- how the loss is formed from the embeddings (`loss`, with `modeling_alip`'s gates and `contrastive_loss`),
+- which of `modeling_alip.loss`'s step losses it trains with (`loss`: `single_path_loss` or ALIP's
+  `adaptive_loss`, each with the pair loss `--loss` names), and the model configuration that records it
+  (`model_config`), so `ALIPModel.forward(return_loss=True)` computes the same loss through the same function,
 - the metrics it logs (`metrics`).
 Training looks the recipe up once (`get_recipe`); no other module tests a recipe name. Combinations come from
 arguments: ALIP with VeCap as its second text is `--recipe alip --caption_column vecap`; CLIP on synthetic
@@ -19,6 +21,8 @@ sample with its probability (`--text_column 'alt_text;vecap' --text_column_probs
   gates (Yang et al., ICCV 2023, arXiv 2308.08428).
 - `veclip`: image + one text drawn per sample: the VeCap rewrite with probability `vecap_probability`, else the
   AltText (Lai et al., arXiv 2310.07699, "mixed" training; the paper's best mix is 50/50).
+Every recipe trains with `--loss clip` (softmax InfoNCE) or `--loss siglip` (SigLIP's sigmoid loss, Zhai et al.
+2023; under `alip` weighted by the gates, an extension of this package).
 
 Only numpy is imported at module level (argument parsing and `--help` read this module); torch and
 `modeling_alip` are imported where a step runs.
@@ -42,7 +46,7 @@ if TYPE_CHECKING:
     import torch
 
     from modeling_alip import ALIPModel
-    from modeling_alip.gates import GateOutput
+    from modeling_alip.loss import StepLoss
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -65,8 +69,16 @@ class RecipeArguments:
     text_column_subcaption: str | None = field(default=None, metadata={
         "help": "Sub-caption sampling of the --text_column sources: none, sentence (one random sentence) or sentences "
                 "(a random run of sentences); one for all or one per source, separated by ';'."})
+    loss: Literal["clip", "siglip"] = field(
+        default="clip",
+        metadata={"help": "Image-text loss of every text path: clip (softmax InfoNCE over the global batch) or "
+                          "siglip (SigLIP's pairwise sigmoid loss, learnable temperature from 10 and bias from -10 "
+                          "for a new model; under --recipe alip weighted by the gates). See docs/losses.md."},
+    )
 
     def __post_init__(self):
+        if self.loss not in ("clip", "siglip"):
+            raise ValueError(f"--loss {self.loss!r} is not one of ['clip', 'siglip']")
         if self.recipe not in RECIPES:
             raise ValueError(f"--recipe {self.recipe!r} is not one of {sorted(RECIPES)}")
         owner = RECIPES[self.recipe].Arguments
@@ -162,23 +174,12 @@ def _path_columns(path: TextPath, role: str) -> dict[str, str]:
     return {(role if k == 0 else f"{role} ({source.column})"): source.column for k, source in enumerate(path.sources)}
 
 
-@dataclass
-class StepLoss:
-    """The loss of one optimizer step (the whole global batch) and what its metrics read.
-
-    Attributes:
-        loss: `()` the scalar that is back-propagated.
-        parts: `()` scalars by name, e.g. `{"text": ..., "caption": ...}` for the two paths of ALIP.
-        gates: ALIP's gate values of the global batch (`(N,)` tensors), `None` for recipes without gates.
-    """
-
-    loss: torch.Tensor
-    parts: dict[str, torch.Tensor]
-    gates: GateOutput | None = None
-
-
 def _mean(x) -> float:
     return float(x.float().mean())
+
+
+def _bias(core: ALIPModel, loss: str):
+    return core.logit_bias if loss == "siglip" else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,22 +226,36 @@ class Recipe:
         micro-batches (each `(k*B, D)`), and shared by the `k` replayed losses; `None` here."""
         return None
 
+    # ALIPConfig.adaptive_loss of the recipe's loss (the model's own forward then computes the same loss).
+    ADAPTIVE: ClassVar[bool] = False
+
+    def model_config(self) -> dict[str, Any]:
+        """`ALIPConfig` fields that record this recipe's loss in the model (set before the model is built).
+
+        A new model trained with the sigmoid loss starts at SigLIP's temperature 10 and bias -10 (Zhai et al.
+        2023); a loaded checkpoint keeps its trained temperature, and a bias it lacks starts at -10.
+        """
+        from modeling_alip.configuration_alip import SIGLIP_LOGIT_BIAS_INIT, SIGLIP_LOGIT_SCALE_INIT
+
+        config = {"loss": self.args.loss, "adaptive_loss": self.ADAPTIVE}
+        if self.args.loss == "siglip":
+            config.update(logit_scale_init_value=SIGLIP_LOGIT_SCALE_INIT, logit_bias_init_value=SIGLIP_LOGIT_BIAS_INIT)
+        return config
+
     def loss(self, core: ALIPModel, embeds: dict[str, torch.Tensor], local_loss: bool, state: Any = None) -> StepLoss:
-        """CLIP's symmetric InfoNCE on the global batch (embeddings gathered across processes with gradient).
+        """One unweighted (image, text) path with `--loss`'s pair loss (`modeling_alip.loss.single_path_loss`),
+        embeddings gathered across processes with gradient.
 
         Args:
-            core: the unwrapped `ALIPModel` (its `logit_scale`).
+            core: the unwrapped `ALIPModel` (its `logit_scale`, and `logit_bias` for the sigmoid loss).
             embeds: `{"image": (B, D), "text": (B, D)}` local embeddings of the whole step's batch.
             local_loss: loss of this process's rows against the global batch (see `contrastive_loss`).
             state: `step_state`'s result under accumulation, else `None`.
         """
-        from modeling_alip.loss import contrastive_loss, gather_features
+        from modeling_alip.loss import single_path_loss
 
-        # Loss in float32 whatever the autocast dtype, as the official code does (`.float()`).
-        (image, text), local_rows = gather_features(embeds["image"].float(), embeds["text"].float())
-        logit_scale = core.logit_scale.exp().float()
-        loss_text, _ = contrastive_loss(image, text, logit_scale, local_rows=local_rows if local_loss else None)
-        return StepLoss(loss_text, {"text": loss_text})
+        return single_path_loss(embeds["image"], embeds["text"], core.logit_scale, _bias(core, self.args.loss),
+                                self.args.loss, local_loss)
 
     def metrics(self, output: StepLoss, stats: dict[str, int], num_samples: int) -> dict[str, float]:
         """Scalars to log for one optimizer step (slash-namespaced keys), with the share of each text source."""
@@ -262,6 +277,7 @@ class AlipRecipe(Recipe):
 
     name = "alip"
     Arguments = AlipArguments
+    ADAPTIVE = True
     EMBEDDINGS = {"image": "image_embeds", "text": "text_embeds", "caption": "caption_embeds"}
 
     def columns(self) -> dict[str, str]:
@@ -295,27 +311,27 @@ class AlipRecipe(Recipe):
         return core.gates(*gathered)
 
     def loss(self, core, embeds, local_loss, state=None) -> StepLoss:
-        """`loss_text + loss_caption`, each `contrastive_loss` weighted by `W^s * W^t` and `W^s * W^c`.
+        """ALIP's adaptive loss (`modeling_alip.loss.adaptive_loss`): `loss_text + loss_caption`, each weighted
+        by `W^s * W^t` and `W^s * W^c`, with `--loss`'s pair loss.
 
-        Without a `state` the gates run here, on the gathered embeddings (updating their running means in
+        Without a `state` the gates run there, on the gathered embeddings (updating their running means in
         training mode), as in the official code.
         """
-        from modeling_alip.loss import contrastive_loss, gather_features
+        from modeling_alip.loss import adaptive_loss
 
-        # Loss and gates in float32 whatever the autocast dtype, as the official code does (`.float()`).
-        gathered, local_rows = gather_features(*(embeds[name].float() for name in ("image", "text", "caption")))
-        image, text, caption = gathered
-        rows = local_rows if local_loss else None
-        logit_scale = core.logit_scale.exp().float()
-        gates = state if state is not None else core.gates(image, text, caption)
-        loss_text, _ = contrastive_loss(image, text, logit_scale, gates.text_weights(), rows)
-        loss_caption, _ = contrastive_loss(image, caption, logit_scale, gates.caption_weights(), rows)
-        return StepLoss(loss_text + loss_caption, {"text": loss_text, "caption": loss_caption}, gates)
+        return adaptive_loss(embeds["image"], embeds["text"], embeds["caption"], core.logit_scale,
+                             state if state is not None else core.gates, _bias(core, self.args.loss),
+                             self.args.loss, local_loss)
 
     def metrics(self, output, stats, num_samples):
         g = output.gates
+        # The gates' weights grow as their running means settle, so the weighted loss rises early in a run
+        # while the model improves; the unweighted loss (CLIP's on the same embeddings) shows the progress.
+        unweighted = {f"loss/unweighted/{path}": float(value) for path, value in output.unweighted.items()}
         return {
             **super().metrics(output, stats, num_samples),
+            "loss/unweighted/total": float(sum(output.unweighted.values())),
+            **unweighted,
             **self.args.caption_path().metrics(stats, num_samples),
             "gate/lcg/weight_mean": _mean(g.sample_weight),
             "gate/lcg/similarity_mean": _mean(g.similarity_text_caption),
@@ -430,3 +446,12 @@ def get_recipe(args: RecipeArguments) -> Recipe:
 
 __all__ = ["ARGUMENT_GROUPS", "RECIPES", "AlipArguments", "Recipe", "RecipeArguments", "StepLoss", "TextSelector",
            "VeclipArguments", "get_recipe", "resolve_arguments"]
+
+
+def __getattr__(name: str):
+    # `StepLoss` lives with the losses (modeling_alip.loss); imported on use to keep torch out of `--help`.
+    if name == "StepLoss":
+        from modeling_alip.loss import StepLoss
+
+        return StepLoss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

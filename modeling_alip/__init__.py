@@ -24,6 +24,7 @@ from .gates import (
 from .image_processing_veclip import VeCLIPImageProcessor
 from .loss import contrastive_loss, gather_features
 from .modeling_alip import GATE_MODULES, ALIPModel, ALIPOutput
+from .pipeline_alip import ALIPZeroShotImageClassificationPipeline
 from .processing_alip import ALIPProcessor, clean_clip_text, clip_tokenizer
 from .processing_veclip import align_text_config, check_text_token_ids, veclip_processor
 
@@ -53,6 +54,7 @@ __all__ = [
     "ALIPModel",
     "ALIPOutput",
     "ALIPProcessor",
+    "ALIPZeroShotImageClassificationPipeline",
     "DescriptionConsistencyGate",
     "GateOutput",
     "LanguageConsistencyGate",

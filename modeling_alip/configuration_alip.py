@@ -8,6 +8,12 @@ exponential weight ``exp(gamma * (S - H))``.
 
 import math
 
+# The image-text losses a model can train with (`modeling_alip.loss.PAIR_LOSSES` implements them).
+LOSSES = ("clip", "siglip")
+# SigLIP's initial temperature and bias (Zhai et al. 2023, Section 3.2: t' = log 10, b = -10).
+SIGLIP_LOGIT_SCALE_INIT = math.log(10)
+SIGLIP_LOGIT_BIAS_INIT = -10.0
+
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPConfig
 
@@ -46,6 +52,19 @@ class ALIPConfig(CLIPConfig):
             `{"rule": "long-clip", "original_length": 77, "kept_positions": 20}` (see
             [`ALIPModel.stretch_text_positions`]); `None` when every position was trained as it is.
             `text_config.max_position_embeddings` is the stretched length.
+        loss (`str`, defaults to `"clip"`):
+            The image-text loss of each text path (`modeling_alip.loss.PAIR_LOSSES`): `"clip"`, the symmetric
+            softmax cross-entropy (InfoNCE) over the batch, or `"siglip"`, the pairwise sigmoid loss of SigLIP
+            (Zhai et al. 2023), which adds the learnable `logit_bias` and makes `logits_per_image` `t * cos + b`
+            (score them with a sigmoid, as SigLIP).
+        adaptive_loss (`bool`, defaults to `True`):
+            `forward(return_loss=True)` computes ALIP's bi-path adaptive loss: the (image, raw text) and
+            (image, caption) losses weighted by the gates, so `caption_input_ids` are required. `False`: one
+            unweighted (image, text) loss, as CLIP, VeCLIP and SigLIP train. Training sets both fields from
+            `--recipe` and `--loss`, so a saved model records the loss it was trained with.
+        logit_bias_init_value (`float`, defaults to -10):
+            Initial value of the learnable `logit_bias` of the sigmoid loss (SigLIP's `b = -10`); unused with
+            `loss="clip"`, where the model has no bias.
     """
 
     model_type = "alip"
@@ -58,9 +77,14 @@ class ALIPConfig(CLIPConfig):
     gate_initial_mean: float = 1.0
     clip_pair_weights: bool = False
     text_position_stretch: dict | None = None
+    loss: str = "clip"
+    adaptive_loss: bool = True
+    logit_bias_init_value: float | int = -10.0
 
     def validate_architecture(self):
-        """Rejects gate hyper-parameters outside their meaningful range, naming the field."""
+        """Rejects gate hyper-parameters and losses outside their meaningful range, naming the field."""
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {list(LOSSES)}, got {self.loss!r}")
         if not 0.0 <= self.gate_momentum < 1.0:
             raise ValueError(f"gate_momentum must be in [0, 1), got {self.gate_momentum}")
         for name in ("lcg_gamma", "dcg_gamma"):
@@ -68,4 +92,4 @@ class ALIPConfig(CLIPConfig):
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
-__all__ = ["ALIPConfig"]
+__all__ = ["LOSSES", "SIGLIP_LOGIT_BIAS_INIT", "SIGLIP_LOGIT_SCALE_INIT", "ALIPConfig"]

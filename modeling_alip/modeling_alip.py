@@ -1,8 +1,9 @@
 """ALIP: a CLIP model whose one text tower reads both the raw web text and a synthetic caption.
 
 `ALIPModel` is transformers' `CLIPModel` (same modules, same weight names, same `get_text_features` and
-`get_image_features`) plus the two consistency gates, whose running means are buffers. Without captions
-it is a plain CLIP model; with captions it computes the bi-path adaptive contrastive loss.
+`get_image_features`) plus the two consistency gates, whose running means are buffers. Its loss is the one
+its configuration names (`config.loss`, `config.adaptive_loss`): ALIP's bi-path adaptive loss by default, CLIP's
+or SigLIP's single-path loss otherwise, assembled by `modeling_alip.loss` as training assembles it.
 """
 
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from transformers.utils import (
 from .configuration_alip import ALIPConfig
 from .gates import ALIPGates, GateOutput, RunningMeanSimilarity
 from .long_text import LONG_CLIP_KEPT_POSITIONS, LONG_CLIP_RULE, stretch_position_embeddings
-from .loss import contrastive_loss, gather_features
+from .loss import StepLoss, adaptive_loss, single_path_loss
 from .processing_alip import missing_processor_files
 
 logger = logging.get_logger(__name__)
@@ -38,11 +39,13 @@ class ALIPOutput(ModelOutput):
     Output of [`ALIPModel.forward`]. `N` is the global batch (all processes), `B` the local one.
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`): `loss_text + loss_caption` (only `loss_text` without captions).
-        loss_text (`torch.FloatTensor` of shape `()`): adaptive contrastive loss of the (image, raw text) path.
-        loss_caption (`torch.FloatTensor` of shape `()`): adaptive contrastive loss of the (image, caption) path.
+        loss (`torch.FloatTensor` of shape `()`): `loss_text + loss_caption` (ALIP's adaptive loss), or `loss_text`
+            (`config.adaptive_loss=False`).
+        loss_text (`torch.FloatTensor` of shape `()`): loss of the (image, raw text) path (gate-weighted for ALIP).
+        loss_caption (`torch.FloatTensor` of shape `()`): gate-weighted loss of the (image, caption) path.
         logits_per_image (`torch.FloatTensor` of shape `(B, M)`): scaled image-text cosine similarities (`M = B`
-            in training; `M` candidate texts at inference).
+            in training; `M` candidate texts at inference), plus `logit_bias` for a sigmoid-loss model (as
+            `SiglipModel`: `sigmoid(logits_per_image)` is then the probability that a text matches).
         logits_per_text (`torch.FloatTensor` of shape `(M, B)`): the transpose of `logits_per_image`.
         image_embeds (`torch.FloatTensor` of shape `(B, projection_dim)`), text_embeds (`(M, projection_dim)`),
         caption_embeds (`(B, projection_dim)`): L2-normalised embeddings of the image, the raw text and the caption.
@@ -88,6 +91,10 @@ class ALIPModel(CLIPModel):
             initial_mean=config.gate_initial_mean,
             clip_pair_weights=config.clip_pair_weights,
         )
+        # The sigmoid loss's learnable bias (transformers' SiglipModel and open_clip name it so). Only a model
+        # trained with that loss has it: an unused parameter would get no gradient, which DDP rejects.
+        if config.loss == "siglip":
+            self.logit_bias = nn.Parameter(torch.tensor(float(config.logit_bias_init_value)))
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, with every Auto class ALIP serves in the saved `auto_map`.
@@ -122,6 +129,10 @@ class ALIPModel(CLIPModel):
         # so running means missing from a loaded CLIP checkpoint start at their initial value.
         if isinstance(module, RunningMeanSimilarity):
             init.constant_(module.running_mean, self.config.gate_initial_mean)
+        # A bias missing from the loaded checkpoint (a CLIP model trained on with the sigmoid loss) starts at
+        # SigLIP's initial value.
+        if isinstance(module, ALIPModel) and getattr(module, "logit_bias", None) is not None:
+            init.constant_(module.logit_bias, self.config.logit_bias_init_value)
 
     @torch.no_grad()
     def stretch_text_positions(self, new_length: int, kept_positions: int = LONG_CLIP_KEPT_POSITIONS) -> None:
@@ -206,12 +217,14 @@ class ALIPModel(CLIPModel):
 
         Without captions and loss this is CLIP's call: `N` images against `M` texts, `logits_per_image` of
         shape `(N, M)` (what the zero-shot pipeline does). A training batch (captions, or `return_loss=True`)
-        pairs row `i` of every input, so all must have the same `B` rows.
+        pairs row `i` of every input, so all must have the same `B` rows. The loss is the configuration's
+        (`config.adaptive_loss`, `config.loss`), never inferred from which inputs are given: ALIP's adaptive
+        loss needs the captions, and a single-path loss refuses them rather than silently ignore them.
 
         Args:
             input_ids, attention_mask, position_ids: `(M, L)` raw web text (or class prompts).
             pixel_values: `(N, 3, H, W)`.
-            return_loss: compute the loss (the gates update their running means in training mode).
+            return_loss: compute the loss (ALIP's gates update their running means in training mode).
             interpolate_pos_encoding: as in `CLIPModel` (images larger than the training size).
             caption_input_ids, caption_attention_mask, caption_position_ids: `(B, L')` synthetic caption (optional).
             local_loss: loss of local rows against the global batch (see [`contrastive_loss`]).
@@ -227,8 +240,9 @@ class ALIPModel(CLIPModel):
         if caption_input_ids is not None:
             caption_embeds, _ = self._text_embeds(caption_input_ids, caption_attention_mask, caption_position_ids,
                                                   "caption_input_ids", **kwargs)
-        logit_scale = self.logit_scale.exp()
-        logits_per_image = logit_scale * image_embeds @ text_embeds.T
+        logits_per_image = self.logit_scale.exp() * image_embeds @ text_embeds.T
+        if self.config.loss == "siglip":
+            logits_per_image = logits_per_image + self.logit_bias
         # The towers' full outputs only when asked for: the training loop caches the outputs of every
         # micro-batch, and their last hidden states would hold `(B, L, width)` activations per micro-batch.
         keep_towers = kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
@@ -246,33 +260,44 @@ class ALIPModel(CLIPModel):
         return output
 
     def compute_loss(self, output: ALIPOutput, local_loss: bool = False, gates: GateOutput | None = None) -> ALIPOutput:
-        """Fills `output`'s losses from its embeddings: gather once, gate, and one loss per text path.
+        """Fills `output`'s losses from its embeddings with the configuration's step loss (`modeling_alip.loss`).
 
         Args:
             output: an [`ALIPOutput`] with local embeddings.
             local_loss: see [`contrastive_loss`].
             gates: precomputed gate values of the global batch (gradient accumulation computes them once on
-                the whole cached batch); by default the gates run here, on the gathered embeddings, as in the
+                the whole cached batch); by default the gates run on the gathered embeddings, as in the
                 official code.
         """
         self._check_paired_embeds(output)
-        embeds = [output.image_embeds, output.text_embeds]
-        if output.caption_embeds is not None:
-            embeds.append(output.caption_embeds)
-        # Loss and gates in float32 whatever the autocast dtype, as the official code does (`.float()`).
-        gathered, local_rows = gather_features(*(e.float() for e in embeds))
-        rows = local_rows if local_loss else None
-        logit_scale = self.logit_scale.exp().float()
-        if output.caption_embeds is None:
-            output.loss_text, _ = contrastive_loss(gathered[0], gathered[1], logit_scale, local_rows=rows)
-            output.loss = output.loss_text
-            return output
-        image, text, caption = gathered
-        output.gates = gates if gates is not None else self.gates(image, text, caption)
-        output.loss_text, _ = contrastive_loss(image, text, logit_scale, output.gates.text_weights(), rows)
-        output.loss_caption, _ = contrastive_loss(image, caption, logit_scale, output.gates.caption_weights(), rows)
-        output.loss = output.loss_text + output.loss_caption
+        step = self.step_loss({"image": output.image_embeds, "text": output.text_embeds,
+                               "caption": output.caption_embeds}, local_loss, gates)
+        output.loss, output.loss_text, output.loss_caption = step.loss, step.parts["text"], step.parts.get("caption")
+        output.gates = step.gates
         return output
+
+    def step_loss(self, embeds: dict[str, torch.Tensor | None], local_loss: bool = False,
+                  gates: GateOutput | None = None) -> StepLoss:
+        """The configured step loss of `{"image", "text", "caption"}` local `(B, D)` embeddings (see
+        [`modeling_alip.loss.adaptive_loss`] and [`modeling_alip.loss.single_path_loss`])."""
+        bias = self.logit_bias if self.config.loss == "siglip" else None
+        if not self.config.adaptive_loss:
+            if embeds.get("caption") is not None:
+                raise ValueError("this model's loss reads one text path (config.adaptive_loss=False): "
+                                 "caption_input_ids would not enter it; leave them out, or set "
+                                 "config.adaptive_loss=True for ALIP's bi-path loss")
+            return single_path_loss(embeds["image"], embeds["text"], self.logit_scale, bias, self.config.loss,
+                                    local_loss)
+        if embeds.get("caption") is None:
+            raise ValueError("this model's loss is ALIP's bi-path adaptive loss (config.adaptive_loss=True), "
+                             "which needs caption_input_ids; for CLIP's single-path loss set "
+                             "config.adaptive_loss=False")
+        return adaptive_loss(embeds["image"], embeds["text"], embeds["caption"], self.logit_scale,
+                             gates if gates is not None else self.gates, bias, self.config.loss, local_loss)
+
+    def loss_parameters(self) -> list[nn.Parameter]:
+        """The parameters the loss reads directly, not through the embeddings (temperature and bias)."""
+        return [self.logit_scale, *([self.logit_bias] if self.config.loss == "siglip" else [])]
 
     @staticmethod
     def _check_keywords(kwargs: dict):

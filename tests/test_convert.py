@@ -199,9 +199,19 @@ def test_cli_writes_a_processor_sized_for_the_model(tmp_path):
 
 
 def test_unknown_key_is_rejected_naming_it():
-    state_dict = dict(tiny_open_clip(False).state_dict(), logit_bias=torch.zeros(1))
-    with pytest.raises(ValueError, match="logit_bias"):
+    state_dict = dict(tiny_open_clip(False).state_dict(), text_decoder_head=torch.zeros(1))
+    with pytest.raises(ValueError, match="text_decoder_head"):
         convert_state_dict(state_dict)
+
+
+def test_an_open_clip_siglip_checkpoint_converts_to_a_sigmoid_loss_model_with_its_bias():
+    torch.manual_seed(0)
+    reference = open_clip.CLIP(**tiny_open_clip_config(False), init_logit_bias=-10).eval()
+    with torch.no_grad():
+        reference.logit_bias.fill_(-6.5)
+    model = convert_open_clip(reference.state_dict(), model_config=tiny_open_clip_config(False))
+    assert model.config.loss == "siglip" and model.logit_bias.item() == -6.5
+    assert_same_features(model, reference, pixel_batch(), token_batch())
 
 
 def test_missing_key_is_rejected_naming_it():

@@ -36,7 +36,9 @@ def test_adaptive_loss_with_unit_weights_equals_clip_loss():
     torch.testing.assert_close(plain, reference)
 
 
-def test_without_captions_the_model_is_clip_with_the_same_loss_and_features(tiny_model):
+def test_a_single_path_model_is_clip_with_the_same_loss_and_features():
+    torch.manual_seed(0)
+    tiny_model = ALIPModel(tiny_alip_config(adaptive_loss=False))
     batch = _batch()
     clip = CLIPModel(CLIPConfig(**{k: v for k, v in tiny_model.config.to_dict().items() if k in ("text_config", "vision_config", "projection_dim")}))
     missing, unexpected = clip.load_state_dict(tiny_model.state_dict(), strict=False)
@@ -47,6 +49,19 @@ def test_without_captions_the_model_is_clip_with_the_same_loss_and_features(tiny
     torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ours.logits_per_image, theirs.logits_per_image, rtol=1e-5, atol=1e-5)
     assert ours.loss_caption is None and ours.gates is None
+
+
+def test_the_loss_comes_from_the_config_not_from_which_inputs_are_present(tiny_model):
+    """ALIP's loss without captions, or a single-path loss given captions, is refused, not silently swapped."""
+    batch = _batch()
+    without_captions = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    with pytest.raises(ValueError, match="adaptive_loss=True.*needs caption_input_ids"):
+        tiny_model(**without_captions, return_loss=True)
+    torch.manual_seed(0)
+    single_path = ALIPModel(tiny_alip_config(adaptive_loss=False))
+    with pytest.raises(ValueError, match="adaptive_loss=False"):
+        single_path(**batch, return_loss=True)
+    assert single_path(**batch).caption_embeds is not None  # embeddings without a loss are fine
 
 
 def test_bi_path_loss_is_sum_of_text_and_caption_terms_and_reaches_every_tower(tiny_model):

@@ -318,3 +318,32 @@ def test_a_json_that_is_no_open_clip_config_is_refused_naming_it(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "alip", "projection_dim": 16}))
     with pytest.raises(ValueError, match=r"config\.json: not an open_clip model config"):
         load_model_config(tmp_path / "config.json")
+
+
+def test_a_sigmoid_loss_model_exports_its_bias_to_open_clip_and_back(tmp_path):
+    torch.manual_seed(0)
+    model = ALIPModel(tiny_alip_config(loss="siglip", adaptive_loss=False)).eval()
+    with torch.no_grad():
+        model.logit_bias.fill_(-7.5)
+    processor = ALIPProcessor.from_config(model.config)
+    export_to_open_clip(model, tmp_path, processor=processor)
+    assert json.loads((tmp_path / OPEN_CLIP_CONFIG_NAME).read_text())["model_cfg"]["init_logit_bias"] == -10.0
+    loaded = open_clip.create_model(f"local-dir:{tmp_path}")
+    assert loaded.logit_bias.item() == -7.5  # the trained value, from the weights
+    back = convert_state_dict(open_clip_state_dict(model))
+    assert back["logit_bias"].item() == -7.5
+
+
+def test_the_clip_export_of_a_sigmoid_loss_model_says_it_drops_the_bias(tmp_path, caplog):
+    from transformers import CLIPModel
+
+    from alip_hf.convert.to_clip import export_to_clip
+
+    torch.manual_seed(0)
+    model = ALIPModel(tiny_alip_config(loss="siglip", adaptive_loss=False)).eval()
+    with caplog.at_level("WARNING"):
+        export_to_clip(model, tmp_path / "clip")
+    assert "dropped logit_bias" in caplog.text and "CLIPModel has no bias" in caplog.text
+    clip = CLIPModel.from_pretrained(tmp_path / "clip")
+    assert not hasattr(clip, "logit_bias") and "logit_bias" not in clip_state_dict(model)
+    assert "loss" not in clip.config.to_dict()

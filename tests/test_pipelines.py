@@ -93,7 +93,8 @@ def test_training_batches_must_pair_every_row(saved):
         model(**batch, caption_input_ids=captions["input_ids"], caption_attention_mask=captions["attention_mask"])
     with torch.no_grad():  # a paired batch computes the loss as before
         paired = processor(text=LABELS[:3], images=images(3))
-        assert torch.isfinite(model(**paired, return_loss=True).loss)
+        paired_captions = {"caption_input_ids": captions["input_ids"], "caption_attention_mask": captions["attention_mask"]}
+        assert torch.isfinite(model(**paired, **paired_captions, return_loss=True).loss)
     output = model(**batch)  # the N x M output, then a loss asked of it: refused by the loss too
     with pytest.raises(ValueError, match="batch sizes differ"):
         model.compute_loss(output)
@@ -129,6 +130,31 @@ def test_pipeline_scores_equal_the_exported_clip_model(saved):
         assert abs(sum(scores_by_label(got).values()) - 1) < 1e-5
     batched = ours(images(2, seed=5), candidate_labels=LABELS)  # a list of images: one result per image
     assert len(batched) == 2 and batched[0] == ours(images(1, seed=5)[0], candidate_labels=LABELS)
+
+
+def test_a_sigmoid_loss_model_scores_each_label_with_the_sigmoid_as_siglip_does(saved, tmp_path):
+    from modeling_alip import ALIPZeroShotImageClassificationPipeline
+
+    _, processor, directory, _ = saved
+    torch.manual_seed(0)
+    model = ALIPModel(tiny_alip_config(loss="siglip", adaptive_loss=False)).eval()
+    with torch.no_grad():
+        model.logit_bias.fill_(0.5)  # scores near neither 0 nor 1
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    classifier = pipeline(TASK, model=str(tmp_path), pipeline_class=ALIPZeroShotImageClassificationPipeline)
+    image = images(1, seed=5)[0]
+    got = scores_by_label(classifier(image, candidate_labels=LABELS))
+    prompts = [f"This is a photo of {label}." for label in LABELS]  # the pipeline's default template
+    with torch.no_grad():
+        logits = model(**processor(text=prompts, images=[image])).logits_per_image[0]
+    for label, logit in zip(LABELS, logits):
+        assert abs(got[label] - torch.sigmoid(logit).item()) < 1e-5
+    assert abs(sum(got.values()) - 1) > 1e-3  # independent per label, not a softmax
+    # a softmax-trained model keeps the stock pipeline's scores
+    stock = pipeline(TASK, model=str(directory))
+    ours = pipeline(TASK, model=str(directory), pipeline_class=ALIPZeroShotImageClassificationPipeline)
+    assert ours(image, candidate_labels=LABELS) == stock(image, candidate_labels=LABELS)
 
 
 REMOTE_PIPELINE = HIDE_PACKAGE + textwrap.dedent(

@@ -178,7 +178,9 @@ def test_each_recipe_logs_its_metric_keys(tiny_model, name, keys):
 # String constants equal to a recipe name that mean something else, by module and the source text around them.
 NOT_RECIPES = {
     "modeling_alip/__init__.py": ['AutoConfig.register("alip"'],  # the Hub model type
-    "modeling_alip/configuration_alip.py": ['model_type = "alip"'],
+    # The softmax loss is named after CLIP (`--loss clip`, `ALIPConfig.loss`), as the sigmoid one after SigLIP.
+    "modeling_alip/configuration_alip.py": ['model_type = "alip"', 'LOSSES = ("clip", "siglip")', 'loss: str = "clip"'],
+    "modeling_alip/loss.py": ['"clip": contrastive_loss', 'loss: str = "clip"'],
     "modeling_alip/processing_alip.py": ['"clip"'],  # the text cleaning of CLIP's tokenizer (text_cleaning="clip")
     "alip_hf/convert/from_veclip.py": ['model_type != "clip"'],  # a VeCLIP release is a transformers CLIP model
     # The captioner presets are named after the paper whose captions they reproduce; no code tests them.

@@ -162,16 +162,17 @@ def test_frozen_vision_tower_is_unchanged_after_training(tiny_data, tmp_path):
 
 
 def _nan_loss(monkeypatch):
-    """Every recipe's loss becomes NaN: they all form it with `modeling_alip.loss.contrastive_loss`."""
+    """Every recipe's loss becomes NaN: they all form it with the pair losses of `modeling_alip.loss.PAIR_LOSSES`
+    (`contrastive_loss` by default)."""
     from modeling_alip import loss
 
-    original = loss.contrastive_loss
+    original = loss.PAIR_LOSSES["clip"]
 
     def contrastive_loss(*args, **kwargs):
         value, diagnostics = original(*args, **kwargs)
         return value * float("nan"), diagnostics
 
-    monkeypatch.setattr(loss, "contrastive_loss", contrastive_loss)
+    monkeypatch.setitem(loss.PAIR_LOSSES, "clip", contrastive_loss)
 
 
 def test_nonfinite_loss_stops_the_run_naming_the_step(tiny_data, tmp_path, monkeypatch):
@@ -320,3 +321,53 @@ def test_streaming_run_resumes_to_the_same_weights(tiny_data, tmp_path):
     full, resumed = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
     for name in full:
         torch.testing.assert_close(resumed[name], full[name], rtol=0, atol=0, msg=name)
+
+
+# ---- the sigmoid loss (--loss siglip) and the unweighted loss of ALIP ----------------------------------------
+
+
+@pytest.mark.parametrize("recipe", ["clip", "alip", "veclip"])
+def test_each_recipe_trains_with_the_sigmoid_loss_and_the_model_records_it(tiny_data, tmp_path, recipe):
+    train.main(tiny_data.argv(tmp_path, "--recipe", recipe, "--loss", "siglip"))
+    logged = read_metrics(tmp_path)
+    assert [row["step"] for row in logged] == [1, 2] and all(math.isfinite(row["loss/total"]) for row in logged)
+    assert logged[0]["train/logit_bias"] != -10.0  # the bias learns
+    model = ALIPModel.from_pretrained(tmp_path)
+    assert (model.config.loss, model.config.adaptive_loss) == ("siglip", recipe == "alip")
+    assert "logit_bias" in _weights(tmp_path)
+    torch.testing.assert_close(model.logit_bias.detach(), _weights(tmp_path)["logit_bias"])
+
+
+def test_alip_logs_the_unweighted_loss_beside_the_weighted_one(tiny_data, tmp_path):
+    train.main(tiny_data.argv(tmp_path, "--recipe", "alip"))
+    for row in read_metrics(tmp_path):
+        for path in ("text", "caption"):
+            assert math.isfinite(row[f"loss/unweighted/{path}"])
+        assert row["loss/unweighted/total"] == pytest.approx(row["loss/unweighted/text"] + row["loss/unweighted/caption"])
+    # the weighted loss moves with the gates; the unweighted one is CLIP's loss of the same embeddings
+    assert row["loss/total"] != pytest.approx(row["loss/unweighted/total"])
+
+
+@pytest.mark.parametrize("recipe_name", ["alip", "clip"])
+def test_accumulated_sigmoid_step_equals_one_k_times_larger_batch(tiny_data, recipe_name):
+    from conftest import tiny_alip_config
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_data.tokenizer)
+    recipe = get_recipe(RecipeArguments(recipe=recipe_name, loss="siglip"))
+    config = tiny_alip_config(**recipe.model_config())
+    results = []
+    for k in (1, 4):
+        torch.manual_seed(0)
+        model = ALIPModel(config).train()
+        accelerator = Accelerator(cpu=True)
+        output = loop.forward_backward(model, model, recipe, _micro_batches(tokenizer, recipe, 12, 12 // k),
+                                        accelerator, local_loss=False)
+        assert model.logit_bias.grad is not None
+        torch.optim.SGD(model.parameters(), lr=0.1).step()  # plain SGD: the update is the gradient itself
+        results.append((output.loss.detach(), dict(model.named_parameters()), dict(model.named_buffers())))
+    (loss1, params1, buffers1), (loss4, params4, buffers4) = results
+    torch.testing.assert_close(loss4, loss1, rtol=1e-5, atol=1e-6)
+    for name, param in params1.items():  # logit_bias included: its gradient is kept once, not k times
+        torch.testing.assert_close(params4[name], param, rtol=1e-5, atol=1e-6, msg=name)
+    for name, buffer in buffers1.items():
+        torch.testing.assert_close(buffers4[name], buffer, rtol=1e-6, atol=1e-7, msg=name)

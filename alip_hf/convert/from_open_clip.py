@@ -352,6 +352,9 @@ def alip_config_from_state_dict(
         projection_dim=projection_dim,
         logit_scale_init_value=logit_scale,
         **gate_kwargs,
+        # open_clip's SigLIP models (init_logit_bias) were trained with the sigmoid loss and keep their bias.
+        **({"loss": "siglip", "logit_bias_init_value": float(state_dict["logit_bias"])}
+           if "logit_bias" in state_dict else {}),
     )
 
 
@@ -379,7 +382,7 @@ def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
             converted[_TEXT[key]] = value
         elif key in _TRANSPOSED:
             converted[_TRANSPOSED[key]] = value.T.contiguous()
-        elif key == "logit_scale":
+        elif key in ("logit_scale", "logit_bias"):  # the bias: a model trained with the sigmoid loss
             converted[key] = value.reshape(())
         elif m := block.match(key):
             tower = "vision_model" if m.group(1) else "text_model"

@@ -33,6 +33,10 @@ logger = logging.getLogger(__name__)
 # (A tensor added to ALIPModel must be listed here, with its reason, or the export stops naming it.)
 DROPPED_STATE = {
     "gates.": "the gates' running means: training state of the adaptive loss, unused by the features",
+    # Changes no feature and no ranking, but it is part of the sigmoid-trained model's scores: said in the log.
+    "logit_bias": "the sigmoid loss's bias (config.loss='siglip'): CLIPModel has no bias, so the export's "
+                  "logits_per_image are t * cos without it and sigmoid(logits) is not the trained model's match "
+                  "probability; features and rankings are unchanged",
 }
 
 # `ALIPConfig` fields that `CLIPConfig` does not have (the gate hyper-parameters); read from the classes
@@ -167,6 +171,8 @@ def export_to_clip(model: ALIPModel, output_dir: str | os.PathLike, processor=No
     save_directory_atomically(output_dir, write, overwrite=overwrite, overwrite_flag="--overwrite_output_dir")
     logger.info("wrote CLIPModel to %s: kept every CLIP tensor; dropped %s and the config fields %s", output_dir,
                 dropped_state(model) or "nothing", ", ".join(GATE_CONFIG_FIELDS))
+    if "logit_bias" in dropped_state(model):
+        logger.warning("dropped logit_bias = %.4f: %s", model.logit_bias.item(), DROPPED_STATE["logit_bias"])
     return Path(output_dir)
 
 

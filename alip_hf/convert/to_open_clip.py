@@ -127,8 +127,11 @@ def open_clip_model_cfg(config: CLIPConfig) -> dict:
     if eps != OPEN_CLIP_LAYER_NORM_EPS:
         vision_cfg["norm_kwargs"] = {"eps": eps}
         text_cfg["norm_kwargs"] = {"eps": eps}
-    return {"embed_dim": config.projection_dim, "quick_gelu": _ACTIVATIONS[activation],
-            "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    model_cfg = {"embed_dim": config.projection_dim, "quick_gelu": _ACTIVATIONS[activation],
+                 "vision_cfg": vision_cfg, "text_cfg": text_cfg}
+    if getattr(config, "loss", None) == "siglip":  # open_clip creates `logit_bias` only when given its init
+        model_cfg["init_logit_bias"] = float(config.logit_bias_init_value)
+    return model_cfg
 
 
 def _check_tokenizer(tokenizer, config: CLIPConfig):
@@ -193,7 +196,7 @@ def open_clip_state_dict(model: CLIPModel) -> dict[str, torch.Tensor]:
             exported[_FROM_HF[key]] = value
         elif key in _FROM_HF_TRANSPOSED:
             exported[_FROM_HF_TRANSPOSED[key]] = value.T
-        elif key == "logit_scale":
+        elif key in ("logit_scale", "logit_bias"):  # open_clip's CLIP holds the sigmoid loss's bias as logit_bias
             exported[key] = value.reshape(())
         elif (block := _block_key(key)) is not None:
             prefix, name = block
@@ -216,13 +219,22 @@ def open_clip_state_dict(model: CLIPModel) -> dict[str, torch.Tensor]:
     return {key: value.detach().contiguous() for key, value in exported.items()}
 
 
+# State the CLIPModel export drops but open_clip keeps: the sigmoid loss's bias, which open_clip's `CLIP` holds as
+# `logit_bias` (created from `init_logit_bias` in `model_cfg`), as its SigLIP models do.
+KEPT_BY_OPEN_CLIP = ("logit_bias",)
+
+
+def _open_clip_dropped(key: str) -> bool:
+    return key.startswith(tuple(DROPPED_STATE)) and not key.startswith(KEPT_BY_OPEN_CLIP)
+
+
 def _clip_weights(model: CLIPModel) -> dict[str, torch.Tensor]:
-    """The CLIP weights of `model`: without the state the CLIP export drops (`to_clip.DROPPED_STATE`, the one table
-    of what leaves ALIP's state behind) and transformers' `position_ids` buffers. Any other tensor reaches
-    `open_clip_state_dict`, which refuses what open_clip has no name for. (open_clip's `CLIP` has a `logit_bias`
-    for a SigLIP loss: a bias parameter of ALIPModel would map there, with `init_logit_bias` in `model_cfg`.)"""
+    """The weights of `model` open_clip holds: without the state the CLIP export drops (`to_clip.DROPPED_STATE`,
+    the one table of what leaves ALIP's state behind) except `KEPT_BY_OPEN_CLIP`, and without transformers'
+    `position_ids` buffers. Any other tensor reaches `open_clip_state_dict`, which refuses what open_clip has no
+    name for."""
     return {key: value for key, value in model.state_dict().items()
-            if not key.startswith(tuple(DROPPED_STATE)) and not key.endswith("position_ids")}
+            if not _open_clip_dropped(key) and not key.endswith("position_ids")}
 
 
 def _block_key(key: str) -> tuple[str, str] | None:
@@ -278,8 +290,11 @@ def export_to_open_clip(model: CLIPModel, output_dir: str | os.PathLike, process
     write_with_atomically(output_dir / OPEN_CLIP_WEIGHTS_NAME,
                           lambda path: save_file(weights, path, metadata={"format": "pt"}))
     write_json_atomic(output_dir / OPEN_CLIP_CONFIG_NAME, open_clip_config, indent=2)
-    logger.info("wrote %s and %s to %s: every CLIP tensor kept; dropped %s", OPEN_CLIP_CONFIG_NAME,
-                OPEN_CLIP_WEIGHTS_NAME, output_dir, dropped_state(model) or "nothing")
+    dropped = [key for key in dropped_state(model) if _open_clip_dropped(key)]
+    kept = [key for key in KEPT_BY_OPEN_CLIP if key in weights]
+    logger.info("wrote %s and %s to %s: every CLIP tensor kept%s; dropped %s", OPEN_CLIP_CONFIG_NAME,
+                OPEN_CLIP_WEIGHTS_NAME, output_dir, f", and {kept} (init_logit_bias in model_cfg)" if kept else "",
+                dropped or "nothing")
     return output_dir
 
 

@@ -71,10 +71,11 @@ def forward_backward(model, core: ALIPModel, recipe: recipes.Recipe, micro_batch
                        for name in fresh}
             result = recipe.loss(core, spliced, local_loss, state)
             accelerator.backward(result.loss)
-    # logit_scale enters every recomputed loss directly (not through the spliced rows), so each of the k
-    # backward passes added the full d(loss)/d(logit_scale): keep one.
-    if core.logit_scale.grad is not None:
-        core.logit_scale.grad.div_(len(micro_batches))
+    # The temperature (and the sigmoid loss's bias) enter every recomputed loss directly (not through the
+    # spliced rows), so each of the k backward passes added the full d(loss)/d(parameter): keep one.
+    for parameter in core.loss_parameters():
+        if parameter.grad is not None:
+            parameter.grad.div_(len(micro_batches))
     return result
 
 
@@ -276,6 +277,7 @@ def _step_metrics(accelerator, recipe, output, stats, samples_per_step, schedule
     metrics.update({
         "train/lr": scheduler.get_last_lr()[0],
         "train/logit_scale": core.logit_scale.detach().exp().item(),
+        **({"train/logit_bias": core.logit_bias.detach().item()} if core.config.loss == "siglip" else {}),
         "data/skipped_images": counters["skipped_images"],
         "data/skipped_texts": counters["skipped_texts"],
         "data/truncated_texts": counters["truncated_texts"],

@@ -107,7 +107,8 @@ def _train(accelerator: Accelerator, model_args: ModelArguments, data_args: Data
            stop_signal: StopSignal) -> dict[str, float]:
     groups = (model_args, data_args, train_args, recipe_args)
     recipe = _check_before_work(accelerator, data_args, train_args, recipe_args)
-    model = build_model(model_args, seed=train_args.seed, max_text_length=data_args.max_text_length)
+    model = build_model(model_args, seed=train_args.seed, loss_config=recipe.model_config(),
+                        max_text_length=data_args.max_text_length)
     processor = build_processor(model_args, core_model(model, accelerator))
     check_text_context(data_args, core_model(model, accelerator))
     resume_path, resumed = _resume_point(accelerator, train_args)

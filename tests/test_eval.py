@@ -321,7 +321,15 @@ def test_model_card_renders_train_py_flat_metrics_and_rejects_unknown_placeholde
     template.write_text(sections + " {{seed_note}}")
     with pytest.raises(KeyError, match="seed_note"):
         ev.render_model_card(flat, template=template)
-    assert ev.render_model_card(flat, template=template, seed_note="seed 0").endswith(" seed 0")
+    assert ev.render_model_card(flat, template=template, placeholders={"seed_note": "seed 0"}).endswith(" seed 0")
+
+
+def test_model_card_refuses_a_misspelled_field_naming_the_right_one():
+    with pytest.raises(TypeError, match=r"'licence' \(did you mean 'license'\?\)"):
+        ev.render_model_card([], licence="mit")
+    with pytest.raises(TypeError, match="'seed_note'"):  # a template's own value goes in placeholders=
+        ev.build_model_card([], ev.ModelCardInfo(license="mit"), seed_note="seed 0")
+    assert "license: mit" in ev.render_model_card([], ev.ModelCardInfo(license="mit"))
 
 
 def test_model_card_of_train_py_shows_its_eval_split_and_a_command_for_its_eval_data(tmp_path):

@@ -19,7 +19,7 @@ from transformers import HfArgumentParser
 from alip_hf import recipes, schema
 from alip_hf.hub import SECRET_ARGUMENTS, HubArguments
 from alip_hf.io import write_text_atomic
-from alip_hf.models import MODEL_CONFIGS, parse_config_overrides
+from alip_hf.model_sizes import MODEL_CONFIGS, parse_config_overrides
 from alip_hf.resources import DEMO_DATA, run_config
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class ModelArguments:
     model_config: Literal[tuple(MODEL_CONFIGS)] = field(
         default="small", metadata={"help": "Named size trained from scratch when --model_name_or_path is not set "
                                    "(tiny: smoke tests; small: the demo run; vit-b-32/16: the ALIP towers, GELU; "
-                                   "vit-b-32-quickgelu: OpenAI CLIP's); see alip_hf.models.MODEL_SOURCES."}
+                                   "vit-b-32-quickgelu: OpenAI CLIP's); see alip_hf.model_sizes.MODEL_SOURCES."}
     )
     config_overrides: str | None = field(
         default=None,

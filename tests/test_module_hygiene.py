@@ -1,9 +1,12 @@
-"""Module-level hygiene of the project's code: every module logger is used."""
+"""Module-level hygiene of the project's code: one version number, and every module logger is used."""
 
 import re
+import subprocess
+import sys
 
 import pytest
 
+import alip_hf
 from conftest import REPO_ROOT
 
 SOURCES = sorted(p for package in ("alip_hf", "modeling_alip", "recaption") for p in (REPO_ROOT / package).rglob("*.py"))
@@ -16,3 +19,9 @@ def test_a_module_logger_is_used(path):
     if declared:
         name = declared.group(1)
         assert re.search(rf"\b{name}\.\w+\(", text), f"{path.name}: {name} is declared and never used"
+
+
+def test_setup_py_and_the_package_state_one_version():
+    built = subprocess.run([sys.executable, "setup.py", "--version"], cwd=REPO_ROOT, capture_output=True, text=True,
+                           timeout=120, check=True).stdout.strip().splitlines()[-1]
+    assert built == alip_hf.__version__

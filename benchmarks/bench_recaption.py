@@ -1,6 +1,6 @@
 """Captioning throughput: batched `Captioner` vs a per-image loop vs transformers' pipeline, side by side.
 
-All three use the same tiny random BLIP (`recaption.tiny`), the same images, the same prompt, greedy
+All three use the same tiny random BLIP (`tests/_tiny_captioners.py`), the same images, the same prompt, greedy
 decoding and the same `max_new_tokens`; the pipeline keeps its other defaults and is timed both called per
 image and called on the whole list. Methods take turns within each of `--repeats` rounds, after one
 warm-up; the table gives the median images/s and the ratio to the loop.
@@ -21,7 +21,9 @@ import tempfile
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tiny test models: tests/_tiny_captioners.py
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -62,7 +64,7 @@ def main(argv=None):
 
     from recaption.caption import CaptionArguments, Captioner, caption
     from recaption.common import GenerationArguments, RunArguments
-    from recaption.tiny import save_tiny_captioner
+    from _tiny_captioners import save_tiny_captioner
 
     hf_logging.set_verbosity_error()
     warnings.simplefilter("ignore")

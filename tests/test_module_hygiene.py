@@ -25,3 +25,17 @@ def test_setup_py_and_the_package_state_one_version():
     built = subprocess.run([sys.executable, "setup.py", "--version"], cwd=REPO_ROOT, capture_output=True, text=True,
                            timeout=120, check=True).stdout.strip().splitlines()[-1]
     assert built == alip_hf.__version__
+
+
+def test_every_installed_module_serves_the_package_itself():
+    """A module of the installed packages that only the tests import is a test helper: it belongs in tests/ (the
+    tiny captioners, say), not in every user's install. Commands (`python -m ...`) and the `evaluate` modules
+    (loaded by path) are used without an import."""
+    from test_import_cycles import import_graph, project_modules
+
+    graph, modules = import_graph(), project_modules()
+    imported = {name for edges in graph.values() for name in edges}
+    unused = [name for name, path in modules.items()
+              if name not in imported and path.name != "__init__.py" and "evaluate_modules" not in name
+              and 'if __name__ == "__main__":' not in path.read_text(encoding="utf-8")]
+    assert not unused, f"modules no other module or command uses: {unused}"

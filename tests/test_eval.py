@@ -402,3 +402,52 @@ def test_veclip_layout_clip_model_with_t5_tokenizer_evaluates_through_the_featur
         alone = [model.get_text_features(**processor(text=[t.format(name)])).pooler_output[0] for t in templates]
         mean = torch.stack([f / f.norm() for f in alone]).mean(0)
         torch.testing.assert_close(classifier[:, c], (mean / mean.norm()).detach(), atol=FEATURE_ATOL, rtol=0)
+
+
+# ---- the pages that document evaluation ---------------------------------------------------------------------------
+
+DOC_PAGES = ("docs/evaluation.md", "docs/demo_data.md")
+
+
+def _python_imports(page: str) -> list[tuple[str, str | None]]:
+    """`(module, name)` of every import in the page's Python: its ```python blocks and `python -c '...'` lines."""
+    import re
+
+    from conftest import REPO_ROOT
+
+    text = (REPO_ROOT / page).read_text(encoding="utf-8")
+    code = "\n".join(re.findall(r"```python\n(.*?)```", text, re.S) + re.findall(r"python -c '([^']*)'", text))
+    found = []
+    for line in code.splitlines():
+        statement = line.split("#")[0].strip().split(";")[0]
+        if match := re.fullmatch(r"from ([\w.]+) import (.+)", statement):
+            found += [(match.group(1), name.strip()) for name in match.group(2).split(",")]
+        elif match := re.fullmatch(r"import (.+)", statement):
+            found += [(name.strip(), None) for name in match.group(1).split(",")]
+    return found
+
+
+@pytest.mark.parametrize("page", DOC_PAGES)
+def test_every_import_the_page_shows_exists(page):
+    import importlib
+
+    imports = _python_imports(page)
+    assert imports, f"{page}: no Python imports found; the scan is broken"
+    for module, name in imports:
+        if module in ("eval", "train", "data"):  # the checkout's entry points, or no module at all
+            raise AssertionError(f"{page}: `import {module}` is no library module (use `from alip_hf import ...`)")
+        loaded = importlib.import_module(module)
+        if name is not None and not hasattr(loaded, name):
+            importlib.import_module(f"{module}.{name}")  # a submodule, else ImportError naming it
+
+
+def test_the_quickstart_adds_results_to_the_models_card_not_the_projects_readme():
+    import re
+
+    from conftest import REPO_ROOT
+
+    for page in ("README.md", *DOC_PAGES, "docs/training.md"):
+        text = (REPO_ROOT / page).read_text(encoding="utf-8")
+        for target in re.findall(r"--model_card (\S+)", text):
+            assert target != "README.md" and not target.startswith("./README"), (
+                f"{page}: --model_card {target} would write into the project's own README")

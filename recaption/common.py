@@ -27,8 +27,11 @@ weight file's sha256 for a local directory; the commit for a Hub id, else the id
 prompt and generation settings, and a resumed or repeated run recomputes them and refuses, naming the shard,
 what changed and `--overwrite_output_dir`, rather than mixing two inputs or two models in one output.
 
-The id: the `--id_column` (default `id`) when the source has it, else the `id` img2dataset saved in each
-sample's `json` (`alip_hf.web` asks it to), else WebDataset's `__key__`; it is written as `id`. New values are looked up by id, never by position, and ids must be unique.
+The source, the row id and empty texts follow the data contract (`alip_hf.sources`, the rules training and the
+audit use too): a source is anything `sources.load_source` reads (`demo` included); the id is the `--id_column`
+(default `id`) when the source has it, else the `id` img2dataset saved in each sample's `json` (`alip_hf.web` asks
+it to), else WebDataset's `__key__`; it is written as `id`. New values are looked up by id, never by position, and
+ids must be unique.
 """
 
 from __future__ import annotations
@@ -58,9 +61,7 @@ logger = logging.getLogger(__name__)
 datasets = lazy_import("datasets")
 pq = lazy_import("pyarrow.parquet")
 data_lib = lazy_import("alip_hf.data")
-
-WEBDATASET_KEY = "__key__"
-IMG2DATASET_METADATA = "json"  # img2dataset writes each sample's metadata (url, status, saved columns) there
+sources = lazy_import("alip_hf.sources")
 
 
 @dataclass
@@ -68,12 +69,14 @@ class RunArguments:
     """Where the rows come from, where they go, and how the work is split."""
 
     source: str = field(
-        metadata={"help": "Hub id, save_to_disk dir, Parquet/JSON/CSV file or glob, or WebDataset shards."}
+        metadata={"help": "Hub id, save_to_disk dir, Parquet/JSON/CSV file or glob, WebDataset shards, or 'demo' "
+                          "(the bundled demo data)."}
     )
     output_dir: str = field(metadata={"help": "Where the Parquet shards, markers and summary are written."})
     split: str = field(default="train", metadata={"help": "Split of the source to read."})
     streaming: bool = field(default=False, metadata={"help": "Read the source lazily (large Hub datasets)."})
-    id_column: str = field(default=ID, metadata={"help": "Stable key column; WebDataset `__key__` is used if absent."})
+    id_column: str = field(default=ID, metadata={
+        "help": "Stable key column; if absent, img2dataset's `json.id`, else WebDataset's `__key__`."})
     image_column: str = field(default=IMAGE, metadata={"help": "Image column of the source."})
     shard_size: int = field(
         default=1000, metadata={"help": "Rows per output shard (the unit of resume and of work split)."}
@@ -97,7 +100,7 @@ def _inside(path: str, directory: str) -> bool:
 
 def output_overlaps_source(output_dir: str, source: str) -> str | None:
     """How `output_dir` overlaps the local source (`"is"`, `"contains"`, `"lies inside"`), or None."""
-    files = data_lib.local_files(source)
+    files = sources.local_files(source)
     if files is None:
         return None  # a Hub id
     out = os.path.realpath(output_dir)
@@ -175,34 +178,6 @@ class StepResult:
 
 
 # ----------------------------------------------------------------------------- ids, images, atomic writes
-
-
-def resolve_id_column(column_names: list[str], id_column: str, features=None) -> str:
-    """The id column to use: `id_column` if present (`json.id` names a field of a struct column), else the `id`
-    that img2dataset's `--save_additional_columns` put in each sample's `json`, else WebDataset's `__key__`
-    (a position in the download, not stable across downloads); an error naming them otherwise."""
-    if id_column in column_names:
-        return id_column
-    head, _, field_name = id_column.partition(".")
-    if field_name and head in column_names:
-        return id_column
-    metadata = (features or {}).get(IMG2DATASET_METADATA)
-    if isinstance(metadata, dict) and ID in metadata:
-        return f"{IMG2DATASET_METADATA}.{ID}"
-    if WEBDATASET_KEY in column_names:
-        return WEBDATASET_KEY
-    raise ValueError(
-        f"id column {id_column!r} not found and no WebDataset {WEBDATASET_KEY!r}; available columns: {column_names}. "
-        "Pass --id_column with a column that identifies each row (new columns are joined on it)."
-    )
-
-
-def read_ids(shard: datasets.Dataset, id_column: str) -> list[str]:
-    """The shard's ids as strings; `column.field` reads a field of a struct column (img2dataset's `json.id`)."""
-    if id_column in shard.column_names:
-        return [str(i) for i in shard[id_column]]
-    head, _, field_name = id_column.partition(".")
-    return [str(value[field_name]) for value in shard[head]]
 
 
 def load_image(value):
@@ -297,7 +272,7 @@ def source_identity(args: "RunArguments") -> dict[str, Any]:
     """The source as named, its split and, for local sources, its files with their sizes (a file replaced by
     another of a different size, or files added or removed, change it). Hub sources: name and split; their
     rows are checked through the ids of each shard."""
-    files = data_lib.local_files(args.source)
+    files = sources.local_files(args.source)
     identity: dict[str, Any] = {"source": args.source, "split": args.split}
     if files is not None:
         base = args.source if os.path.isdir(args.source) else os.path.dirname(files[0]) if files else ""
@@ -331,10 +306,9 @@ class Input:
 def load_input(args: RunArguments, required: dict[str, str]) -> Input:
     """Loads the source, checks the needed columns and the id, and turns image decoding off (images are
     decoded one by one so that an unreadable one becomes an `error` value, not a crash)."""
-    dataset = data_lib.load_source(args.source, split=args.split, streaming=args.streaming)
-    columns = list(dataset.column_names or (dataset.features or {}).keys())
-    id_column = resolve_id_column(columns, args.id_column, dataset.features)
-    data_lib.require_columns(dataset, required)
+    dataset = sources.load_source(args.source, split=args.split, streaming=args.streaming)
+    id_column = sources.resolve_id_column(dataset, args.id_column)
+    sources.require_columns(dataset, required)
     return Input(data_lib.undecoded_images(dataset, args.image_column), id_column, dataset.features)
 
 
@@ -349,13 +323,14 @@ def iter_shards(
     """(index, rows) for every shard of this process of a map-style dataset; for shards in `skip`, rows is the
     list of the shard's ids (as strings) when `id_column` is given (so finished shards can be checked against the
     input), else None. Streams go through `iter_stream_chunks`."""
-    ids_only = dataset.select_columns([id_column]) if id_column else None
+    ids_only = (dataset.select_columns([sources.id_source_column(id_column, dataset.column_names)])
+                if id_column else None)
     for index in range(rank, math.ceil(len(dataset) / shard_size), world):
         rows = range(index * shard_size, min((index + 1) * shard_size, len(dataset)))
         if index not in skip:
             yield index, dataset.select(rows)
         else:
-            yield index, None if ids_only is None else [str(i) for i in ids_only.select(rows)[id_column]]
+            yield index, None if ids_only is None else sources.read_ids(ids_only.select(rows), id_column)
 
 
 def stream_sources(dataset: datasets.IterableDataset, world: int) -> datasets.IterableDataset:
@@ -509,12 +484,12 @@ def verify_done_chunks(args: RunArguments, dataset: datasets.IterableDataset, so
                     f"it was made with another {' and '.join(changed)} ({'; '.join(changed)} digest differs)")
     if "files" in (source_identity(args) or {}):
         return
-    head = id_column.partition(".")[0] if id_column not in (dataset.column_names or []) else id_column
+    head = sources.id_source_column(id_column, dataset.column_names)
     rows = iter(dataset.shard(num_shards=dataset.num_shards, index=source_shard, contiguous=True)
                 .select_columns([head]))
     for marker in finished:
         taken = list(itertools.islice(rows, args.shard_size))
-        ids = read_ids(datasets.Dataset.from_list(taken), id_column) if taken else []
+        ids = [sources.read_id(row, id_column) for row in taken]
         if marker.get("ids_sha256", sha256_json(ids)) != sha256_json(ids):
             _refuse(args, stream_chunk_name(args.split, source_shard, marker["chunk"]),
                     f"its input ids changed: it was made from {marker['rows']} rows starting at id "
@@ -627,10 +602,11 @@ def run_sharded(args: RunArguments, step: Step, accelerator=None, source: Input 
     started = time.time()
 
     def write(name: str, shard: datasets.Dataset, fields: dict) -> None:
-        ids = read_ids(shard, source.id_column)
-        if len(set(ids)) != len(ids):
-            duplicate = next(i for i in ids if ids.count(i) > 1)
-            raise ValueError(f"id {duplicate!r} appears twice in column {source.id_column!r}; ids must be unique")
+        ids = sources.read_ids(shard, source.id_column)
+        repeated = sources.duplicate_ids(ids)
+        if repeated:
+            raise ValueError(f"ids {repeated} appear more than once in column {source.id_column!r}; ids must be "
+                             "unique")
         result = step.process(shard, ids, bar.update)
         out = _join(shard, ids, result, source.features, args.image_column)
         atomic_write_parquet(out, os.path.join(args.output_dir, "data", f"{name}.parquet"))

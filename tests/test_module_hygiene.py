@@ -29,13 +29,18 @@ def test_setup_py_and_the_package_state_one_version():
 
 def test_every_installed_module_serves_the_package_itself():
     """A module of the installed packages that only the tests import is a test helper: it belongs in tests/ (the
-    tiny captioners, say), not in every user's install. Commands (`python -m ...`) and the `evaluate` modules
-    (loaded by path) are used without an import."""
+    tiny captioners, say), not in every user's install. Commands (`python -m ...`), modules loaded by their
+    name from a table (the converters) and the `evaluate` modules (loaded by path) are used without an import."""
+    import ast
+
     from test_import_cycles import import_graph, project_modules
 
     graph, modules = import_graph(), project_modules()
-    imported = {name for edges in graph.values() for name in edges}
+    used = {name for edges in graph.values() for name in edges}
+    for path in modules.values():  # names in strings: importlib.import_module(table[name])
+        used |= {node.value for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                 if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in modules}
     unused = [name for name, path in modules.items()
-              if name not in imported and path.name != "__init__.py" and "evaluate_modules" not in name
+              if name not in used and path.name not in ("__init__.py", "__main__.py") and "evaluate_modules" not in name
               and 'if __name__ == "__main__":' not in path.read_text(encoding="utf-8")]
     assert not unused, f"modules no other module or command uses: {unused}"

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from alip_hf import data as data_lib
+from alip_hf import sources
 from alip_hf.evaluation.classnames import named_list
 from alip_hf.evaluation.presets import WDS_LAYOUT, EvalTask
 
@@ -118,13 +119,13 @@ def load_split(task: EvalTask, split: str):
         dataset = load_wds_split(wds_root(task, split), split)
         image_column = task.image_column or _wds_image_column(dataset, task)
     else:
-        dataset = data_lib.load_source(task.source, split=split)
+        dataset = sources.load_source(task.source, split=split)
         image_column = task.image_column or _only_image_column(dataset, task)
     columns = {"image": image_column, "label": task.label_column}
     columns.update({f"caption {i}": c for i, c in enumerate(task.caption_columns)})
     if task.row_filter:
         columns["row_filter"] = task.row_filter[0]
-    data_lib.require_columns(dataset, columns)
+    sources.require_columns(dataset, columns)
     if task.row_filter:
         column, value = task.row_filter
         dataset = dataset.filter(lambda v: v == value, input_columns=column)

@@ -39,7 +39,7 @@ class EvalTask:
     Attributes:
         name: the dataset's name in results (`cifar10`, `demo`).
         task: one of `TASKS`.
-        source: anything `data.load_source` reads (Hub id, `save_to_disk` dir, files, WebDataset shards); with
+        source: anything `sources.load_source` reads (Hub id, `save_to_disk` dir, files, WebDataset shards); with
             `layout="clip_benchmark_wds"`, a Hub dataset repository in CLIP_benchmark's WebDataset layout
             (`clip-benchmark/wds_cifar10`) or a local copy of one.
         split: the evaluated split (the test split of a linear probe).
@@ -54,7 +54,7 @@ class EvalTask:
             as a column).
         train_split, val_split: linear probe: the training split and an optional validation split (without one,
             `val_fraction` of the training rows, stratified, is held out).
-        layout: `"datasets"` (anything `data.load_source` reads) or `"clip_benchmark_wds"`: `<split>/N.tar`
+        layout: `"datasets"` (anything `sources.load_source` reads) or `"clip_benchmark_wds"`: `<split>/N.tar`
             shards (members `<key>.webp|png|jpg|jpeg`, `<key>.cls`, `<key>.txt`, `<key>.npy`), `<split>/
             nshards.txt`, `classnames.txt`, `zeroshot_classification_templates.txt`, `dataset_type.txt`.
         revision: the Hub revision of `source` (branch, tag or commit).
@@ -282,9 +282,7 @@ def preset_of_source(source: str) -> str | None:
 
 
 def _contract_retrieval_task(source: str, split: str) -> EvalTask:
-    from alip_hf.data import (
-        load_source,  # torch and datasets only when a task is built, not for --help
-    )
+    from alip_hf.sources import load_source
 
     dataset = load_source(source, split=split)
     columns = tuple(c for c in (schema.ALT_TEXT, schema.CAPTION) if c in dataset.column_names)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from alip_hf import data as data_lib
+from alip_hf import sources
 from alip_hf.evaluation.classnames import check_templates
 from alip_hf.evaluation.features import (
     AUTOCAST_DTYPES,
@@ -136,7 +136,7 @@ def run_zeroshot(model, processor, task: EvalTask, settings: EvalSettings, image
     logits = ZEROSHOT_LOGIT_SCALE * image_embeds @ classifier  # float32: the features are
     metrics = classification_metrics(logits, labels)
     if task.group_metric is not None:
-        data_lib.require_columns(dataset, {"group metadata": "npy"})
+        sources.require_columns(dataset, {"group metadata": "npy"})
         metrics[task.group_metric] = group_metric(task.group_metric, logits, labels, np.asarray(dataset["npy"]))
     details = {"num_images": len(labels), "num_rows": len(full_dataset), "num_classes": len(names),
                "num_templates": len(templates), "classes_without_images": len(empty)}

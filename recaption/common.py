@@ -50,6 +50,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from tqdm.auto import tqdm
 
+from alip_hf import sources  # the data contract; imports only the standard library up front
 from alip_hf.identity import identity_differences, sha256_file, sha256_json
 from alip_hf.io import write_json_atomic, write_with_atomically
 from alip_hf.lazy import lazy_import
@@ -60,8 +61,6 @@ logger = logging.getLogger(__name__)
 # Loaded on first use: `python -m recaption.<step> --help` must not wait for torch and datasets.
 datasets = lazy_import("datasets")
 pq = lazy_import("pyarrow.parquet")
-data_lib = lazy_import("alip_hf.data")
-sources = lazy_import("alip_hf.sources")
 
 
 @dataclass
@@ -183,7 +182,9 @@ class StepResult:
 def load_image(value):
     """A PIL RGB image from an image cell, decoded by `data.decode_image` (the decoder train.py uses, so a row
     flagged unreadable here is exactly a row train.py would skip)."""
-    return data_lib.decode_image(value).convert("RGB")
+    from alip_hf.data import decode_image  # torch: imported where images are decoded, not for --help
+
+    return decode_image(value).convert("RGB")
 
 
 def atomic_write_json(path: str, payload: dict) -> None:
@@ -309,7 +310,9 @@ def load_input(args: RunArguments, required: dict[str, str]) -> Input:
     dataset = sources.load_source(args.source, split=args.split, streaming=args.streaming)
     id_column = sources.resolve_id_column(dataset, args.id_column)
     sources.require_columns(dataset, required)
-    return Input(data_lib.undecoded_images(dataset, args.image_column), id_column, dataset.features)
+    from alip_hf.data import undecoded_images
+
+    return Input(undecoded_images(dataset, args.image_column), id_column, dataset.features)
 
 
 def iter_shards(

@@ -63,6 +63,7 @@ setup(
             "sentencepiece",
             "tensorboard",
             "matplotlib",
+            "parameterized",  # transformers' own test mixins (tests/test_transformers_contract.py) use it
         ],
         "tensorboard": ["tensorboard"],
         "plot": ["matplotlib"],  # eval.py --plot: recall@k curves

@@ -40,6 +40,7 @@ from alip_hf.evaluation.presets import (
     RETRIEVAL,
     TASK_ALIASES,
     TASKS,
+    ZEROSHOT,
     EvalTask,
     resolve_tasks,
     unknown_preset_message,
@@ -138,7 +139,7 @@ def tasks_from_args(args: EvalArguments) -> list[EvalTask]:
         if not args.task:
             return tasks
         (task,) = args.task
-        changed = [replace(t, task=task, main_metric=None) for t in tasks if t.task != RETRIEVAL]
+        changed = [replace(t, task=task, main_metric=None) for t in tasks if t.task in (ZEROSHOT, LINEAR_PROBE)]
         if task == LINEAR_PROBE and any(t.train_split is None for t in changed):
             names = [t.name for t in changed if t.train_split is None]
             raise ValueError(f"--task linear_probe: presets {names} have no training split")

@@ -190,28 +190,20 @@ def _expand_braces(pattern: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 # Damaged files
 #
-# The readers' own messages name neither the file nor the place: datasets says a tar "should be in WebDataset
-# format" (a link member), Python's codec says "can't decode byte 0xff in position 4" (which file? which line?),
-# pyarrow says "Parquet magic bytes not found in footer". Checks that cost one small read per file run before
-# every load (`check_files`); the ones that read whole files (`find_damaged_file`) only once a reader has failed.
+# The readers' own messages name neither the file nor the place, or there is no message at all: datasets says a
+# tar "should be in WebDataset format" when the first shard holds a link member and reads a link in a later shard
+# as a sample without error; Python's codec says "can't decode byte 0xff in position 4" (which file? which line?),
+# and only once the row is read; pyarrow says "Parquet magic bytes not found in footer". So local files are checked
+# before every load (`check_files`): tar member headers, UTF-8 of text files, Parquet's markers. The checks read
+# headers, markers and text, never images; a Parquet footer is read only once a reader has failed on it.
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def check_files(files: list[str]) -> None:
-    """Fails fast, naming the file, on a WebDataset shard cut short and on a `.parquet` file that is not Parquet
-    (each costs one small read per file)."""
+    """Fails fast on the first damaged local file, naming it (and its tar member or line): a WebDataset shard cut
+    short or holding a member that is not a regular file, a JSON(L)/CSV file that is not UTF-8, a `.parquet` file
+    without Parquet's markers."""
     check_webdataset_shards([f for f in files if f.endswith(".tar")])
-    for path in files:
-        if path.endswith(".parquet"):
-            problem = _parquet_problem(path)
-            if problem:
-                raise ValueError(problem)
-
-
-def find_damaged_file(files: list[str]) -> str | None:
-    """The first damaged file among `files`, as a message naming it (and its tar member or line), else None.
-
-    Reads every file whole: called only after a reader has failed, to say where."""
     for path in files:
         suffix = Path(path).suffix
         if suffix == ".tar":
@@ -219,11 +211,21 @@ def find_damaged_file(files: list[str]) -> str | None:
         elif suffix in (".json", ".jsonl", ".csv"):
             problem = _text_file_problem(path)
         elif suffix == ".parquet":
-            problem = _parquet_problem(path, footer=True)
+            problem = _parquet_problem(path)
         else:
             problem = None
         if problem:
-            return problem
+            raise ValueError(problem)
+
+
+def find_damaged_file(files: list[str]) -> str | None:
+    """The first `.parquet` file among `files` whose footer cannot be read, as a message naming it, else None
+    (called once a reader has failed: the markers at both ends were checked before loading)."""
+    for path in files:
+        if path.endswith(".parquet"):
+            problem = _parquet_problem(path, footer=True)
+            if problem:
+                return problem
     return None
 
 

@@ -21,12 +21,11 @@ from typing import Any
 
 import yaml
 
+from alip_hf import sources
 from alip_hf.evaluation.cards import hub_id, is_local, portable
 from alip_hf.hub import HubArguments, resolve_token
 from alip_hf.io import write_text_atomic, write_with_atomically
-from alip_hf.lazy import lazy_import
 
-sources = lazy_import("alip_hf.sources")  # on first use: `--help` must not wait for datasets
 
 UNKNOWN_LICENSE = "unknown"
 

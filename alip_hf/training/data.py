@@ -12,6 +12,7 @@ from accelerate import Accelerator
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from alip_hf import data, recipes, sources
+from alip_hf.training.preemption import ignore_stop_signals
 
 if TYPE_CHECKING:
     from alip_hf.training.arguments import DataArguments, TrainArguments
@@ -71,7 +72,7 @@ def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes
     collate = data.Collator(processor, max_length=args.max_text_length)
     batch = train.per_device_train_batch_size
     common = dict(collate_fn=collate, num_workers=args.dataloader_num_workers,
-                  persistent_workers=False, pin_memory=False)
+                  persistent_workers=False, pin_memory=False, worker_init_fn=ignore_stop_signals)
     if args.streaming:
         stream = streaming_examples(dataset, kept_columns, args, train, build, accelerator, source)
         with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch 2.14 deprecates; harmless

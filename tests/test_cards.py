@@ -133,6 +133,7 @@ def test_card_of_a_run_on_the_demo_data_takes_the_licence_its_card_states():
     card = build_model_card(RECORDS, train_args={"recipe": "alip", "train_data": str(DEMO_DATA)})
     assert card.data.license == "cc0-1.0" and "`cc0-1.0`, as the card of the training data `demo_data` states" in card.text
     assert str(DEMO_DATA) not in str(card)
+    assert build_model_card(RECORDS, train_args={"train_data": "demo"}).data.license == "cc0-1.0"  # by its name
 
 
 def test_card_licence_name_and_link_and_base_model_come_from_the_local_cards(tmp_path):

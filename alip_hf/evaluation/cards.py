@@ -47,6 +47,7 @@ from alip_hf.evaluation.presets import (
 from alip_hf.evaluation.reports import records_from, results_table
 from alip_hf.resources import MODEL_CARD_TEMPLATE
 from alip_hf.schema import ALT_TEXT, CAPTION
+from alip_hf.sources import resolve_source
 
 EVALUATION_START = "<!-- evaluation:start -->"
 EVALUATION_END = "<!-- evaluation:end -->"
@@ -307,10 +308,12 @@ def eval_command(records: list[dict], eval_data: str | None = None) -> str:
 
 def local_card_metadata(source: str | None) -> dict:
     """The YAML header of the card (`README.md`) of a local dataset or model: in the directory `source`, or in
-    the folder of the file or glob `source`. {} for a Hub id (cards are written offline) or where there is none."""
+    the folder of the file or glob `source` (`demo`: the bundled data). {} for a Hub id (cards are written
+    offline) or where there is none."""
     from huggingface_hub.repocard import metadata_load
 
-    if not source or not is_local(str(source)):
+    source = resolve_source(str(source)) if source else None
+    if not source or not is_local(source):
         return {}
     path = Path(str(source))
     folder = path if path.is_dir() else path.parent

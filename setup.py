@@ -1,4 +1,11 @@
+import re
+from pathlib import Path
+
 from setuptools import setup
+
+# The version is written once, as alip_hf.__version__; read as text, so that building needs none of its imports.
+VERSION = re.search(r'^__version__ = "([^"]+)"$', Path(__file__).with_name("alip_hf").joinpath("__init__.py")
+                    .read_text(encoding="utf-8"), re.M).group(1)
 
 # Everything the code reads at run time ships inside the package, so a wheel installed anywhere works:
 # the model-card template (alip_hf/model_card.md is a link to the repository's model_card.md), the demo data,
@@ -13,7 +20,7 @@ PACKAGE_DATA = [
 
 setup(
     name="alip-hf",
-    version="0.1.0",
+    version=VERSION,
     description="Train CLIP models on noisy web data with synthetic captions (ALIP, VeCLIP, CLIP) on the Hugging Face stack",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -28,7 +28,6 @@ From training: `evaluate_model(model, processor, "demo", accelerator=accelerator
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -168,17 +167,18 @@ def write_model_card(args: EvalArguments, records: list[dict], argv: list[str]):
     training arguments saved beside the model (`train_args.yaml`), when there are any."""
     import yaml
 
-    from alip_hf.evaluation.cards import hub_id, portable_command, update_model_card
+    from alip_hf.evaluation.cards import ModelCardInfo, hub_id, linked_file, portable_command, update_model_card
     from alip_hf.io import write_text_atomic
 
     card_path = Path(args.model_card)
-    plot_link = os.path.relpath(args.plot, card_path.resolve().parent) if args.plot else None
+    card_path.parent.mkdir(parents=True, exist_ok=True)
     saved_args = Path(args.model) / "train_args.yaml"
-    train_args = yaml.safe_load(saved_args.read_text()) if saved_args.is_file() else None
-    card = update_model_card(
-        card_path, records, model_name=hub_id(args.model) or Path(args.model).name, train_args=train_args,
-        recall_plot=plot_link, eval_command="python eval.py " + portable_command(list(argv)))
-    write_text_atomic(card_path, str(card))
+    info = ModelCardInfo(
+        model_name=hub_id(args.model) or Path(args.model).name,
+        train_args=yaml.safe_load(saved_args.read_text()) if saved_args.is_file() else None,
+        recall_plot=linked_file(args.plot, card_path.parent) if args.plot else None,  # copied beside the card
+        eval_command="python eval.py " + portable_command(list(argv)))
+    write_text_atomic(card_path, str(update_model_card(card_path, records, info)))
 
 
 def compare_main(args: EvalArguments) -> str:
@@ -187,6 +187,8 @@ def compare_main(args: EvalArguments) -> str:
     from alip_hf.evaluation.reports import comparison_table, plot_comparison
     from alip_hf.io import write_text_atomic
 
+    if args.plot:  # fail before writing anything
+        _require_matplotlib()
     table = comparison_table(args.compare)
     print(table)
     if args.compare_output:
@@ -194,6 +196,17 @@ def compare_main(args: EvalArguments) -> str:
     if args.plot:
         plot_comparison(args.compare, args.plot)
     return table
+
+
+def _require_matplotlib() -> None:
+    """`--plot` without matplotlib: one line naming the install command (no traceback), before any work."""
+    from alip_hf.evaluation.reports import _matplotlib
+    from alip_hf.lazy import MissingExtra
+
+    try:
+        _matplotlib()
+    except MissingExtra as error:
+        raise SystemExit(f"eval.py --plot: {error}") from None
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -213,19 +226,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from accelerate import Accelerator
 
     from alip_hf.evaluation.features import ClassifierCache
-    from alip_hf.evaluation.reports import (
-        _matplotlib,
-        datacomp_summary,
-        plot_recall_at_k,
-        results_table,
-    )
+    from alip_hf.evaluation.reports import datacomp_summary, plot_recall_at_k, results_table
     from alip_hf.evaluation.runners import EvalSettings, run_and_save
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     accelerator = Accelerator()
     tasks = tasks_from_args(args)
     if args.plot:  # fail before evaluating, not after
-        _matplotlib()
+        _require_matplotlib()
         if not any(t.task == RETRIEVAL for t in tasks):
             raise ValueError("--plot draws retrieval recall@k curves, but no retrieval task is evaluated")
     model, processor = load_model_and_processor(args.model, accelerator.device, args.trust_remote_code)

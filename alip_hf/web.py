@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Literal
 
 from alip_hf.io import write_json_atomic, write_with_atomically
+from alip_hf.lazy import install_command
 from alip_hf.schema import ALT_TEXT, ID
 
 logger = logging.getLogger(__name__)
@@ -163,8 +164,8 @@ def find_img2dataset(program: str = "img2dataset") -> str:
     candidate = os.environ.get("ALIP_IMG2DATASET") if program == "img2dataset" else None
     found = candidate or shutil.which(program) or (program if os.path.isfile(program) else None)
     if not found:
-        raise FileNotFoundError(f"img2dataset not found ({program!r}); `pip install 'alip-hf[web]'`, or install it in "
-                                "its own venv and pass --img2dataset /path/to/venv/bin/img2dataset")
+        raise FileNotFoundError(f"img2dataset not found ({program!r}): {install_command('web', 'img2dataset')}, or "
+                                "install it in its own venv and pass --img2dataset /path/to/venv/bin/img2dataset")
     return found
 
 

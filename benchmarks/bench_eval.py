@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import open_clip  # noqa: E402
 
-import eval as ev  # noqa: E402
+from alip_hf import evaluation as ev  # noqa: E402
+from alip_hf.io import write_text_atomic  # noqa: E402
 from modeling_alip import ALIPProcessor  # noqa: E402
 from alip_hf.convert.from_open_clip import convert_open_clip  # noqa: E402
 
@@ -79,20 +80,22 @@ def check_same_network(reference, model, pixels, tokens):
         torch.testing.assert_close(ours_text, reference.encode_text(tokens), atol=FEATURE_ATOL, rtol=0)
 
 
-def main(argv=None) -> str:
-    args = parse_args(argv)
-    torch.set_grad_enabled(False)
-    reference, preprocess, model, processor = build(args.model)
+def workload(args, preprocess):
+    """Random images, prompts made from ImageNet class names and CIFAR templates, the first `--batch_size`
+    images preprocessed the open_clip way, and the zero-shot classifier's class names and templates."""
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (256, 320, 3), dtype=np.uint8)) for _ in range(args.images)]
     names = ev.named_list("imagenet", "classnames")
     templates = ev.check_templates(ev.named_list("clip_benchmark:cifar10", "templates"))
     prompts = [t.format(names[i % len(names)]) for i, t in zip(range(args.texts), templates * args.texts)]
     pixels = torch.stack([preprocess(im) for im in images[: args.batch_size]])
-    check_same_network(reference, model, pixels[:4], open_clip.tokenize(prompts[:4]))
-    cache_dir = tempfile.mkdtemp(prefix="bench-eval-cache-")
-    class_names = names[: args.classes]
+    return images, prompts, pixels, names[: args.classes], templates
+
+
+def timed_rows(args, reference, preprocess, model, processor, images, prompts, pixels, class_names, templates):
+    """`{row: (function, items it handles or None, the row it is compared with)}`; also warms both caches."""
     bs = args.batch_size
+    cache_dir = tempfile.mkdtemp(prefix="bench-eval-cache-")
 
     def open_clip_images():
         for start in range(0, len(images), bs):
@@ -104,69 +107,78 @@ def main(argv=None) -> str:
             tokens = open_clip.tokenize(prompts[start : start + bs])
             torch.nn.functional.normalize(reference.encode_text(tokens), dim=-1)
 
-    disk_cache = {"n": 0}
-
     def disk_hit():
-        disk_cache["n"] += 1
         cache = ev.ClassifierCache(cache_dir)
         ev.zeroshot_classifier(model, processor, class_names, templates, bs, cache=cache)
         assert cache.hits == 1, "expected a disk hit"
 
     memory_cache = ev.ClassifierCache()
-    rows = {
-        "images end to end: open_clip": (open_clip_images, args.images, "images end to end: open_clip"),
-        "images end to end: eval.encode_images": (
-            lambda: ev.encode_images(model, processor, images, bs), args.images, "images end to end: open_clip"),
-        "image tower only: open_clip encode_image": (
-            lambda: reference.encode_image(pixels), len(pixels), "image tower only: open_clip encode_image"),
-        "image tower only: get_image_features": (
-            lambda: model.get_image_features(pixel_values=pixels), len(pixels),
-            "image tower only: open_clip encode_image"),
-        "texts end to end: open_clip (77 wide)": (open_clip_texts, args.texts, "texts end to end: open_clip (77 wide)"),
-        "texts end to end: eval.encode_texts (longest)": (
-            lambda: ev.encode_texts(model, processor, prompts, bs), args.texts,
-            "texts end to end: open_clip (77 wide)"),
-        "class embeddings: miss (encode all prompts)": (
-            lambda: ev.zeroshot_classifier(model, processor, class_names, templates, bs, cache=ev.ClassifierCache()),
-            None, "class embeddings: miss (encode all prompts)"),
-        "class embeddings: in-memory hit": (
-            lambda: ev.zeroshot_classifier(model, processor, class_names, templates, bs, cache=memory_cache),
-            None, "class embeddings: miss (encode all prompts)"),
-        "class embeddings: disk hit": (disk_hit, None, "class embeddings: miss (encode all prompts)"),
-    }
-    # Warm-up: first calls pay for lazy initialisation; it also fills both caches.
+    # Warm-up of both caches (the first calls also pay for lazy initialisation).
     ev.zeroshot_classifier(model, processor, class_names, templates, bs, cache=memory_cache)
     ev.zeroshot_classifier(model, processor, class_names, templates, bs, cache=ev.ClassifierCache(cache_dir))
+    images_row, texts_row = "images end to end: open_clip", "texts end to end: open_clip (77 wide)"
+    tower_row, miss_row = "image tower only: open_clip encode_image", "class embeddings: miss (encode all prompts)"
+    return {
+        images_row: (open_clip_images, args.images, images_row),
+        "images end to end: eval.encode_images": (
+            lambda: ev.encode_images(model, processor, images, bs), args.images, images_row),
+        tower_row: (lambda: reference.encode_image(pixels), len(pixels), tower_row),
+        "image tower only: get_image_features": (
+            lambda: model.get_image_features(pixel_values=pixels), len(pixels), tower_row),
+        texts_row: (open_clip_texts, args.texts, texts_row),
+        "texts end to end: eval.encode_texts (longest)": (
+            lambda: ev.encode_texts(model, processor, prompts, bs), args.texts, texts_row),
+        miss_row: (
+            lambda: ev.zeroshot_classifier(model, processor, class_names, templates, bs, cache=ev.ClassifierCache()),
+            None, miss_row),
+        "class embeddings: in-memory hit": (
+            lambda: ev.zeroshot_classifier(model, processor, class_names, templates, bs, cache=memory_cache),
+            None, miss_row),
+        "class embeddings: disk hit": (disk_hit, None, miss_row),
+    }
+
+
+def median_times(rows: dict, repeats: int) -> dict[str, float]:
+    """Each row's median time over `repeats`, the rows interleaved, after one warm-up call each."""
     for function, _, _ in rows.values():
         function()
     times = {name: [] for name in rows}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for name, (function, _, _) in rows.items():
             times[name].append(timed(function))
-    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {name: statistics.median(values) for name, values in times.items()}
 
+
+def report(args, argv, rows: dict, medians: dict, num_classes: int, num_templates: int) -> str:
     command = "OMP_NUM_THREADS={} python benchmarks/bench_eval.py {}".format(
         os.environ.get("OMP_NUM_THREADS", "unset"), " ".join(sys.argv[1:] if argv is None else argv))
     lines = [
         "# Benchmarks: evaluation (eval.py)", "", "Produced by:", "", f"    {command}", "",
         f"Machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} thread(s); "
-        f"open_clip {open_clip.__version__} {args.model}, random weights, fp32, CPU; batches of {bs}; "
+        f"open_clip {open_clip.__version__} {args.model}, random weights, fp32, CPU; batches of {args.batch_size}; "
         f"median of {args.repeats} repeats, rows interleaved. Features of both sides agree within "
-        f"{FEATURE_ATOL:g}. Zero-shot classifier: {len(class_names)} classes x {len(templates)} CIFAR templates "
-        f"= {len(class_names) * len(templates)} prompts.", "",
+        f"{FEATURE_ATOL:g}. Zero-shot classifier: {num_classes} classes x {num_templates} CIFAR templates "
+        f"= {num_classes * num_templates} prompts.", "",
         "| row | median s | items/s | time vs reference row |", "|---|---:|---:|---:|",
     ]
     for name, (_, count, reference_row) in rows.items():
         rate = f"{count / medians[name]:,.1f}" if count else "-"
         lines.append(f"| {name} | {medians[name]:.4f} | {rate} | {medians[name] / medians[reference_row]:.3f}x |")
-    report = "\n".join(lines) + "\n"
-    print(report)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    torch.set_grad_enabled(False)
+    reference, preprocess, model, processor = build(args.model)
+    images, prompts, pixels, class_names, templates = workload(args, preprocess)
+    check_same_network(reference, model, pixels[:4], open_clip.tokenize(prompts[:4]))
+    rows = timed_rows(args, reference, preprocess, model, processor, images, prompts, pixels, class_names, templates)
+    text = report(args, argv, rows, median_times(rows, args.repeats), len(class_names), len(templates))
+    print(text)
     if args.output:
-        fd, tmp = tempfile.mkstemp(dir=Path(args.output).parent, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(report)
-        os.replace(tmp, args.output)
-    return report
+        write_text_atomic(args.output, text)
+    return text
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def open_clip_config(config: dict) -> dict:
-    """open_clip's model config for one of `alip_hf.models.MODEL_CONFIGS` (same widths, depths, heads, MLP)."""
+    """open_clip's model config for one of `alip_hf.model_sizes.MODEL_CONFIGS` (same widths, depths, heads, MLP)."""
     vision, text = config["vision_config"], config["text_config"]
     return {
         "embed_dim": config["projection_dim"],
@@ -97,7 +97,7 @@ class OpenClipStep:
         import torch
         from open_clip.loss import ClipLoss
 
-        from alip_hf.models import MODEL_CONFIGS
+        from alip_hf.model_sizes import MODEL_CONFIGS
         from alip_hf.training.optim import adamw_implementation
 
         directory = Path(tempfile.mkdtemp(prefix="open-clip-config-"))
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
-    parser.add_argument("--config", default="vit-b-32", help="A name of alip_hf.models.MODEL_CONFIGS.")
+    parser.add_argument("--config", default="vit-b-32", help="A name of alip_hf.model_sizes.MODEL_CONFIGS.")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)

@@ -1,6 +1,6 @@
 """Captioning throughput: batched `Captioner` vs a per-image loop vs transformers' pipeline, side by side.
 
-All three use the same tiny random BLIP (`recaption.tiny`), the same images, the same prompt, greedy
+All three use the same tiny random BLIP (`tests/_tiny_captioners.py`), the same images, the same prompt, greedy
 decoding and the same `max_new_tokens`; the pipeline keeps its other defaults and is timed both called per
 image and called on the whole list. Methods take turns within each of `--repeats` rounds, after one
 warm-up; the table gives the median images/s and the ratio to the loop.
@@ -21,7 +21,9 @@ import tempfile
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tiny test models: tests/_tiny_captioners.py
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -47,30 +49,25 @@ def _interleaved_median_rates(methods, n_images: int, repeats: int) -> dict[str,
     return {name: (statistics.median(rates[name]), outputs[name]) for name, _ in methods}
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--image_size", type=int, default=64)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    import torch
+
+def in_memory_methods(args, model: str, images: list) -> list[tuple[str, callable]]:
+    """The per-image loop, the pipeline (per image and per list) and the batched `Captioner`."""
     from transformers import pipeline
-    from transformers.utils import logging as hf_logging
 
-    from recaption.caption import CaptionArguments, Captioner, caption
-    from recaption.common import GenerationArguments, RunArguments
-    from recaption.tiny import save_tiny_captioner
+    from recaption.caption import Captioner
+    from recaption.common import GenerationArguments
 
-    hf_logging.set_verbosity_error()
-    warnings.simplefilter("ignore")
-    workdir = tempfile.mkdtemp()
-    model = save_tiny_captioner(os.path.join(workdir, "captioner"))
-    images = _images(args.images, args.image_size)
-    generation = dict(max_new_tokens=args.max_new_tokens, dtype="float32")
-    batched = Captioner(model, PROMPT, GenerationArguments(batch_size=args.batch_size, **generation))
+    generation = GenerationArguments(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, dtype="float32")
+    batched = Captioner(model, PROMPT, generation)
     pipe = pipeline("image-text-to-text", model=model)
 
     def loop():
@@ -89,10 +86,21 @@ def main(argv=None):
         out = pipe(images=images, text=[PROMPT] * len(images), max_new_tokens=args.max_new_tokens)
         return [o["generated_text"][len(PROMPT):].strip() for o in out]
 
-    # The whole step: PNG decode, generation, join on id, Parquet write, markers, summary.
+    return [
+        ("per-image loop (`Captioner`, 1 image per call)", loop),
+        ("pipeline, one call per image (defaults)", pipeline_per_image),
+        ("pipeline, whole list in one call (defaults)", pipeline_list),
+        (f"batched `Captioner` (batch {args.batch_size})", batch),
+    ]
+
+
+def step_method(args, model: str, images: list, workdir: str) -> tuple[str, callable]:
+    """The whole `recaption.caption` step: PNG decode, generation, join on id, Parquet write, markers, summary."""
     import datasets
 
     from alip_hf.data import FEATURES, load_source
+    from recaption.caption import CaptionArguments, caption
+    from recaption.common import GenerationArguments, RunArguments
 
     buffers = []
     for image in images:
@@ -111,17 +119,26 @@ def main(argv=None):
         caption(
             RunArguments(source=source, output_dir=out, shard_size=args.batch_size),
             CaptionArguments(model=model, prompt=PROMPT, prompt_version="bench"),
-            GenerationArguments(batch_size=args.batch_size, **generation),
+            GenerationArguments(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, dtype="float32"),
         )
         return load_source(os.path.join(out, "data"))["caption"]
 
-    methods = (
-        ("per-image loop (`Captioner`, 1 image per call)", loop),
-        ("pipeline, one call per image (defaults)", pipeline_per_image),
-        ("pipeline, whole list in one call (defaults)", pipeline_list),
-        (f"batched `Captioner` (batch {args.batch_size})", batch),
-        (f"`recaption.caption` step, shards of {args.batch_size} (incl. PNG decode, Parquet write)", step),
-    )
+    return f"`recaption.caption` step, shards of {args.batch_size} (incl. PNG decode, Parquet write)", step
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from _tiny_captioners import save_tiny_captioner
+
+    hf_logging.set_verbosity_error()
+    warnings.simplefilter("ignore")
+    workdir = tempfile.mkdtemp()
+    model = save_tiny_captioner(os.path.join(workdir, "captioner"))
+    images = _images(args.images, args.image_size)
+    methods = [*in_memory_methods(args, model, images), step_method(args, model, images, workdir)]
     results = _interleaved_median_rates(methods, len(images), args.repeats)
     loop_name = methods[0][0]
     reference = results[loop_name][1]

@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# open_clip's equivalent of alip_hf.models.MODEL_CONFIGS["small"] (head_width 32 gives 4 heads at width 128;
+# open_clip's equivalent of alip_hf.model_sizes.MODEL_CONFIGS["small"] (head_width 32 gives 4 heads at width 128;
 # quick_gelu: transformers' CLIP default activation).
 OPEN_CLIP_SMALL = {
     "embed_dim": 128,

@@ -30,7 +30,6 @@ training (joined on id), for the same filtering and report. See docs/audit.md.
 from __future__ import annotations
 
 import glob
-import hashlib
 import math
 import re
 import sys
@@ -39,6 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from alip_hf.identity import sha256_files
 from alip_hf.lazy import lazy_import
 from alip_hf.sources import is_empty_text
 from alip_hf.schema import (
@@ -173,13 +173,6 @@ def load_gated_model(path: str, revision: str | None = None):
     return model.eval()
 
 
-def weights_digest(model) -> str:
-    """sha256 of every parameter and buffer (gate running means included): what scored the rows."""
-    from alip_hf.evaluation.features import model_fingerprint
-
-    return model_fingerprint(model)
-
-
 def _image_embeds(model, processor, images: list):
     """PIL images -> `(B, D)` L2-normalised float32 embeddings (eval preprocessing: resize + centre crop)."""
     import torch.nn.functional as F
@@ -210,6 +203,7 @@ class GateScorer:
 
     def __init__(self, model_path: str, revision: str | None = None, clip_score_model: str | None = None,
                  device="cpu"):
+        from alip_hf.evaluation.features import model_fingerprint
         from alip_hf.pretrained import load_model_and_processor, load_processor
 
         self.model = load_gated_model(model_path, revision).to(device)
@@ -226,8 +220,9 @@ class GateScorer:
                 raise ValueError(f"--clip_score_model {clip_score_model!r} is a {type(self.clip_model).__name__}, "
                                  "not a CLIP-style model with get_image_features/get_text_features")
         self.commit = getattr(self.model.config, "_commit_hash", None)
-        self.digest = weights_digest(self.model)
-        self.clip_digest = weights_digest(self.clip_model) if self.clip_model is not None else None
+        # sha256 of every parameter and buffer (gate running means included): what scored the rows
+        self.digest = model_fingerprint(self.model)
+        self.clip_digest = model_fingerprint(self.clip_model) if self.clip_model is not None else None
 
     def __call__(self, images: list, texts: list[str], captions: list[str]) -> dict[str, np.ndarray]:
         """PIL images and their two texts -> `{column: (B,) float64}` for every column of `AUDIT_SCORES`."""
@@ -375,11 +370,7 @@ class LoggedWeightsStep(_AuditStepBase):
             raise FileNotFoundError(f"--sample_weights {args.sample_weights!r}: no .parquet files (written by "
                                     "train.py --log_sample_weights in <output_dir>/sample_weights)")
         self.values = self._read_log()
-        digest = hashlib.sha256()
-        for path in self.files:
-            with open(path, "rb") as f:
-                digest.update(hashlib.sha256(f.read()).digest())
-        self.digest = digest.hexdigest()
+        self.digest = sha256_files(self.files)
         self.label = f"train-log@{self.digest[:12]}"
 
     def _read_log(self) -> dict[str, dict[str, float]]:

@@ -34,6 +34,7 @@ from alip_hf.io import (
     write_json_atomic,
     write_text_atomic,
 )
+from alip_hf.lazy import MissingExtra, install_command
 from alip_hf.schema import AUDIT_SCORES, ERROR, ID
 
 FILTERED_DIR = "filtered"
@@ -45,8 +46,8 @@ def check_report_dependencies() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError as error:
-        raise ImportError("the audit report needs matplotlib: pip install matplotlib (or pip install -e '.[plot]'), "
-                          "or pass --report false") from error
+        raise MissingExtra(f"the audit report needs matplotlib, which is not installed: "
+                           f"{install_command('plot', 'matplotlib')}, or pass --report false") from error
 
 
 def shard_files(output_dir: str, split: str) -> list[str]:

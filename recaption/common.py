@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import glob
 import itertools
-import hashlib
 import json
 import logging
 import math
@@ -52,6 +51,7 @@ from typing import Any, Callable, Iterator, Protocol
 from tqdm.auto import tqdm
 
 from alip_hf import sources  # the data contract; imports only the standard library up front
+from alip_hf.identity import identity_differences, sha256_file, sha256_json
 from alip_hf.io import write_json_atomic, write_with_atomically
 from alip_hf.lazy import lazy_import
 from alip_hf.schema import ERROR, ID, IMAGE
@@ -214,16 +214,6 @@ def chunks(items: list, size: int) -> Iterator[list]:
 # ----------------------------------------------------------------------------- identities of input and model
 
 
-def digest(value: Any) -> str:
-    """sha256 of a JSON-able value (keys sorted), hex."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode("utf-8")).hexdigest()
-
-
-def ids_digest(ids: list[str]) -> str:
-    """sha256 of a shard's ids in order, hex (JSON-encoded, so no id can run into the next)."""
-    return hashlib.sha256(json.dumps(ids).encode("utf-8")).hexdigest()
-
-
 # "real path|size|mtime_ns" -> sha256 of the file; filled from and saved to <output_dir>/digest_cache.json, so that
 # a resumed run does not read a large model's weights once more just to hash them.
 _FILE_DIGESTS: dict[str, str] = {}
@@ -235,11 +225,7 @@ def file_sha256(path: str) -> str:
     stat = os.stat(path)
     key = f"{os.path.realpath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
     if key not in _FILE_DIGESTS:
-        sha = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                sha.update(block)
-        _FILE_DIGESTS[key] = sha.hexdigest()
+        _FILE_DIGESTS[key] = sha256_file(path)
     return _FILE_DIGESTS[key]
 
 
@@ -305,7 +291,7 @@ def identity_digests(config: dict) -> dict[str, str]:
     shard size, prompt and its version, generation settings, labels)."""
     parts = {"source": {k: config.get(k) for k in _SOURCE_KEYS}, "model": {k: config.get(k) for k in _MODEL_KEYS}}
     parts["settings"] = {k: v for k, v in config.items() if k not in _MODEL_KEYS + _SOURCE_KEYS}
-    return {name: digest(value) for name, value in parts.items()}
+    return {name: sha256_json(value) for name, value in parts.items()}
 
 
 # ----------------------------------------------------------------------------- input
@@ -495,7 +481,7 @@ def verify_done_chunks(args: RunArguments, dataset: datasets.IterableDataset, so
     """
     for marker in finished:
         recorded = marker.get("identity") or {}
-        changed = [part for part in ("source", "model", "settings") if recorded.get(part) != identity[part]]
+        changed = list(identity_differences(recorded, identity))  # of source, model, settings
         if changed:
             _refuse(args, stream_chunk_name(args.split, source_shard, marker["chunk"]),
                     f"it was made with another {' and '.join(changed)} ({'; '.join(changed)} digest differs)")
@@ -507,7 +493,7 @@ def verify_done_chunks(args: RunArguments, dataset: datasets.IterableDataset, so
     for marker in finished:
         taken = list(itertools.islice(rows, args.shard_size))
         ids = [sources.read_id(row, id_column) for row in taken]
-        if marker.get("ids_sha256", ids_digest(ids)) != ids_digest(ids):
+        if marker.get("ids_sha256", sha256_json(ids)) != sha256_json(ids):
             _refuse(args, stream_chunk_name(args.split, source_shard, marker["chunk"]),
                     f"its input ids changed: it was made from {marker['rows']} rows starting at id "
                     f"{marker.get('first_id')!r}; the source's rows for it now number {len(ids)}, starting at id "
@@ -537,12 +523,12 @@ def verify_done_shard(args: RunArguments, index: int, ids: list[str], identity: 
     recorded = marker.get("identity")
     if recorded is None or "ids_sha256" not in marker:
         problem = "its marker records no input digest (written by an earlier version), so it cannot be checked"
-    elif marker["ids_sha256"] != ids_digest(ids):
+    elif marker["ids_sha256"] != sha256_json(ids):
         problem = (f"its input ids changed: it was made from {marker['rows']} rows starting at id "
                    f"{marker.get('first_id')!r}; the source's rows for it now number {len(ids)}, starting at id "
                    f"{ids[0] if ids else None!r} (the source was replaced or reordered)")
     else:
-        changed = [part for part in ("source", "model", "settings") if recorded.get(part) != identity[part]]
+        changed = list(identity_differences(recorded, identity))  # of source, model, settings
         if not changed:
             return
         problem = f"it was made with another {' and '.join(changed)} ({'; '.join(changed)} digest differs)"
@@ -630,7 +616,7 @@ def run_sharded(args: RunArguments, step: Step, accelerator=None, source: Input 
         atomic_write_json(
             os.path.join(args.output_dir, "shards", f"{name}.json"),
             {**fields, "rows": len(ids), "process_index": rank, "counts": result.counts,
-             "seconds": time.time() - started, "ids_sha256": ids_digest(ids), "first_id": ids[0],
+             "seconds": time.time() - started, "ids_sha256": sha256_json(ids), "first_id": ids[0],
              "identity": identity},
         )
 

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from alip_hf import schema
-from alip_hf.models import MODEL_CONFIGS, TINY_TOWER
+from alip_hf.model_sizes import MODEL_CONFIGS, TINY_TOWER
 from modeling_alip import ALIPConfig, ALIPModel, ALIPProcessor
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

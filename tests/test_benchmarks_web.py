@@ -15,7 +15,8 @@ def test_open_clip_gets_the_same_architecture(config, tmp_path):
     import bench_gpu
     import open_clip
 
-    from alip_hf.models import MODEL_CONFIGS, build_model
+    from alip_hf.model_sizes import MODEL_CONFIGS
+    from alip_hf.models import build_model
     from alip_hf.training.arguments import ModelArguments
 
     (tmp_path / f"same-{config}.json").write_text(json.dumps(bench_gpu.open_clip_config(MODEL_CONFIGS[config])))

@@ -16,6 +16,7 @@ from alip_hf.eval import main as eval_main
 from alip_hf.evaluation.cards import (
     EVALUATION_END,
     EVALUATION_START,
+    ModelCardInfo,
     build_model_card,
     eval_results,
     records_from_eval_results,
@@ -116,6 +117,50 @@ def test_the_usage_snippet_runs_as_written(saved_model, tmp_path, package):
     for scores in (pipeline_scores, feature_scores):
         assert set(scores) == {"a photo of a cat", "a photo of a dog"}
         assert sum(scores.values()) == pytest.approx(1, abs=2e-3)
+    # both halves score the same texts: the pipeline is not left to its "This is a photo of {}." template
+    assert pipeline_scores == pytest.approx(feature_scores, abs=1.5e-3)  # each printed to 3 decimals
+
+
+def test_the_cards_install_line_needs_no_package_index_to_serve_alip_hf():
+    text = str(build_model_card(RECORDS, train_args=TRAIN_ARGS))
+    assert "pip install alip-hf" not in text and "alip-hf[" not in text
+    assert "# pip install torch transformers pillow" in usage_code(ModelCard(text))
+
+
+def test_card_of_a_run_on_the_demo_data_takes_the_licence_its_card_states():
+    from alip_hf.resources import DEMO_DATA
+
+    card = build_model_card(RECORDS, train_args={"recipe": "alip", "train_data": str(DEMO_DATA)})
+    assert card.data.license == "cc0-1.0" and "`cc0-1.0`, as the card of the training data `demo_data` states" in card.text
+    assert str(DEMO_DATA) not in str(card)
+    assert build_model_card(RECORDS, train_args={"train_data": "demo"}).data.license == "cc0-1.0"  # by its name
+
+
+def test_card_licence_name_and_link_and_base_model_come_from_the_local_cards(tmp_path):
+    data, checkpoint = tmp_path / "data", tmp_path / "start"
+    data.mkdir()
+    checkpoint.mkdir()
+    (data / "README.md").write_text("---\nlicense: other\nlicense_name: my-data-licence\n"
+                                    "license_link: https://example.org/licence\n---\n# data\n")
+    (checkpoint / "README.md").write_text("---\nbase_model: openai/clip-vit-base-patch32\n---\n# start\n")
+    train_args = {"train_data": str(data / "train-*.parquet"), "model_name_or_path": str(checkpoint)}
+    card = build_model_card(RECORDS, train_args=train_args)
+    assert (card.data.license, card.data.license_name, card.data.license_link) == (
+        "other", "my-data-licence", "https://example.org/licence")
+    assert card.data.base_model == "openai/clip-vit-base-patch32"
+    assert "a local checkpoint `start`, itself from [openai/clip-vit-base-patch32]" in card.text
+    # nothing states a licence: none is written (not a made-up `other`), and the card says how to set one
+    bare = build_model_card(RECORDS, train_args={"train_data": str(tmp_path / "nowhere.parquet")})
+    assert bare.data.license is None and "not stated (train.py's `--license` sets it)" in bare.text
+
+
+def test_card_fields_are_typed_and_a_misspelled_one_is_an_error():
+    with pytest.raises(TypeError, match=r"'licence' \(did you mean 'license'\?\)"):
+        build_model_card(RECORDS, licence="mit")
+    info = ModelCardInfo(license="mit", datasets=["me/web-pairs"], base_model="openai/clip-vit-base-patch32")
+    card = build_model_card(RECORDS, info, model_name="typed")
+    assert (card.data.license, card.data.datasets, card.data.base_model, card.data.model_name) == (
+        "mit", ["me/web-pairs"], "openai/clip-vit-base-patch32", "typed")
 
 
 def test_eval_model_card_adds_results_to_a_trained_models_card_keeping_its_training_section(tiny_data, tmp_path):

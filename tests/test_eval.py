@@ -357,7 +357,15 @@ def test_model_card_renders_train_py_flat_metrics_and_rejects_unknown_placeholde
     template.write_text(sections + " {{seed_note}}")
     with pytest.raises(KeyError, match="seed_note"):
         ev.render_model_card(flat, template=template)
-    assert ev.render_model_card(flat, template=template, seed_note="seed 0").endswith(" seed 0")
+    assert ev.render_model_card(flat, template=template, placeholders={"seed_note": "seed 0"}).endswith(" seed 0")
+
+
+def test_model_card_refuses_a_misspelled_field_naming_the_right_one():
+    with pytest.raises(TypeError, match=r"'licence' \(did you mean 'license'\?\)"):
+        ev.render_model_card([], licence="mit")
+    with pytest.raises(TypeError, match="'seed_note'"):  # a template's own value goes in placeholders=
+        ev.build_model_card([], ev.ModelCardInfo(license="mit"), seed_note="seed 0")
+    assert "license: mit" in ev.render_model_card([], ev.ModelCardInfo(license="mit"))
 
 
 def test_model_card_of_train_py_shows_its_eval_split_and_a_command_for_its_eval_data(tmp_path):
@@ -430,3 +438,52 @@ def test_veclip_layout_clip_model_with_t5_tokenizer_evaluates_through_the_featur
         alone = [model.get_text_features(**processor(text=[t.format(name)])).pooler_output[0] for t in templates]
         mean = torch.stack([f / f.norm() for f in alone]).mean(0)
         torch.testing.assert_close(classifier[:, c], (mean / mean.norm()).detach(), atol=FEATURE_ATOL, rtol=0)
+
+
+# ---- the pages that document evaluation ---------------------------------------------------------------------------
+
+DOC_PAGES = ("docs/evaluation.md", "docs/demo_data.md")
+
+
+def _python_imports(page: str) -> list[tuple[str, str | None]]:
+    """`(module, name)` of every import in the page's Python: its ```python blocks and `python -c '...'` lines."""
+    import re
+
+    from conftest import REPO_ROOT
+
+    text = (REPO_ROOT / page).read_text(encoding="utf-8")
+    code = "\n".join(re.findall(r"```python\n(.*?)```", text, re.S) + re.findall(r"python -c '([^']*)'", text))
+    found = []
+    for line in code.splitlines():
+        statement = line.split("#")[0].strip().split(";")[0]
+        if match := re.fullmatch(r"from ([\w.]+) import (.+)", statement):
+            found += [(match.group(1), name.strip()) for name in match.group(2).split(",")]
+        elif match := re.fullmatch(r"import (.+)", statement):
+            found += [(name.strip(), None) for name in match.group(1).split(",")]
+    return found
+
+
+@pytest.mark.parametrize("page", DOC_PAGES)
+def test_every_import_the_page_shows_exists(page):
+    import importlib
+
+    imports = _python_imports(page)
+    assert imports, f"{page}: no Python imports found; the scan is broken"
+    for module, name in imports:
+        if module in ("eval", "train", "data"):  # the checkout's entry points, or no module at all
+            raise AssertionError(f"{page}: `import {module}` is no library module (use `from alip_hf import ...`)")
+        loaded = importlib.import_module(module)
+        if name is not None and not hasattr(loaded, name):
+            importlib.import_module(f"{module}.{name}")  # a submodule, else ImportError naming it
+
+
+def test_the_quickstart_adds_results_to_the_models_card_not_the_projects_readme():
+    import re
+
+    from conftest import REPO_ROOT
+
+    for page in ("README.md", *DOC_PAGES, "docs/training.md"):
+        text = (REPO_ROOT / page).read_text(encoding="utf-8")
+        for target in re.findall(r"--model_card (\S+)", text):
+            assert target != "README.md" and not target.startswith("./README"), (
+                f"{page}: --model_card {target} would write into the project's own README")

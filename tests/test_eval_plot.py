@@ -124,3 +124,45 @@ def test_cli_plot_without_a_retrieval_task_fails_before_evaluating(tmp_path):
 def test_model_card_without_a_plot_has_no_image_link():
     card = ev.render_model_card([retrieval_record()])
     assert "{{" not in card and "![" not in card
+
+
+def test_model_card_links_a_plot_from_inside_the_model_folder(tmp_path):
+    model_dir, elsewhere = tmp_path / "model", tmp_path / "plots"
+    model_dir.mkdir()
+    elsewhere.mkdir()
+    plot = ev.plot_recall_at_k([retrieval_record()], elsewhere / "recall.png")
+    args = eval_cli.EvalArguments(model=str(model_dir), preset=["demo"], plot=str(plot),
+                                  model_card=str(model_dir / "README.md"))
+    eval_cli.write_model_card(args, [retrieval_record()], ["--model", str(model_dir), "--plot", str(plot)])
+    card = (model_dir / "README.md").read_text()
+    assert "![Retrieval recall@k](recall.png)" in card and "../" not in card  # the link survives a push
+    assert (model_dir / "recall.png").read_bytes() == plot.read_bytes()
+
+
+HIDE_MATPLOTLIB = """
+import runpy, sys
+class HideMatplotlib:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "matplotlib":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, HideMatplotlib())
+sys.argv = ["eval.py", *sys.argv[1:]]
+runpy.run_module("alip_hf.eval", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("mode", ["evaluate", "compare"])
+def test_cli_plot_without_matplotlib_says_in_one_line_the_install_command_that_works(tmp_path, mode):
+    import subprocess
+    import sys
+
+    flags = (["--model", str(tmp_path / "model"), "--preset", "demo"] if mode == "evaluate"
+             else ["--compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    result = subprocess.run([sys.executable, "-c", HIDE_MATPLOTLIB, *flags, "--plot", str(tmp_path / "r.png")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-2000:]  # no traceback
+    # the packages themselves: neither `-e '.[plot]'` (a checkout only) nor `alip-hf[plot]` (no index serves it)
+    assert lines[0].startswith("eval.py --plot: ") and lines[0].endswith("pip install matplotlib"), lines[0]
+    assert not list(tmp_path.iterdir())  # failed before any work

@@ -355,9 +355,9 @@ def test_compare_renders_a_markdown_table_and_vector_plots(tmp_path):
     table_path = tmp_path / "table.md"
     table = eval_cli.main(["--compare", *map(str, paths), "--compare_output", str(table_path),
                            "--plot", str(tmp_path / "cmp.svg")]) or table_path.read_text()
-    assert "| dataset | runs/clip | runs/alip |" in table
-    assert "| cifar10 | 50.00 | **62.50** |" in table and "| mscoco | 15.00 | **22.50** |" in table
-    assert "flowers" not in table and "| mean of 2 shared rows | 32.50 | 42.50 |" in table
+    assert "| dataset [split] | metric | runs/clip | runs/alip |" in table
+    assert "| cifar10 | acc1 | 50.00 | **62.50** |" in table and "| mscoco | mean_recall@1 | 15.00 | **22.50** |" in table
+    assert "flowers" not in table and "| mean of 2 shared rows | each row's metric | 32.50 | 42.50 |" in table
     assert "<svg" in (tmp_path / "cmp.svg").read_text()
     reports.plot_comparison(paths, tmp_path / "cmp.pdf")
     assert (tmp_path / "cmp.pdf").read_bytes().startswith(b"%PDF")

@@ -19,7 +19,7 @@ from alip_hf.schema import ALT_TEXT, ID, IMAGE
 from modeling_alip import clean_clip_text
 from recaption.caption import CaptionArguments, caption
 from recaption.common import GenerationArguments, RunArguments
-from recaption.tiny import save_tiny_captioner
+from _tiny_captioners import save_tiny_captioner
 
 ROWS, SHARD = 10, 3  # 4 shards: 3 + 3 + 3 + 1 rows
 INPUT_FEATURES = datasets.Features({ID: datasets.Value("string"), IMAGE: datasets.Image(),

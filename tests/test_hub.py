@@ -279,13 +279,14 @@ def test_no_script_declares_a_dashed_flag():
 
 def test_model_revision_cache_dir_and_remote_code_reach_from_pretrained(monkeypatch, tmp_path):
     from alip_hf import models
+    from alip_hf.model_sizes import MODEL_CONFIGS
     from alip_hf.training.arguments import ModelArguments
 
     seen = {}
 
     def fake_from_pretrained(cls, source, **kwargs):
         seen["model"] = (source, kwargs)
-        model = modeling_alip.ALIPModel(modeling_alip.ALIPConfig(**models.MODEL_CONFIGS["tiny"]))
+        model = modeling_alip.ALIPModel(modeling_alip.ALIPConfig(**MODEL_CONFIGS["tiny"]))
         return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
 
     import transformers

@@ -11,14 +11,8 @@ import torch
 import yaml
 
 from alip_hf import train
-from alip_hf.models import (
-    MODEL_CONFIGS,
-    MODEL_SOURCES,
-    apply_config_overrides,
-    build_model,
-    model_config,
-    parse_config_overrides,
-)
+from alip_hf.model_sizes import MODEL_CONFIGS, MODEL_SOURCES, apply_config_overrides, parse_config_overrides
+from alip_hf.models import build_model, model_config
 from alip_hf.training.arguments import ModelArguments, parse_args
 from modeling_alip import ALIPConfig
 

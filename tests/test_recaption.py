@@ -37,7 +37,7 @@ from recaption.common import GenerationArguments, RunArguments
 from alip_hf.hub import HubArguments
 from recaption.publish import PublishArguments, publish, source_license
 from recaption.rewrite import RewriteArguments, rewrite, select_vecap
-from recaption.tiny import (
+from _tiny_captioners import (
     save_tiny_captioner,
     save_tiny_chat_captioner,
     save_tiny_chat_lm,

@@ -24,7 +24,7 @@ from modeling_alip import ALIPModel, ALIPProcessor
 from recaption.audit import AuditArguments, audit
 from recaption.common import GenerationArguments, RunArguments, load_input
 from recaption.rewrite import RewriteArguments, rewrite
-from recaption.tiny import save_tiny_chat_lm
+from _tiny_captioners import save_tiny_chat_lm
 
 ODD_TEXTS = ["&nbsp;", "\u200b", "\x00"]  # an HTML no-break space, a zero-width space, NUL
 

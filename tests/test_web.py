@@ -131,7 +131,7 @@ def test_download_counts_failures_by_reason_and_ids_join_back(downloaded):
 def test_recaption_and_train_on_the_downloaded_shards(downloaded, tiny_data, tmp_path):
     from recaption.caption import CaptionArguments, caption
     from recaption.common import GenerationArguments, RunArguments
-    from recaption.tiny import save_tiny_captioner
+    from _tiny_captioners import save_tiny_captioner
 
     from alip_hf import train
 
@@ -165,7 +165,7 @@ def test_every_recaption_step_runs_on_the_downloaded_shards_in_both_modes(downlo
     from recaption.caption import CaptionArguments, caption
     from recaption.common import GenerationArguments, RunArguments
     from recaption.rewrite import RewriteArguments, rewrite
-    from recaption.tiny import save_tiny_captioner, save_tiny_chat_lm
+    from _tiny_captioners import save_tiny_captioner, save_tiny_chat_lm
 
     from modeling_alip import ALIPModel, ALIPProcessor
 

@@ -19,7 +19,6 @@ Keeping `model_type: clip` (not `alip`) is deliberate: the directory stays usabl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -31,6 +30,7 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 from transformers.utils import logging
 
 from alip_hf.convert.cli import DEFAULT_VECLIP_TOKENIZER
+from alip_hf.identity import sha256_file
 from alip_hf.io import apply_default_permissions, replace_directory
 from modeling_alip import align_text_config, veclip_processor
 
@@ -114,17 +114,6 @@ def read_config(folder: Path) -> CLIPConfig:
     if model_type != "clip":
         raise ValueError(f"{path}: model_type is {model_type!r}; a VeCLIP release is a 'clip' model")
     return CLIPConfig.from_pretrained(folder)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle, tqdm(
-        total=path.stat().st_size, unit="B", unit_scale=True, desc=f"sha256 {path.name}"
-    ) as bar:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-            bar.update(len(block))
-    return digest.hexdigest()
 
 
 def load_veclip_model(folder: Path, config: CLIPConfig) -> CLIPModel:
@@ -213,7 +202,7 @@ Training via Visual-enriched Captions", arXiv 2310.07699) as a self-contained `t
 directory: weights unchanged, plus its T5 tokenizer and a PyTorch image processor that reproduces the
 official TensorFlow preprocessing. Reported results and the license are those of the original release.
 
-- Source: `{source.name}` (weights `{weights.name}`, sha256 `{file_sha256(weights)}`)
+- Source: `{source.name}` (weights `{weights.name}`, sha256 `{sha256_file(weights, progress=True)}`)
 - Vision tower: ViT, image {vision.image_size}, patch {vision.patch_size}, width {vision.hidden_size},
   {vision.num_hidden_layers} layers
 - Text tower: width {text.hidden_size}, {text.num_hidden_layers} layers, context {text.max_position_embeddings},

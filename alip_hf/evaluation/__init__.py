@@ -4,8 +4,9 @@ metrics and names.
 Modules, in import order: `classnames` (class names and templates), `presets` (tasks, presets, groups),
 `loading` (a task's split), `features` (sharded encoding, the zero-shot classifier and its cache), `metrics`
 (pure functions of features), `runners` (features once per split, one runner per task), `reports` (results
-table, recall plots), `cards` (model cards). The names below are importable from here; they are loaded on first use so
-that importing the package (for `--help`) stays cheap.
+table, recall plots, comparisons), `cards` (model cards, which import `reports`, never the other way round). The
+names below are importable from here; they are loaded on first use so that importing the package (for `--help`)
+stays cheap.
 """
 
 import importlib
@@ -19,9 +20,8 @@ _EXPORTS = {
     "metrics": ("classification_metrics", "linear_probe", "mean_per_class_recall", "recall_at_ks", "recall_curve",
                 "retrieval_metrics", "topk_accuracy", "group_metric", "mean_recall_at_1"),
     "runners": ("EvalSettings", "evaluate_model", "flatten_results", "run_and_save", "run_evaluation"),
-    "reports": ("comparison_table", "datacomp_summary", "plot_comparison", "plot_recall_at_k", "render_model_card",
-                "results_table"),
-    "cards": ("build_model_card", "update_model_card"),
+    "reports": ("comparison_table", "datacomp_summary", "plot_comparison", "plot_recall_at_k", "results_table"),
+    "cards": ("ModelCardInfo", "build_model_card", "render_model_card", "update_model_card"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

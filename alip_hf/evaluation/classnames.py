@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from pathlib import Path
 from typing import Literal, Sequence
-
-logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import weakref
 from collections import OrderedDict
@@ -21,8 +20,6 @@ from alip_hf import data as data_lib
 from alip_hf.evaluation.classnames import check_templates
 from alip_hf.io import replaced_atomically
 from alip_hf.models import core_model
-
-logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------

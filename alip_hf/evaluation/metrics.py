@@ -3,7 +3,6 @@ routine for recall@k and the recall curve), and the linear probe."""
 
 from __future__ import annotations
 
-import logging
 import warnings
 from typing import Sequence
 
@@ -13,7 +12,6 @@ from tqdm.auto import tqdm
 
 from alip_hf.evaluation.presets import RECALL_CURVE_MAX_K, RECALL_KS
 
-logger = logging.getLogger(__name__)
 
 # The linear probe's sweep of the inverse regularisation C (CLIP searched lambda = 1/C over [1e-6, 1e6]).
 LINEAR_PROBE_CS = tuple(float(c) for c in np.logspace(-6, 6, 13))

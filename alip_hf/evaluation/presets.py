@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -12,7 +11,6 @@ from typing import Literal
 from alip_hf import schema
 from alip_hf.resources import DEMO_DATA
 
-logger = logging.getLogger(__name__)
 
 # CLIP_benchmark's task names, so that its tooling reads our results files.
 ZEROSHOT, RETRIEVAL, LINEAR_PROBE = "zeroshot_classification", "zeroshot_retrieval", "linear_probe"

@@ -1,15 +1,14 @@
-"""Reports: the results file, the Markdown results table, recall@k plots and the model card."""
+"""Reports: results records, the Markdown results table, recall@k plots, and comparisons across models (the model
+card, which renders these, is `cards`)."""
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
-import shlex
+from dataclasses import dataclass
 from pathlib import Path
 
-from alip_hf import data as data_lib
 from alip_hf.evaluation.presets import (
     ASSOCIATION,
     DATACOMP_GROUPS,
@@ -17,16 +16,12 @@ from alip_hf.evaluation.presets import (
     DATACOMP_UNSUPPORTED,
     LINEAR_PROBE,
     PRESET_GROUPS,
-    PRESETS,
     RECALL_KS,
     RETRIEVAL,
     ZEROSHOT,
-    preset_of_source,
-    resolve_tasks,
 )
 from alip_hf.io import replaced_atomically
-
-logger = logging.getLogger(__name__)
+from alip_hf.lazy import MissingExtra, install_command
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -90,8 +85,8 @@ def _matplotlib():
         from matplotlib.figure import Figure
         from matplotlib.ticker import NullFormatter, ScalarFormatter
     except ImportError as error:
-        raise ImportError("plotting recall@k curves needs matplotlib: pip install matplotlib "
-                          "(or pip install -e '.[plot]')") from error
+        raise MissingExtra(f"plotting needs matplotlib, which is not installed: {install_command('plot', 'matplotlib')}"
+                           ) from error
     return Figure, FigureCanvasAgg, ScalarFormatter, NullFormatter
 
 
@@ -115,7 +110,7 @@ def plot_recall_at_k(results, path: str | os.PathLike, figsize: tuple[float, flo
         path: the PNG, written atomically (its folder created).
 
     Raises:
-        ImportError: matplotlib is missing (`pip install matplotlib`, or the `plot` extra).
+        MissingExtra: matplotlib is missing (an ImportError naming `pip install matplotlib`).
         ValueError: no record has a recall curve (no retrieval task, `recall_curve_max_k=0`, or train.py's flat
             metrics, which hold R@1/5/10 only).
     """
@@ -156,46 +151,6 @@ def plot_recall_at_k(results, path: str | os.PathLike, figsize: tuple[float, flo
     return Path(path)
 
 
-def render_model_card(results, template: str | os.PathLike | None = None, **info) -> str:
-    """The model card as text: `cards.build_model_card` (huggingface_hub's `ModelCard`, with `model-index`)."""
-    from alip_hf.evaluation.cards import build_model_card
-
-    return str(build_model_card(results, template, **info))
-
-
-def eval_command(records: list[dict], eval_data: str | None = None) -> str:
-    """The eval.py command that evaluates the card's datasets again.
-
-    The data is train.py's `--eval_data` when given, else the records' datasets when all are presets, else the
-    demo preset; the split is added where the records share one that differs from the presets' own.
-    """
-    from alip_hf.evaluation.cards import portable
-
-    if not records and eval_data is None:  # not evaluated: say how, without naming data the run never saw
-        return "python eval.py --model <this directory> --preset <preset>   # or --dataset <data> --task <task>"
-    splits = {r.get("split") for r in records} - {None, ""}
-    split = splits.pop() if len(splits) == 1 else None
-    names = {r["dataset"] for r in records}
-    if eval_data is None:
-        presets = sorted(names) if names and names <= set(PRESETS) else ["demo"]
-    elif eval_data in PRESETS or eval_data in PRESET_GROUPS:
-        presets = [eval_data]
-    else:
-        presets = [name for name in [preset_of_source(eval_data)] if name]
-    if presets:
-        flags = ["--preset", *presets]
-        default_splits = {t.split for name in presets for t in resolve_tasks(name)}
-        if split is not None and default_splits != {split}:
-            flags += ["--split", split]
-    else:  # train.py evaluated retrieval over the contract's caption columns; flat metrics do not say which it had
-        columns = next((r["caption_columns"] for r in records if r.get("caption_columns")),
-                       [data_lib.ALT_TEXT, data_lib.CAPTION])
-        # the user's data, named without its local path (the card is public)
-        flags = ["--dataset", portable(eval_data), "--task", RETRIEVAL, "--split", split or "test",
-                 "--caption_columns", *columns]
-    return "python eval.py --model <this directory> " + shlex.join(flags)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Suites and comparisons across models
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,61 +183,87 @@ def _load_payload(path) -> dict:
     return payload
 
 
-def comparison(paths: list[str | os.PathLike]) -> tuple[list[str], list[str], dict]:
-    """`(models, rows, scores)` of several results files: one column per file (its model, or the file name when
-    two files hold the same model), one row per dataset and task, `scores[(row, model)]` the record's main metric
-    (`main_score`; results files written before it existed: acc1, or the mean of both recall@1)."""
+@dataclass
+class Comparison:
+    """Several results files side by side: `models` (one per file: its model, or the file name when two files
+    hold the same model), `rows` (one per dataset, task and split, then each suite's average), `metrics[row]` the
+    metric a row compares, `scores[(row, model)]` its value (a fraction)."""
+
+    models: list[str]
+    rows: list[str]
+    metrics: dict[str, str]
+    scores: dict[tuple[str, str], float | None]
+
+    def add(self, row: str, metric: str, model: str, score: float | None) -> None:
+        if row in self.metrics and self.metrics[row] != metric:  # two files measured this row differently
+            row = f"{row} {metric}"
+        if row not in self.rows:
+            self.rows.append(row)
+            self.metrics[row] = metric
+        self.scores[(row, model)] = score
+
+
+def comparison(paths: list[str | os.PathLike]) -> Comparison:
+    """The main metric of each record of several results files (`main_score`; results files written before it
+    existed: acc1, or the mean of both recall@1)."""
     payloads = [_load_payload(p) for p in paths]
     names = [str(pl.get("model") or Path(p).stem) for pl, p in zip(payloads, paths)]
     if len(set(names)) < len(names):
         names = [str(p) for p in paths]
-    rows, scores = [], {}
+    table = Comparison(names, [], {}, {})
     for model, payload in zip(names, payloads):
         for record in records_from(payload):
-            row = record["dataset"] if record["task"] != LINEAR_PROBE else f"{record['dataset']} (linear probe)"
-            if row not in rows:
-                rows.append(row)
-            scores[(row, model)] = _score_of(record)
+            metric, score = _score_of(record)
+            row = record["dataset"] + (" (linear probe)" if record["task"] == LINEAR_PROBE else "")
+            row += f" [{record['split']}]" if record.get("split") else ""
+            table.add(row, metric, model, score)
         for suite, summary in (payload.get("suites") or {}).items():
             if summary.get("average") is not None:
                 row = f"{suite} average ({summary['num_tasks']}/{summary['num_suite_tasks']})"
-                if row not in rows:
-                    rows.append(row)
-                scores[(row, model)] = summary["average"]
-    return names, rows, scores
+                table.add(row, "mean of the suite's main metrics", model, summary["average"])
+    return table
 
 
-def _score_of(record: dict) -> float | None:
+def _score_of(record: dict) -> tuple[str, float | None]:
+    """`(metric, value)`: the record's main metric (`main_metric`, `main_score`), else what it was before those
+    were recorded: acc1 (lp_acc1), or the mean of both recall@1."""
     if record.get("main_score") is not None:
-        return record["main_score"]
+        return record.get("main_metric") or "main metric", record["main_score"]
     metrics = record["metrics"]
     if record["task"] == RETRIEVAL and "text_retrieval_recall@1" in metrics:
-        return 0.5 * (metrics["text_retrieval_recall@1"] + metrics["image_retrieval_recall@1"])
-    return metrics.get("lp_acc1" if record["task"] == LINEAR_PROBE else "acc1")
+        return "mean_recall@1", 0.5 * (metrics["text_retrieval_recall@1"] + metrics["image_retrieval_recall@1"])
+    metric = "lp_acc1" if record["task"] == LINEAR_PROBE else "acc1"
+    return metric, metrics.get(metric)
 
 
 def comparison_table(paths: list[str | os.PathLike]) -> str:
-    """Markdown: datasets as rows, models as columns, each record's main metric in percent (the best of a row in
-    bold), and the mean over the rows every model has."""
-    models, rows, scores = comparison(paths)
-    lines = ["| dataset | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+    """Markdown: a caption naming what is compared, then one row per dataset (with the metric it compares, in
+    percent) and one column per model (the best of a row in bold), and the mean over the rows every model has."""
+    table = comparison(paths)
+    models, rows, scores = table.models, table.rows, table.scores
+    lines = [f"Main metric of each dataset, in percent ({len(models)} model{'s' * (len(models) > 1)}: "
+             f"{', '.join(models)}; metric names as in the results files, mean_recall@1 = the mean of "
+             "image-to-text and text-to-image recall@1).", "",
+             "| dataset [split] | metric | " + " | ".join(models) + " |", "|---|---|" + "---:|" * len(models)]
     for row in rows:
         values = [scores.get((row, m)) for m in models]
         best = max((v for v in values if v is not None), default=None)
         cells = [(f"**{_percent(v)}**" if v is not None and v == best and len(models) > 1 else _percent(v))
                  for v in values]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row} | {table.metrics[row]} | " + " | ".join(cells) + " |")
     shared = [r for r in rows if " average (" not in r and all(scores.get((r, m)) is not None for m in models)]
     if shared:
         means = [sum(scores[(r, m)] for r in shared) / len(shared) for m in models]
-        lines.append(f"| mean of {len(shared)} shared rows | " + " | ".join(_percent(v) for v in means) + " |")
+        lines.append(f"| mean of {len(shared)} shared rows | each row's metric | "
+                     + " | ".join(_percent(v) for v in means) + " |")
     return "\n".join(lines)
 
 
 def plot_comparison(paths: list[str | os.PathLike], path: str | os.PathLike, dpi: int = 100) -> Path:
     """Grouped horizontal bars, one group per dataset and one bar per model (main metric, %), written to `path`:
     vector PDF or SVG when its name ends in `.pdf` / `.svg`, else PNG."""
-    models, rows, scores = comparison(paths)
+    table = comparison(paths)
+    models, rows, scores = table.models, table.rows, table.scores
     if not rows:
         raise ValueError("no finished results to compare")
     Figure, FigureCanvasAgg, _, _ = _matplotlib()

@@ -6,7 +6,6 @@ Only light modules are imported here, so that `train.py --help` answers at once.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -19,7 +18,8 @@ from transformers import HfArgumentParser
 from alip_hf import recipes, schema, sources
 from alip_hf.hub import SECRET_ARGUMENTS, HubArguments
 from alip_hf.io import write_text_atomic
-from alip_hf.models import MODEL_CONFIGS, parse_config_overrides
+from alip_hf.lazy import MissingExtra, require_extra
+from alip_hf.model_sizes import MODEL_CONFIGS, parse_config_overrides
 from alip_hf.resources import DEMO_DATA, run_config
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class ModelArguments:
     model_config: Literal[tuple(MODEL_CONFIGS)] = field(
         default="small", metadata={"help": "Named size trained from scratch when --model_name_or_path is not set "
                                    "(tiny: smoke tests; small: the demo run; vit-b-32/16: the ALIP towers, GELU; "
-                                   "vit-b-32-quickgelu: OpenAI CLIP's); see alip_hf.models.MODEL_SOURCES."}
+                                   "vit-b-32-quickgelu: OpenAI CLIP's); see alip_hf.model_sizes.MODEL_SOURCES."}
     )
     config_overrides: str | None = field(
         default=None,
@@ -191,7 +191,9 @@ class TrainArguments(HubArguments):
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: only at the end)."})
     report_to: list[str] = field(
         default_factory=lambda: ["tensorboard"],
-        metadata={"help": "Trackers (tensorboard, wandb, ...; 'none'); metrics.jsonl is always written."},
+        metadata={"help": "Trackers (tensorboard, wandb, ...; 'none'); metrics.jsonl is always written. tensorboard "
+                  "is not installed with alip-hf: without it (pip install tensorboard) no TensorBoard logs are "
+                  "written."},
     )
     nonfinite: Literal["stop", "skip"] = field(
         default="stop", metadata={"help": "On a non-finite loss or gradient: stop naming the step, or skip the step "
@@ -245,9 +247,12 @@ class TrainArguments(HubArguments):
         if self.resume_allow_changes and not self.resume_from_checkpoint:
             raise ValueError("--resume_allow_changes needs --resume_from_checkpoint")
         self.report_to = [r for r in self.report_to if r != "none"]
-        if "tensorboard" in self.report_to and importlib.util.find_spec("tensorboard") is None:
-            logger.warning("tensorboard is not installed; not reporting to it")
-            self.report_to.remove("tensorboard")
+        if "tensorboard" in self.report_to:
+            try:  # not installed by default: metrics.jsonl is the log every run writes
+                require_extra("tensorboard", "tensorboard", "--report_to tensorboard")
+            except MissingExtra as missing:
+                logger.warning("%s; no TensorBoard logs are written (metrics.jsonl is)", missing)
+                self.report_to.remove("tensorboard")
 
 
 ARGUMENT_GROUPS = (ModelArguments, DataArguments, TrainArguments, *recipes.ARGUMENT_GROUPS)

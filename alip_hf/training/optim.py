@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -10,8 +9,6 @@ from transformers import get_scheduler
 
 if TYPE_CHECKING:
     from alip_hf.training.arguments import TrainArguments
-
-logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------

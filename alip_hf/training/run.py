@@ -10,7 +10,6 @@ name; allowed changes are applied (not only recorded) and kept in the identity's
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -19,6 +18,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from alip_hf.identity import identity_differences, sha256_json
 
 if TYPE_CHECKING:
     from alip_hf.recipes import RecipeArguments
@@ -54,7 +55,7 @@ def config_digest(config) -> str:
         if isinstance(values.get(sub), dict):
             values[sub] = {k: v for k, v in values[sub].items()
                            if not k.startswith("_") and k != "transformers_version"}
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return sha256_json(values)[:16]
 
 
 def run_identity(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments,
@@ -86,13 +87,6 @@ def _source(source: str) -> str:
 
 def new_run_record(identity: dict) -> dict:
     return {"run_id": uuid.uuid4().hex[:12], "identity": identity, "changes": []}
-
-
-def identity_differences(saved: dict, current: dict) -> dict[str, tuple]:
-    """`{field: (checkpoint value, current value)}` for every field that differs (a field new to either side
-    counts as different)."""
-    return {key: (saved.get(key), current.get(key)) for key in sorted(set(saved) | set(current))
-            if saved.get(key) != current.get(key)}
 
 
 def check_resume(saved_run: dict | None, identity: dict, allowed: list[str], checkpoint: Path, step: int) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -12,7 +11,6 @@ from accelerate.tracking import GeneralTracker
 
 from alip_hf.hub import SECRET_ARGUMENTS
 
-logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -1,6 +1,6 @@
 """Tiny randomly initialised captioners (BLIP; a chat LLaVA) and chat LM, saved like Hub checkpoints.
 
-For smoke runs, tests and benchmarks.
+For the tests and benchmarks (a test helper: not part of the installed package).
 
 Their text is gibberish (`w17 w3 w88`), but every piece of the plumbing is real: `AutoProcessor` /
 `AutoTokenizer` / `AutoModel*` loading from a directory, batched `generate`, chat templates, padding.
@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from alip_hf.models import TINY_TOWER
+from alip_hf.model_sizes import TINY_TOWER
 
 # 1.0 instead of transformers' 0.02: with tiny towers at 0.02 the decoder ignores the image and every
 # caption is the same string, which would hide a caption joined to the wrong row.

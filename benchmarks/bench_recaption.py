@@ -61,7 +61,7 @@ def main(argv=None):
     from transformers.utils import logging as hf_logging
 
     from recaption.caption import CaptionArguments, Captioner, caption
-    from recaption.common import GenerationArguments, RunArguments
+    from recaption.arguments import GenerationArguments, RunArguments
     from recaption.tiny import save_tiny_captioner
 
     hf_logging.set_verbosity_error()

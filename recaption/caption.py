@@ -10,7 +10,8 @@ Qwen-VL, SmolVLM, ...), loaded through `AutoProcessor` and `AutoModelForImageTex
     accelerate launch -m recaption.caption --source ... --output_dir ... --preset veclip --dtype bfloat16
 
 Writes `caption`, `caption_model` (`<model>@<commit>` when the commit is known), `caption_prompt_version`
-and `error` (why an image could not be read; empty otherwise). See `recaption.common` for the layout.
+and `error` (why an image could not be read; empty otherwise). See `recaption.run` for the run and `recaption.layout`
+for the files.
 """
 
 from __future__ import annotations
@@ -22,17 +23,10 @@ from typing import Any, Callable
 
 from alip_hf.lazy import lazy_import
 from alip_hf.schema import CAPTION, CAPTION_MODEL, CAPTION_PROMPT_VERSION, ERROR
-from recaption.common import (
-    GenerationArguments,
-    RunArguments,
-    StepResult,
-    chunks,
-    error_column,
-    load_image,
-    load_input,
-    run_sharded,
-    torch_dtype,
-)
+from recaption.arguments import GenerationArguments, RunArguments, torch_dtype
+from recaption.run import run_sharded
+from recaption.source import load_image, load_input
+from recaption.step import StepResult, chunks, error_column
 from recaption.prompts import CAPTION_PRESETS, CAPTION_PROMPTS
 
 datasets = lazy_import("datasets")  # on first use: `--help` must not wait for it

@@ -26,15 +26,10 @@ from alip_hf.schema import (
     REWRITE_PROMPT_VERSION,
     VECAP,
 )
-from recaption.common import (
-    GenerationArguments,
-    RunArguments,
-    StepResult,
-    chunks,
-    load_input,
-    run_sharded,
-    torch_dtype,
-)
+from recaption.arguments import GenerationArguments, RunArguments, torch_dtype
+from recaption.run import run_sharded
+from recaption.source import load_input
+from recaption.step import StepResult, chunks
 from recaption.prompts import RewritePrompt, load_rewrite_prompt
 
 datasets = lazy_import("datasets")  # on first use: `--help` must not wait for it

@@ -33,7 +33,7 @@ from alip_hf.data import (
     load_source,
 )
 from recaption.caption import CaptionArguments, Captioner, caption
-from recaption.common import GenerationArguments, RunArguments
+from recaption.arguments import GenerationArguments, RunArguments
 from alip_hf.hub import HubArguments
 from recaption.publish import PublishArguments, publish, source_license
 from recaption.rewrite import RewriteArguments, rewrite, select_vecap

@@ -130,7 +130,7 @@ def test_download_counts_failures_by_reason_and_ids_join_back(downloaded):
 @pytest.mark.slow  # recaption with a tiny captioner, then two tiny training runs
 def test_recaption_and_train_on_the_downloaded_shards(downloaded, tiny_data, tmp_path):
     from recaption.caption import CaptionArguments, caption
-    from recaption.common import GenerationArguments, RunArguments
+    from recaption.arguments import GenerationArguments, RunArguments
     from recaption.tiny import save_tiny_captioner
 
     from alip_hf import train

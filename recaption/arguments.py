@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from alip_hf.lazy import lazy_import
 from alip_hf.schema import ID, IMAGE
+from recaption.workers import scheduler_task
 
 data_lib = lazy_import("alip_hf.data")  # on first use: `--help` must not wait for datasets
 
@@ -27,10 +28,20 @@ class RunArguments:
         default=1000, metadata={"help": "Rows per output shard (the unit of resume and of work split)."}
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete earlier results instead of resuming."})
+    num_tasks: int | None = field(
+        default=None, metadata={"help": "Independent scheduler tasks sharing the work (no process group); default: "
+                                        "SLURM_ARRAY_TASK_COUNT in a Slurm job array, else 1."})
+    task_index: int | None = field(
+        default=None, metadata={"help": "This task's index in [0, --num_tasks); default: SLURM_ARRAY_TASK_ID minus "
+                                        "SLURM_ARRAY_TASK_MIN in a Slurm job array, else 0."})
 
     def __post_init__(self):
         if self.shard_size < 1:
             raise ValueError(f"--shard_size must be >= 1, got {self.shard_size}")
+        self.task_index, self.num_tasks = scheduler_task(self.num_tasks, self.task_index)
+        if self.num_tasks > 1 and self.overwrite_output_dir:
+            raise ValueError(f"--overwrite_output_dir with {self.num_tasks} scheduler tasks would let each task "
+                             "delete the shards the others wrote; empty --output_dir once before launching them")
         overlap = output_overlaps_source(self.output_dir, self.source)
         if overlap:
             # Checked before anything is written: --overwrite_output_dir would delete the source.

@@ -449,8 +449,8 @@ def audit(run: RunArguments, args: AuditArguments, accelerator=None) -> dict[str
         source = load_input(run, step.required_columns())
         accelerator = accelerator or Accelerator()
     summary = run_sharded(run, step, accelerator, source)
-    if not accelerator.is_main_process:
-        return {}
+    if not summary.get("complete"):  # another process, or a scheduler task while other tasks are unfinished
+        return summary
     return {**summary, **analyse(run, args)}
 
 

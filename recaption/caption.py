@@ -27,6 +27,7 @@ from recaption.arguments import GenerationArguments, RunArguments, torch_dtype
 from recaption.run import run_sharded
 from recaption.source import load_image, load_input
 from recaption.step import StepResult, chunks, error_column
+from recaption.throughput import OUTPUT_TOKENS
 from recaption.prompts import CAPTION_PRESETS, CAPTION_PROMPTS
 
 datasets = lazy_import("datasets")  # on first use: `--help` must not wait for it
@@ -104,6 +105,14 @@ class Captioner:
         if self.is_chat and not prompt:
             raise ValueError(f"{model!r} is a chat model and needs a prompt (--prompt or --preset veclip)")
         self.text = self._prompt_text()
+
+    def output_tokens(self, captions: list[str]) -> int:
+        """Tokens of the written captions as the captioner's tokenizer splits them (the throughput's output
+        tokens; counted from the text so that every backend counts alike)."""
+        tokenizer = getattr(self.processor, "tokenizer", None)
+        if tokenizer is None:
+            return sum(len(t.split()) for t in captions)
+        return sum(len(ids) for ids in tokenizer(captions, add_special_tokens=False)["input_ids"]) if captions else 0
 
     @property
     def label(self) -> str:
@@ -224,6 +233,7 @@ class CaptionStep:
             },
             counts={"rows": len(ids), "failures": len(errors), "captioned": len(written),
                     "caption_words": sum(len(t.split()) for t in written),
+                    OUTPUT_TOKENS: self.captioner.output_tokens(written),
                     "empty_captions": sum(1 for t in written if not t)},
         )
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 from typing import Any
 
 from alip_hf.io import write_json_atomic, write_with_atomically
 from alip_hf.lazy import lazy_import
 from recaption.arguments import RunArguments
+from recaption.workers import Worker
 
 datasets = lazy_import("datasets")
 
@@ -48,18 +50,16 @@ def stream_chunk_name(split: str, source_shard: int, chunk: int) -> str:
     return f"{split}-{source_shard:05d}-{chunk:05d}"
 
 
-def prepare_output(args: RunArguments, config: dict, accelerator) -> None:
+def prepare_output(args: RunArguments, config: dict, worker: Worker) -> None:
     """Creates the layout; refuses to resume into results produced by a different configuration, naming each
     changed field and the shards already written with the earlier one."""
-    if accelerator.is_main_process:
+    if worker.is_main:
         if args.overwrite_output_dir and os.path.isdir(args.output_dir):
             shutil.rmtree(args.output_dir)
         for sub in ("data", "shards"):
             os.makedirs(os.path.join(args.output_dir, sub), exist_ok=True)
-        # Leftovers of a killed run; nobody is writing yet, every process waits below.
-        for stale in glob.glob(os.path.join(args.output_dir, "*", ".*.tmp")):
-            os.remove(stale)
-    accelerator.wait_for_everyone()
+        remove_stale_files(args, worker)
+    worker.wait()
     path = os.path.join(args.output_dir, "run_config.json")
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
@@ -74,9 +74,22 @@ def prepare_output(args: RunArguments, config: dict, accelerator) -> None:
                 "Resuming would mix the two in one output; use another --output_dir or pass --overwrite_output_dir "
                 "to start over"
             )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process and not os.path.exists(path):
-        atomic_write_json(path, config)
+    worker.wait()
+    if worker.is_main and not os.path.exists(path):
+        atomic_write_json(path, config)  # scheduler tasks may race here: they write the same bytes, atomically
+
+
+def remove_stale_files(args: RunArguments, worker: Worker) -> None:
+    """Removes the temporary files a killed run left. In a process group nobody writes yet (every process waits
+    for the main one); a scheduler task removes only those of its own shards, as the other tasks may be writing."""
+    pattern = re.compile(rf"^\.{re.escape(args.split)}-(\d+)")
+    for stale in glob.glob(os.path.join(args.output_dir, "*", ".*.tmp")):
+        match = pattern.match(os.path.basename(stale))
+        if worker.in_group or (match and worker.owns(int(match.group(1)))):
+            try:
+                os.remove(stale)
+            except FileNotFoundError:
+                pass
 
 
 def shard_list(args: RunArguments, indices: list[int], limit: int = 5) -> str:

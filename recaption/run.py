@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
@@ -41,51 +42,54 @@ from recaption.resume import check_no_extra_shards, verify_done_chunks, verify_d
 from recaption.sharding import iter_shards, iter_stream_chunks, stream_sources
 from recaption.source import Input, load_input, read_ids
 from recaption.step import Step, join_columns
+from recaption.throughput import render as render_throughput
+from recaption.throughput import replica_description, throughput
+from recaption.workers import Worker, resolve_worker
 
+logger = logging.getLogger(__name__)
 datasets = lazy_import("datasets")
 pq = lazy_import("pyarrow.parquet")
 
 
 def run_sharded(args: RunArguments, step: Step, accelerator=None, source: Input | None = None) -> dict[str, Any]:
-    """Runs `step` over every shard owned by this process, then (main process) checks and summarises.
+    """Runs `step` over every shard owned by this worker, then checks and summarises the run when it is complete.
 
-    `source` is the already checked input (`load_input`), when the caller checked it before loading a model.
+    `source` is the already checked input (`load_input`), when the caller checked it before loading a model. The
+    worker is an Accelerate process of `accelerator`'s group, or a scheduler task (`args.num_tasks > 1`).
 
     Returns:
-        The run summary (rows, failures, the step's counts and derived figures); the same dict is written
-        to `<output_dir>/summary.json`. Processes other than the main one return `{}`.
+        The run summary (rows, failures, the step's counts, derived figures and throughput); the same dict is
+        written to `<output_dir>/summary.json`. Processes other than the main one return `{}`; a scheduler task
+        that finds shards of other tasks unfinished returns its own part (`"complete": False`) and writes no
+        summary: the last task to finish does.
     """
     if accelerator is None:
         from accelerate import Accelerator
 
         accelerator = Accelerator()
-    rank, world = accelerator.process_index, accelerator.num_processes
+    worker = resolve_worker(args.num_tasks, args.task_index, accelerator)
     source = source or load_input(args, step.required_columns())
     if isinstance(source.dataset, datasets.IterableDataset):
-        source = dataclasses.replace(source, dataset=stream_sources(source.dataset, world))
+        source = dataclasses.replace(source, dataset=stream_sources(source.dataset, worker.count))
     config = run_config(args, step, source)
     identity = identity_digests(config)
-    open_output(args, config, accelerator)
+    open_output(args, config, worker)
     started = time.time()
     if isinstance(source.dataset, datasets.Dataset):
-        todo = owned_map_style_shards(args, source, rank, world, identity)
-        bar = progress_bar(step, rank, world, total=sum(len(rows) for _, rows in todo))
-        writer = ShardWriter(args, step, source, identity, rank, bar, started)
+        todo = owned_map_style_shards(args, source, worker, identity)
+        bar = progress_bar(step, worker, total=sum(len(rows) for _, rows in todo))
+        writer = ShardWriter(args, step, source, identity, worker.index, bar.update)
         for index, rows in todo:
             writer.write(shard_name(args.split, index), source.dataset.select(rows), {"index": index})
     else:
-        bar = progress_bar(step, rank, world, total=None)  # a stream's length is known only once read
-        writer = ShardWriter(args, step, source, identity, rank, bar, started)
-        run_stream_chunks(args, source, rank, world, identity, writer)
+        bar = progress_bar(step, worker, total=None)  # a stream's length is known only once read
+        writer = ShardWriter(args, step, source, identity, worker.index, bar.update)
+        run_stream_chunks(args, source, worker, identity, writer)
     bar.close()
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
+    worker.wait()
+    if not worker.is_main:
         return {}
-    expected = (_map_style_names(args, len(source.dataset)) if isinstance(source.dataset, datasets.Dataset)
-                else _stream_names(args, source.dataset.num_shards))
-    summary = _finalize(args, step, expected, time.time() - started)
-    accelerator.print(json.dumps(summary, indent=2))
-    return summary
+    return finish(args, step, source, worker, time.time() - started)
 
 
 def run_config(args: RunArguments, step: Step, source: Input) -> dict[str, Any]:
@@ -103,21 +107,21 @@ def run_config(args: RunArguments, step: Step, source: Input) -> dict[str, Any]:
     return json.loads(json.dumps(config, default=str))  # compared with its JSON copy when resuming
 
 
-def open_output(args: RunArguments, config: dict, accelerator) -> None:
+def open_output(args: RunArguments, config: dict, worker: Worker) -> None:
     """Creates (or checks, when resuming) the output layout and saves the model files' digests."""
-    prepare_output(args, config, accelerator)
-    if accelerator.is_main_process:
+    prepare_output(args, config, worker)
+    if worker.is_main:
         save_digest_cache(args.output_dir, config["model_identity"])
 
 
-def owned_map_style_shards(args: RunArguments, source: Input, rank: int, world: int,
+def owned_map_style_shards(args: RunArguments, source: Input, worker: Worker,
                            identity: dict[str, str]) -> list[tuple[int, range]]:
     """(index, row range) of this worker's unfinished map-style shards; its finished ones are checked against this
     input, model and settings on the way (`verify_done_shard`), and shards beyond the source's end refused."""
     rows_in = len(source.dataset)
     check_no_extra_shards(args, math.ceil(rows_in / args.shard_size), rows_in)
     todo = []
-    for index, shard in iter_shards(source.dataset, args.shard_size, rank, world, done_shards(args),
+    for index, shard in iter_shards(source.dataset, args.shard_size, worker.index, worker.count, done_shards(args),
                                     source.id_column):
         if isinstance(shard, list):  # finished earlier: only its ids, to check it against this input
             verify_done_shard(args, index, shard, identity)
@@ -126,52 +130,85 @@ def owned_map_style_shards(args: RunArguments, source: Input, rank: int, world: 
     return todo
 
 
-def run_stream_chunks(args: RunArguments, source: Input, rank: int, world: int, identity: dict[str, str],
+def run_stream_chunks(args: RunArguments, source: Input, worker: Worker, identity: dict[str, str],
                       writer: "ShardWriter") -> None:
     """Checks this worker's finished stream chunks, then writes the rest of its source shards chunk by chunk."""
     markers = read_markers(args)
-    for source_shard in range(rank, source.dataset.num_shards, world):
+    for source_shard in range(worker.index, source.dataset.num_shards, worker.count):
         finished = sorted((m for m in markers.values() if m.get("source_shard") == source_shard),
                           key=lambda m: m["chunk"])
         if finished:
             verify_done_chunks(args, source.dataset, source_shard, finished, source.id_column, identity)
-    for name, shard, fields in iter_stream_chunks(source.dataset, args.shard_size, rank, world, args.split, markers):
+    for name, shard, fields in iter_stream_chunks(source.dataset, args.shard_size, worker.index, worker.count,
+                                                  args.split, markers):
         if shard is not None:
             writer.write(name, shard, fields)
         else:  # the source shard ended on a chunk boundary: an end marker, no data file
             writer.write_end_marker(name, fields)
 
 
-def progress_bar(step: Step, rank: int, world: int, total: int | None) -> tqdm:
-    return tqdm(total=total, unit=step.unit, desc=f"{step.name} [{rank}/{world}]", position=rank, dynamic_ncols=True)
+def progress_bar(step: Step, worker: Worker, total: int | None) -> tqdm:
+    """This worker's bar: its unfinished rows, their rate and the time left (ETA) when the total is known."""
+    return tqdm(total=total, unit=step.unit, desc=f"{step.name} [{worker.label}]",
+                position=worker.index if worker.in_group else 0, dynamic_ncols=True)
 
 
 class ShardWriter:
     """Runs the step on one shard and writes its data file, then its completion marker (in that order, so that a
-    marker always stands for a complete data file)."""
+    marker always stands for a complete data file).
 
-    def __init__(self, args: RunArguments, step: Step, source: Input, identity: dict[str, str], rank: int,
-                 bar: tqdm, started: float):
+    Used by every engine: an Accelerate process or scheduler task runs it in its own loop, a Ray actor on the
+    shards it is handed.
+    """
+
+    def __init__(self, args: RunArguments, step: Step, source: Input, identity: dict[str, str], worker_index: int,
+                 progress: Callable[[int], Any] = lambda n: None):
         self.args, self.step, self.source, self.identity = args, step, source, identity
-        self.rank, self.bar, self.started = rank, bar, started
+        self.worker_index, self.progress = worker_index, progress
+        self.replica = replica_description()
 
-    def write(self, name: str, shard: datasets.Dataset, fields: dict) -> None:
+    def write(self, name: str, shard: datasets.Dataset, fields: dict) -> dict:
+        """Processes and writes one shard; returns its marker."""
+        started = time.time()
         ids = read_ids(shard, self.source.id_column)
         if len(set(ids)) != len(ids):
             duplicate = next(i for i in ids if ids.count(i) > 1)
             raise ValueError(f"id {duplicate!r} appears twice in column {self.source.id_column!r}; ids must be unique")
-        result = self.step.process(shard, ids, self.bar.update)
+        result = self.step.process(shard, ids, self.progress)
         out = join_columns(shard, ids, result, self.source.features, self.args.image_column)
         atomic_write_parquet(out, os.path.join(self.args.output_dir, "data", f"{name}.parquet"))
-        self._mark(name, {**fields, "rows": len(ids), "process_index": self.rank, "counts": result.counts,
-                          "seconds": time.time() - self.started, "ids_sha256": ids_digest(ids), "first_id": ids[0],
-                          "identity": self.identity})
+        return self._mark(name, {**fields, "rows": len(ids), "process_index": self.worker_index,
+                                 "counts": result.counts, "shard_seconds": round(time.time() - started, 4),
+                                 "replica": self.replica, "ids_sha256": ids_digest(ids), "first_id": ids[0],
+                                 "identity": self.identity})
 
-    def write_end_marker(self, name: str, fields: dict) -> None:
-        self._mark(name, {**fields, "rows": 0, "process_index": self.rank, "counts": {}, "identity": self.identity})
+    def write_end_marker(self, name: str, fields: dict) -> dict:
+        return self._mark(name, {**fields, "rows": 0, "process_index": self.worker_index, "counts": {},
+                                 "identity": self.identity})
 
-    def _mark(self, name: str, marker: dict) -> None:
+    def _mark(self, name: str, marker: dict) -> dict:
         atomic_write_json(os.path.join(self.args.output_dir, "shards", f"{name}.json"), marker)
+        return marker
+
+
+def finish(args: RunArguments, step: Step, source: Input, worker: Worker, seconds: float) -> dict[str, Any]:
+    """The run's summary once every shard is done (checked and written by `_finalize`); a scheduler task that
+    finds other tasks' shards unfinished reports its own part instead, and leaves the summary to the last task."""
+    expected = (_map_style_names(args, len(source.dataset)) if isinstance(source.dataset, datasets.Dataset)
+                else _stream_names(args, source.dataset.num_shards))
+    if not worker.in_group:
+        missing = [n for n in expected[0] if not os.path.exists(os.path.join(args.output_dir, "shards", f"{n}.json"))]
+        if missing:
+            logger.info("%s done; %d shard(s) of other tasks unfinished (%s...): the last task to finish writes "
+                        "the summary", worker.label, len(missing), missing[0])
+            part = {"step": step.name, "complete": False, "task_index": worker.index, "num_tasks": worker.count,
+                    "shards_unfinished": len(missing), "seconds_this_run": round(seconds, 3)}
+            print(json.dumps(part, indent=2))
+            return part
+    summary = _finalize(args, step, expected, seconds)
+    print(json.dumps(summary, indent=2))
+    logger.info("throughput: %s", render_throughput(summary.get("throughput", {})))
+    return summary
 
 
 def _map_style_names(args: RunArguments, rows_in: int) -> tuple[list[str], int]:
@@ -204,9 +241,11 @@ def _finalize(args: RunArguments, step: Step, expected: tuple[list[str], int], s
     totals: dict[str, float] = {}
     ids: set[str] = set()
     rows_out = 0
+    markers = []
     for name in names:
         with open(os.path.join(args.output_dir, "shards", f"{name}.json"), encoding="utf-8") as f:
             marker = json.load(f)
+        markers.append(marker)
         for key, value in marker["counts"].items():
             totals[key] = totals.get(key, 0) + value
         if not marker["rows"]:  # a stream's end marker: no data file
@@ -217,7 +256,8 @@ def _finalize(args: RunArguments, step: Step, expected: tuple[list[str], int], s
         ids.update(shard_ids.to_pylist())
     if rows_out != rows_in or len(ids) != rows_in:
         raise RuntimeError(f"{rows_in} rows in, {rows_out} rows out with {len(ids)} distinct ids")
-    summary = {"step": step.name, "rows": rows_out, "shards": num_shards, "seconds_this_run": round(seconds, 3),
-               "counts": totals, **step.summarize(totals)}
+    summary = {"step": step.name, "complete": True, "rows": rows_out, "shards": num_shards,
+               "seconds_this_run": round(seconds, 3), "counts": totals, **step.summarize(totals),
+               "throughput": throughput(markers, step.unit)}
     atomic_write_json(os.path.join(args.output_dir, "summary.json"), summary)
     return summary

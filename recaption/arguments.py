@@ -34,11 +34,37 @@ class RunArguments:
     task_index: int | None = field(
         default=None, metadata={"help": "This task's index in [0, --num_tasks); default: SLURM_ARRAY_TASK_ID minus "
                                         "SLURM_ARRAY_TASK_MIN in a Slurm job array, else 0."})
+    engine: str = field(
+        default="accelerate",
+        metadata={"help": "accelerate: this process (or `accelerate launch`'s processes, or scheduler tasks) runs the "
+                          "model; ray: a Ray actor pool does, one replica per GPU or per --cpus_per_replica CPUs "
+                          "(pip install alip-hf[ray]).", "choices": ["accelerate", "ray"]})
+    ray_address: str | None = field(
+        default=None, metadata={"help": "--engine ray: the cluster to join (`auto`, `ray://host:10001`); default: "
+                                        "a local one started by ray.init()."})
+    num_replicas: int | None = field(
+        default=None, metadata={"help": "--engine ray: model replicas (default: one per GPU of the cluster, else one "
+                                        "per --cpus_per_replica CPUs)."})
+    cpus_per_replica: float = field(default=1.0, metadata={"help": "--engine ray: CPUs each replica reserves."})
+    gpus_per_replica: float | None = field(
+        default=None, metadata={"help": "--engine ray: GPUs each replica reserves (default: 1 when the cluster has "
+                                        "GPUs, else 0)."})
 
     def __post_init__(self):
+        if self.engine not in ("accelerate", "ray"):
+            raise ValueError(f"--engine {self.engine!r}: choose accelerate or ray")
+        if self.engine != "ray" and (self.ray_address or self.num_replicas is not None
+                                     or self.gpus_per_replica is not None):
+            raise ValueError("--ray_address, --num_replicas and --gpus_per_replica need --engine ray")
+        if self.num_replicas is not None and self.num_replicas < 1 or self.cpus_per_replica <= 0:
+            raise ValueError(f"--num_replicas must be >= 1 and --cpus_per_replica > 0, got {self.num_replicas}, "
+                             f"{self.cpus_per_replica}")
         if self.shard_size < 1:
             raise ValueError(f"--shard_size must be >= 1, got {self.shard_size}")
         self.task_index, self.num_tasks = scheduler_task(self.num_tasks, self.task_index)
+        if self.num_tasks > 1 and self.engine == "ray":
+            raise ValueError(f"--engine ray runs as one driver, not as {self.num_tasks} scheduler tasks: its actor "
+                             "pool spreads the shards; drop --num_tasks (or SLURM_ARRAY_TASK_*), or the Ray engine")
         if self.num_tasks > 1 and self.overwrite_output_dir:
             raise ValueError(f"--overwrite_output_dir with {self.num_tasks} scheduler tasks would let each task "
                              "delete the shards the others wrote; empty --output_dir once before launching them")

@@ -437,6 +437,9 @@ def audit(run: RunArguments, args: AuditArguments, accelerator=None) -> dict[str
 
     from recaption.audit_report import analyse, check_report_dependencies
 
+    if run.engine == "ray":
+        raise ValueError("recaption.audit does not run on --engine ray; spread it with scheduler tasks "
+                         "(--num_tasks/--task_index) or `accelerate launch`")
     if args.report:
         check_report_dependencies()  # before the model loads, not after scoring
     if args.model is not None:

@@ -54,29 +54,49 @@ def prepare_output(args: RunArguments, config: dict, worker: Worker) -> None:
     """Creates the layout; refuses to resume into results produced by a different configuration, naming each
     changed field and the shards already written with the earlier one."""
     if worker.is_main:
-        if args.overwrite_output_dir and os.path.isdir(args.output_dir):
-            shutil.rmtree(args.output_dir)
-        for sub in ("data", "shards"):
-            os.makedirs(os.path.join(args.output_dir, sub), exist_ok=True)
-        remove_stale_files(args, worker)
+        create_layout(args, worker)
     worker.wait()
+    check_config(args, config)
+    worker.wait()
+    if worker.is_main:
+        save_config(args, config)
+
+
+def create_layout(args: RunArguments, worker: Worker) -> None:
+    """The `data/` and `shards/` folders (after deleting earlier results with `--overwrite_output_dir`), without
+    the temporary files of a killed run."""
+    if args.overwrite_output_dir and os.path.isdir(args.output_dir):
+        shutil.rmtree(args.output_dir)
+    for sub in ("data", "shards"):
+        os.makedirs(os.path.join(args.output_dir, sub), exist_ok=True)
+    remove_stale_files(args, worker)
+
+
+def check_config(args: RunArguments, config: dict) -> None:
+    """Refuses to resume into results of another configuration, naming each changed field and the shards
+    already written with the earlier one."""
     path = os.path.join(args.output_dir, "run_config.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            previous = json.load(f)
-        changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
-        if changed:
-            done = sorted(done_shards(args))
-            written = (f"; shards already written with the earlier one: {shard_list(args, done)}" if done else "")
-            raise ValueError(
-                f"{args.output_dir} holds results of another configuration: "
-                f"{'; '.join(_describe_change(k, previous.get(k), config.get(k)) for k in changed)}{written}. "
-                "Resuming would mix the two in one output; use another --output_dir or pass --overwrite_output_dir "
-                "to start over"
-            )
-    worker.wait()
-    if worker.is_main and not os.path.exists(path):
-        atomic_write_json(path, config)  # scheduler tasks may race here: they write the same bytes, atomically
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        previous = json.load(f)
+    changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+    if changed:
+        done = sorted(done_shards(args))
+        written = (f"; shards already written with the earlier one: {shard_list(args, done)}" if done else "")
+        raise ValueError(
+            f"{args.output_dir} holds results of another configuration: "
+            f"{'; '.join(_describe_change(k, previous.get(k), config.get(k)) for k in changed)}{written}. "
+            "Resuming would mix the two in one output; use another --output_dir or pass --overwrite_output_dir "
+            "to start over"
+        )
+
+
+def save_config(args: RunArguments, config: dict) -> None:
+    """`run_config.json`, unless there (independent workers may race here: they write the same bytes, atomically)."""
+    path = os.path.join(args.output_dir, "run_config.json")
+    if not os.path.exists(path):
+        atomic_write_json(path, config)
 
 
 def remove_stale_files(args: RunArguments, worker: Worker) -> None:

@@ -20,13 +20,13 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     # Only the project's own top-level names: the library, the Hub remote-code model, the caption producers.
-    packages=["alip_hf", "alip_hf.evaluation", "alip_hf.training", "modeling_alip", "recaption"],
+    packages=["alip_hf", "alip_hf.convert", "alip_hf.evaluation", "alip_hf.training", "modeling_alip", "recaption"],
     package_data={"alip_hf": PACKAGE_DATA},
     entry_points={
         "console_scripts": [
             "alip-train = alip_hf.train:cli",
             "alip-eval = alip_hf.eval:cli",
-            "alip-convert = alip_hf.convert:cli",
+            "alip-convert = alip_hf.convert.cli:cli",
         ]
     },
     install_requires=[

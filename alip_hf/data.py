@@ -1,25 +1,22 @@
-"""Loading image-text data from any source, and the training input pipeline.
+"""The training input pipeline: decoding, image transforms, text selection, tokenisation, collation, sampling.
 
-Column names are the data contract of `alip_hf.schema` (re-exported here for convenience).
+Where data comes from, which column is a row's id and which texts count as empty are the data contract's rules
+(`alip_hf.sources`); the column names are `alip_hf.schema`'s (re-exported here for convenience).
 
-The pipeline (second half of the file): decode an image (corrupt ones are skipped and counted), draw its
-crop (`ImageTransform`, RandomResizedCrop scale (0.9, 1.0) as the official ALIP code), pick its text(s) with
-the recipe's `TextSelector`, tokenise a batch padded to its longest text (`Collator`, through the processor's `tokenize`), and order
-map-style data in global batches shared by all processes (`GlobalBatchSampler`) or stream it
-(`StreamingExamples`).
+Decode an image (corrupt ones are skipped and counted), draw its crop (`ImageTransform`, RandomResizedCrop scale
+(0.9, 1.0) as the official ALIP code), pick its text(s) with the recipe's `TextSelector`, tokenise a batch padded
+to its longest text (`Collator`, through the processor's `tokenize`), and order map-style data in global batches
+shared by all processes (`GlobalBatchSampler`) or stream it (`StreamingExamples`).
 """
 
 from __future__ import annotations
 
-import glob
 import io
 import itertools
 import logging
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import datasets
 import numpy as np
@@ -46,203 +43,9 @@ from alip_hf.schema import (  # noqa: F401  (re-exported: the contract's names a
     REWRITE_PROMPT_VERSION,
     VECAP,
 )
-
-_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tar": "webdataset"}
-
-
-def _data_files(source: str) -> list[str]:
-    """Files named by a path or a glob, sorted so every process sees the same order."""
-    return sorted(glob.glob(source)) if any(ch in source for ch in "*?[") else [source]
-
-
-def load_source(
-    source: str, split: str = "train", streaming: bool = False, config_name: str | None = None,
-    cache_dir: str | None = None,
-) -> datasets.Dataset | datasets.IterableDataset:
-    """Loads image-text data from a `save_to_disk` directory, local files, WebDataset shards or the Hub.
-
-    Args:
-        source: one of
-            - a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`;
-            - a Parquet/JSON(L)/CSV file or a glob of them (`data/*.parquet`), all read as `split`;
-            - a directory of such files or of WebDataset shards, split by file name as on the Hub
-              (`train-00000-of-00004.parquet`, `test.parquet`, `train/0000.tar`);
-            - WebDataset `.tar` shards (img2dataset's format): a file, a glob, or a brace pattern
-              (`shards/{00000..00099}.tar`);
-            - a Hub dataset id (`org/name`).
-        split: the split to read.
-        streaming: return an `IterableDataset` that reads lazily.
-        config_name: the configuration (subset) of a Hub dataset or dataset directory (`load_dataset`'s `name`).
-        cache_dir: where `datasets` caches what it downloads and prepares.
-
-    Raises:
-        FileNotFoundError: a local path or pattern that matches nothing.
-        ValueError: a split that the source does not have, or files of mixed or unknown formats.
-    """
-    hub = {"name": config_name, "cache_dir": cache_dir}
-    if config_name is not None and (_is_saved_dataset(source) if os.path.isdir(source) else _looks_local(source)):
-        raise ValueError(f"--dataset_config_name {config_name!r}: {source!r} is a saved dataset or data files, "
-                         "which have no configurations; it applies to Hub datasets and dataset directories")
-    if os.path.isdir(source) and _is_saved_dataset(source):
-        loaded = datasets.load_from_disk(source)
-        if isinstance(loaded, datasets.DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"{source} has splits {list(loaded)}, not {split!r}")
-            loaded = loaded[split]
-        return loaded.to_iterable_dataset() if streaming else loaded
-    if os.path.isdir(source):
-        check_webdataset_shards(sorted(glob.glob(os.path.join(source, "**", "*.tar"), recursive=True)))
-        # Split names come from the file names, as on the Hub (`train-00000.parquet`, `test/...`).
-        return _load_files(source, source, split=split, streaming=streaming, **hub)
-    if "{" in source and ".tar" in source:
-        files = _expand_braces(source)
-    elif _looks_local(source):
-        files = _data_files(source)
-        if not files or not all(os.path.exists(f) for f in files):
-            raise FileNotFoundError(f"no data files found at {source!r}")
-    else:
-        return datasets.load_dataset(source, split=split, streaming=streaming, **hub)
-    builders = {_FILE_BUILDERS.get(Path(f).suffix) for f in files}
-    if len(builders) != 1 or None in builders:
-        raise ValueError(f"{source!r}: expected files of one format among {sorted(_FILE_BUILDERS)}, got {files[:5]}")
-    builder = builders.pop()
-    if builder == "webdataset":
-        check_webdataset_shards(files)
-    return _load_files(source, builder, data_files={split: files}, split=split, streaming=streaming,
-                       cache_dir=cache_dir)
-
-
-def _load_files(source: str, path: str, split: str, **kwargs):
-    """`datasets.load_dataset` on local files, with an error naming the source when they hold no rows (datasets
-    says "Instruction 'train' corresponds to no data!" for empty Parquet files and raises a bare StopIteration
-    for empty JSON ones)."""
-    try:
-        return datasets.load_dataset(path, split=split, **kwargs)
-    except StopIteration:
-        raise ValueError(f"{source} (split {split!r}) has no rows: its files are empty") from None
-    except ValueError as error:
-        if "corresponds to no data" in str(error):
-            raise ValueError(f"{source} (split {split!r}) has no rows") from error
-        raise
-
-
-def local_files(source: str) -> list[str] | None:
-    """The local files `source` reads (as `load_source` resolves it), sorted; `None` for a Hub id.
-
-    A directory gives every file under it except hidden ones (`.cache`, temporary files)."""
-    if os.path.isdir(source):
-        found = []
-        for root, dirs, files in os.walk(source):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            found += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")]
-        return found
-    if "{" in source and ".tar" in source:
-        return _expand_braces(source)
-    if _looks_local(source):
-        return _data_files(source)
-    return None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# WebDataset shards cut short
-#
-# A tar cut off between two members, or inside a member header, reads as a shorter, valid archive: datasets'
-# webdataset builder (5.x) and the `webdataset` package (1.x) both stop there without an error, so a download
-# killed half-way trains or captions on part of the shard silently. A cut inside a member's data raises tarfile's
-# "unexpected end of data" instead, without naming the file (datasets) or only deep in a traceback. Every tar
-# written whole ends with the end-of-archive marker (two zero blocks, padded to a multiple of 512 bytes), so
-# checking the last 1024 bytes finds a cut shard at the cost of one small read per shard.
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def check_webdataset_shards(files: list[str]) -> None:
-    """Fails fast on the first shard that does not end with the end-of-archive marker.
-
-    Raises:
-        ValueError: naming the file, the member it ends in or after, and how many samples it holds whole. A
-            cut shard is refused rather than skipped: its samples would be missing from training and from every
-            recaption step's output (whose row count must equal the source's).
-    """
-    for path in files:
-        size = os.path.getsize(path)
-        if size >= 1024 and size % 512 == 0:
-            with open(path, "rb") as f:
-                f.seek(size - 1024)
-                if f.read(1024) == bytes(1024):
-                    continue
-        raise ValueError(_truncation_report(path, size))
-
-
-def _truncation_report(path: str, size: int) -> str:
-    """What a cut shard still holds whole: the number of complete samples and where it ends."""
-    import tarfile
-
-    keys, counts, cut_in = [], [], None  # sample keys in order, members per key, the member cut off
-    try:
-        with tarfile.open(path, "r:") as tar:
-            while True:
-                member = tar.next()
-                if member is None:
-                    break
-                if member.offset_data + member.size > size:
-                    cut_in = member.name
-                    break
-                key = member.name.split(".", 1)[0]  # webdataset's sample key: the name up to the first dot
-                if not keys or keys[-1] != key:
-                    keys.append(key)
-                    counts.append(0)
-                counts[-1] += 1
-    except tarfile.TarError:
-        pass  # the header after the last complete member is cut: what was counted is what there is
-    members = sum(counts)
-    # The last sample read is whole unless the cut member belongs to it or it has fewer members than the others.
-    last_cut = bool(keys) and ((cut_in is not None and cut_in.split(".", 1)[0] == keys[-1])
-                               or counts[-1] < max(counts))
-    whole = len(keys) - int(last_cut)
-    where = f"inside member {cut_in!r}" if cut_in else f"after {members} members without the end-of-archive marker"
-    return (f"WebDataset shard {path} is truncated ({size} bytes, ends {where}): only {whole} samples "
-            "can be read from it whole, and readers would stop there without an error. Download or write the "
-            "shard again, or leave it out of the source.")
-
-
-def _is_saved_dataset(path: str) -> bool:
-    return any((Path(path) / name).exists() for name in ("dataset_info.json", "dataset_dict.json", "state.json"))
-
-
-def _looks_local(source: str) -> bool:
-    return os.path.exists(source) or source.startswith((".", "/", "~")) or any(ch in source for ch in "*?[") or (
-        Path(source).suffix in _FILE_BUILDERS
-    )
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    """`a/{000..002}.tar` -> `["a/000.tar", "a/001.tar", "a/002.tar"]` (img2dataset's shard notation)."""
-    head, rest = pattern.split("{", 1)
-    body, tail = rest.split("}", 1)
-    if ".." in body:
-        lo, hi = body.split("..")
-        items = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
-    else:
-        items = body.split(",")
-    return [f for item in items for f in _expand_braces(head + item + tail)] if "{" in tail else [
-        head + item + tail for item in items
-    ]
-
-
-def require_columns(dataset: datasets.Dataset | datasets.IterableDataset, columns: dict[str, str | None]) -> None:
-    """Fails at once, listing the available columns, when a needed column is missing.
-
-    Args:
-        dataset: the loaded data.
-        columns: role -> column name (e.g. `{"image": "jpg", "text": "txt"}`); `None` names are skipped.
-    """
-    available = list(dataset.column_names or (dataset.features or {}).keys())
-    for role, name in columns.items():
-        if name is None or name in available:
-            continue
-        hint = f"; run `{PRODUCED_BY[role]}` first to add it" if role in PRODUCED_BY else ""
-        raise ValueError(f"column {name!r} ({role}) not found; available columns: {available}{hint}")
-
+from alip_hf.sources import is_empty_text, read_id
+# Moved to the data contract (`alip_hf.sources`); importable from here too for existing callers.
+from alip_hf.sources import load_source, local_files, require_columns, require_text_columns  # noqa: F401
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training pipeline: decoding, image transforms, text selection, tokenisation, collation, sampling.
@@ -425,60 +228,24 @@ def undecoded_images(dataset, image_column: str):
     return dataset
 
 
-def _is_empty(text: Any, clean: Callable[[str], str] | None = None) -> bool:
-    """Whether `text` would train as an empty prompt: missing, not a string, or nothing printable left after the
-    processor's cleaning (`&nbsp;` becomes a space under CLIP's cleaning; control characters print nothing)."""
-    if text is None or not isinstance(text, str):
-        return True
-    if clean is not None:
-        text = clean(text)
-    return not any(ch.isprintable() and not ch.isspace() for ch in text)
-
-
-_TEXT_DTYPES = ("string", "large_string")
-
-
-def require_text_columns(dataset, columns: dict[str, str], source: str = "the data") -> None:
-    """Fails at once when a text column is not of string type (ints, lists, ...), naming the column and its type.
-
-    Features unknown up front (some streams) are judged from the first row.
-    """
-    features = dataset.features or {}
-    first = None
-    for role, name in columns.items():
-        feature = features.get(name)
-        if feature is None and isinstance(dataset, datasets.IterableDataset):
-            first = first if first is not None else next(iter(dataset), {})
-            value = first.get(name)
-            if value is None or isinstance(value, str):
-                continue
-            kind = type(value).__name__
-        elif isinstance(feature, datasets.Value) and feature.dtype in _TEXT_DTYPES:
-            continue
-        else:
-            kind = getattr(feature, "dtype", None) or type(feature).__name__
-        raise ValueError(f"text column {name!r} ({role}) of {source} holds {kind}, not strings; pass the column "
-                         "with the text (--text_column / --caption_column / --vecap_column) or cast it to string")
-
-
 @dataclass
 class ExampleBuilder:
     """Turns one raw row into a training example, or `None` (with the reason) when it must be skipped.
 
-    A row is skipped when its image does not decode or one of the texts the recipe reads is missing, not a
-    string, or empty after `clean` (see `_is_empty`).
+    A row is skipped when its image does not decode or one of the texts the recipe reads is empty by the data
+    contract's rule (`alip_hf.sources.is_empty_text`: missing, not a string, or nothing printable).
     """
 
     image_column: str
     selector: TextSelector  # alip_hf.recipes.TextSelector
     transform: ImageTransform
     seed: int = 0
-    clean: Callable[[str], str] | None = None  # the collator's text cleaning: a text empty after it is skipped
-    id_column: str | None = None  # carried into the example as "id" (per-sample logs are joined on it)
+    id_column: str | None = None  # carried into the example as "id" (per-sample logs are joined on it); `json.id`
+    # reads a field of img2dataset's metadata column (`alip_hf.sources.read_id`)
 
     def __call__(self, row: dict, epoch: int, index: int) -> tuple[dict | None, str | None]:
         for role, column in self.selector.columns.items():
-            if _is_empty(row.get(column), self.clean):
+            if is_empty_text(row.get(column)):
                 return None, "skipped_texts"
         try:
             image = decode_image(row[self.image_column])
@@ -489,7 +256,7 @@ class ExampleBuilder:
         texts, stats = self.selector.select(row, rng)
         example = {"pixel_values": self.transform(image, rng), **texts, "stats": stats}
         if self.id_column is not None:
-            example["id"] = str(row[self.id_column])
+            example["id"] = read_id(row, self.id_column)
         return example, None
 
 
@@ -526,7 +293,7 @@ def filter_valid_rows(dataset, build: ExampleBuilder, num_proc: int | None = Non
         out = []
         for i in range(len(batch[build.image_column])):
             row = {c: batch[c][i] for c in batch}
-            if any(_is_empty(row.get(c), build.clean) for c in columns):
+            if any(is_empty_text(row.get(c)) for c in columns):
                 out.append("skipped_texts")
                 continue
             try:
@@ -567,12 +334,18 @@ class StreamingExamples(torch.utils.data.IterableDataset):
     A pass that reads rows but yields none of them ends with a `ValueError` naming `source` and the counts (a
     stream of only invalid rows would otherwise end the DataLoader and the run with a bare `StopIteration`); so
     does a pass that reads no rows at all, except in a DataLoader worker that datasets gave no shard.
+
+    A whole pass that yields fewer than `min_rows` examples (one batch) is refused as map-style data with fewer
+    usable rows than a global batch is (`GlobalBatchSampler`): the stream would fill each batch with the same
+    rows repeated. With the builder's `id_column` set (per-sample logs), an id yielded twice in one pass is refused,
+    as map-style data with duplicate ids is: the log could not be joined on it. Both checks cover the passes a
+    run reads from their start (a pass resumed in its middle is not checked again).
     """
 
     def __init__(self, dataset, build: ExampleBuilder, rank: int = 0, world_size: int = 1, shuffle_block: int = 0,
-                 seed: int = 0, source: str = "the stream"):
+                 seed: int = 0, source: str = "the stream", min_rows: int = 1):
         self.dataset, self.build, self.rank, self.world_size = dataset, build, rank, world_size
-        self.source = source
+        self.source, self.min_rows = source, min_rows
         self.shuffle_block, self.seed = shuffle_block, seed
         self._state = self._resume = None
 
@@ -598,6 +371,13 @@ class StreamingExamples(torch.utils.data.IterableDataset):
     def load_state_dict(self, state: dict) -> None:
         self._resume = dict(state) if state else None
 
+    def _check_unique(self, row_id: str, seen: set[str]) -> None:
+        if row_id in seen:
+            raise ValueError(f"--log_sample_weights: id {row_id!r} occurs twice in {self.source} (column "
+                             f"{self.build.id_column!r}); the per-sample log is joined on ids, so they must be "
+                             "unique. Pass --id_column with a column that identifies each row.")
+        seen.add(row_id)
+
     def _block_order(self, epoch: int, block: int, size: int, worker_id: int) -> np.ndarray:
         if not self.shuffle_block:
             return np.arange(size)
@@ -619,6 +399,8 @@ class StreamingExamples(torch.utils.data.IterableDataset):
             offset, produced = (start["offset"], start["produced"]) if start else (0, False)
             block_state = start["dataset"] if start else None
             rows_read, skipped = 0, {"skipped_images": 0, "skipped_texts": 0}
+            whole_pass = start is None  # the checks below need the pass from its first row
+            yielded, seen_ids = 0, set()
             # `.iter(batch_size=1)` rather than `iter(part)`: inside a DataLoader worker the latter would split
             # the (already split) stream among the workers a second time.
             rows = ({key: values[0] for key, values in batch.items()} for batch in part.iter(batch_size=1))
@@ -637,13 +419,21 @@ class StreamingExamples(torch.utils.data.IterableDataset):
                         pending[reason] += 1
                         skipped[reason] += 1
                         continue
+                    if whole_pass and "id" in example:
+                        self._check_unique(example["id"], seen_ids)
                     example["stats"] = {**example["stats"], **pending}
+                    yielded += 1
                     pending = {k: 0 for k in pending}
                     produced = True
                     self._state = {"epoch": epoch, "block": block, "position": position, "offset": j + 1,
                                    "produced": True, "dataset": block_state}
                     yield example
                 block, position, offset, block_state = block + 1, position + len(rows_in_block), 0, next_block_state
+            if produced and whole_pass and yielded < self.min_rows:
+                raise ValueError(f"{self.source} (process {self.rank}) has {yielded} usable row(s) per pass, fewer "
+                                 f"than one batch of {self.min_rows}: every batch would repeat the same rows "
+                                 f"({skipped['skipped_images']} unreadable images, {skipped['skipped_texts']} "
+                                 "missing or empty texts were skipped). Use more data or a smaller batch.")
             if produced:
                 continue
             if rows_read:

@@ -41,6 +41,7 @@ from alip_hf.evaluation.presets import (
     RETRIEVAL,
     TASK_ALIASES,
     TASKS,
+    ZEROSHOT,
     EvalTask,
     resolve_tasks,
     unknown_preset_message,
@@ -64,7 +65,7 @@ class EvalArguments:
     preset: list[str] = field(default_factory=list, metadata={
         "help": f"Presets or groups: {sorted(PRESETS)} / {sorted(PRESET_GROUPS)}."})
     dataset: str | None = field(default=None, metadata={
-        "help": "Any source data.load_source reads (instead of --preset)."})
+        "help": "Any source alip_hf.sources.load_source reads ('demo' included) (instead of --preset)."})
     task: list[str] = field(default_factory=list, metadata={
         "help": f"One or more of {TASKS} (aliases {sorted(TASK_ALIASES)}), all on the same images (encoded once); "
                 "with --preset, replaces a classification preset's task."})
@@ -139,7 +140,7 @@ def tasks_from_args(args: EvalArguments) -> list[EvalTask]:
         if not args.task:
             return tasks
         (task,) = args.task
-        changed = [replace(t, task=task, main_metric=None) for t in tasks if t.task != RETRIEVAL]
+        changed = [replace(t, task=task, main_metric=None) for t in tasks if t.task in (ZEROSHOT, LINEAR_PROBE)]
         if task == LINEAR_PROBE and any(t.train_split is None for t in changed):
             names = [t.name for t in changed if t.train_split is None]
             raise ValueError(f"--task linear_probe: presets {names} have no training split")
@@ -153,19 +154,12 @@ def tasks_from_args(args: EvalArguments) -> list[EvalTask]:
 
 
 def load_model_and_processor(path: str, device="cpu", trust_remote_code: bool = False):
-    """`AutoModel` + `AutoProcessor` (after registering ALIP); a directory saved without a processor gets CLIP's
-    preprocessing at the model's size (`ALIPProcessor.from_config`)."""
-    from transformers import AutoModel, AutoProcessor
+    """`AutoModel` + its processor, by the loader every command shares (`alip_hf.pretrained`): strict weights, the
+    saved processor or an error naming its file, CLIP's preprocessing only for a model saved without a processor."""
+    from alip_hf.pretrained import load_model_and_processor as load
 
-    import modeling_alip  # noqa: F401 - registers ALIP with the Auto classes
-
-    model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code).to(device).eval()
-    try:
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as error:
-        logger.warning("--model %s: no processor saved (%s); using CLIP's preprocessing", path, error)
-        processor = modeling_alip.ALIPProcessor.from_config(model.config)
-    return model, processor
+    model, processor = load(path, trust_remote_code=trust_remote_code, flag="--model")
+    return model.to(device).eval(), processor
 
 
 def write_model_card(args: EvalArguments, records: list[dict], argv: list[str]):

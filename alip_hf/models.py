@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -156,11 +155,12 @@ def build_model(args: ModelArguments, seed: int) -> ALIPModel:
     from modeling_alip import ALIPModel
 
     torch.manual_seed(seed)
-    if args.model_name_or_path and not args.config_overrides:
-        model = ALIPModel.from_pretrained(args.model_name_or_path, **hub_kwargs(args, remote_code=False))
-    elif args.model_name_or_path:
-        model = ALIPModel.from_pretrained(args.model_name_or_path, config=model_config(args),
-                                          **hub_kwargs(args, remote_code=False))
+    if args.model_name_or_path:
+        from alip_hf.pretrained import load_model
+
+        config = {"config": model_config(args)} if args.config_overrides else {}
+        model = load_model(args.model_name_or_path, ALIPModel, allow_new_weights=args.allow_new_weights,
+                           **hub_kwargs(args, remote_code=False), **config)
     else:
         model = ALIPModel(model_config(args))
     if args.freeze_vision:
@@ -184,23 +184,25 @@ def _freeze(*modules):
 
 
 def build_processor(args: ModelArguments, model: ALIPModel) -> ALIPProcessor:
-    """The image processor saved with `--model_name_or_path` (VeCLIP's, CLIP's, ...) or CLIP's preprocessing at
-    the model's image size, with `--tokenizer_name_or_path`, the saved tokenizer, or the CLIP BPE tokenizer."""
-    from transformers import AutoImageProcessor, AutoTokenizer, CLIPImageProcessor
+    """The processor saved with `--model_name_or_path` (`alip_hf.pretrained.load_processor`: strict, CLIP's
+    preprocessing at the model's sizes only for a model saved without one), with the tokenizer of
+    `--tokenizer_name_or_path` when given; a new model gets CLIP's preprocessing and the CLIP BPE tokenizer."""
+    from transformers import AutoTokenizer, CLIPImageProcessor
 
     from modeling_alip import ALIPProcessor, clip_tokenizer
 
-    source = args.model_name_or_path
-    if source is not None and _has_file(source, "preprocessor_config.json", args):
-        image_processor = AutoImageProcessor.from_pretrained(source, **hub_kwargs(args))
-    else:
-        size = model.config.vision_config.image_size
-        image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    tokenizer_path = args.tokenizer_name_or_path
-    if tokenizer_path is None and source is not None and _has_file(source, "tokenizer_config.json", args):
-        tokenizer_path = source
-    if tokenizer_path is not None:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, **hub_kwargs(args))
+    if args.model_name_or_path is not None:
+        from alip_hf.pretrained import load_processor
+
+        processor = load_processor(args.model_name_or_path, model.config,
+                                   tokenizer_name_or_path=args.tokenizer_name_or_path, **hub_kwargs(args))
+        if isinstance(processor, ALIPProcessor):
+            return processor
+        return ALIPProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer)
+    size = model.config.vision_config.image_size
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    if args.tokenizer_name_or_path is not None:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path, **hub_kwargs(args))
     else:
         tokenizer = clip_tokenizer(model_max_length=model.config.text_config.max_position_embeddings)
     return ALIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
@@ -213,19 +215,6 @@ def hub_kwargs(args: ModelArguments, remote_code: bool = True) -> dict:
     if remote_code:
         kwargs["trust_remote_code"] = args.trust_remote_code
     return kwargs
-
-
-def _has_file(source: str, filename: str, args: ModelArguments) -> bool:
-    """Whether the local directory or Hub repository `source` holds `filename` (at `--model_revision`)."""
-    if Path(source).is_dir():
-        return (Path(source) / filename).exists()
-    from transformers.utils import cached_file
-
-    try:
-        return cached_file(source, filename, revision=args.model_revision, cache_dir=args.cache_dir,
-                           _raise_exceptions_for_missing_entries=False) is not None
-    except OSError:
-        return False
 
 
 def core_model(model, accelerator: Accelerator | None = None) -> ALIPModel:

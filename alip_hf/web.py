@@ -9,7 +9,7 @@ Three steps, each a function:
    link and our caption", the ml-veclip README; the upload script in that repository reads a file as
    `json.load(f).items()` -> `(url, caption)`).
 2. `download`: runs img2dataset on it (`--output_format webdataset`, `--save_additional_columns ["id"]`), so
-   each sample's `json` carries the id that `recaption/` joins on (`recaption.source.resolve_id_column`).
+   each sample's `json` carries the id that `recaption/` joins on (`alip_hf.sources.resolve_id_column`).
 3. `read_stats`: sums img2dataset's per-shard `<shard>_stats.json` and lists every URL that failed (its
    per-shard `<shard>.parquet` has a `status` and an `error_message` per URL), written as
    `download_summary.json` and `failed.parquet`.

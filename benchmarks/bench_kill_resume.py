@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from test_train_fixtures import TinyData  # noqa: E402  (the test suite's tiny data and tokenizer)
+from conftest import TinyData  # noqa: E402  (the test suite's tiny data and tokenizer)
 
 from alip_hf import train  # noqa: E402
 from alip_hf.training import checkpoints  # noqa: E402
@@ -91,7 +91,10 @@ def main():
         process.send_signal(signal.SIGKILL)
         process.wait()
         state = _state_at_kill(out) if process.returncode == -signal.SIGKILL else "finished before the kill"
-        train.main(data.argv(out, *flags, "--resume_from_checkpoint", "latest"))
+        # Killed before its first checkpoint: nothing to resume (`latest` would stop), the run starts over.
+        restart = (("--resume_from_checkpoint", "latest") if checkpoints.resolve_checkpoint("latest", str(out))
+                   else ("--overwrite_output_dir", "true"))
+        train.main(data.argv(out, *flags, *restart))
         resumed = load_file(str(out / "model.safetensors"))
         same = resumed.keys() == full.keys() and all(torch.equal(resumed[k], full[k]) for k in full)
         identical += same

@@ -1,4 +1,7 @@
-"""ALIP as a transformers model: configuration, model, gates, loss, processor and converters.
+"""ALIP as a transformers model: configuration, model, gates, loss and processors (ALIP and VeCLIP).
+
+This folder is what a user of a saved model loads (it ships to the Hub as remote code), so it imports only torch,
+transformers (with its own requirements) and the standard library; checkpoint conversion lives in `alip_hf.convert`.
 
 Importing the package registers ALIP with transformers' Auto classes.
 """

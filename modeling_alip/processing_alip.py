@@ -108,8 +108,9 @@ def clip_tokenizer(model_max_length: int = CLIP_CONTEXT_LENGTH, bpe_path: str | 
 
 
 def missing_processor_files(model_dir) -> list[str]:
-    """What a local model directory lacks of a processor, in words naming the files (`[]`: complete, or a Hub id)."""
-    if not os.path.isdir(model_dir):
+    """What a local model directory lacks of a processor, in words naming the files (`[]`: complete, a Hub id, or
+    `None`, as `from_pretrained(None, config=..., state_dict=...)` passes)."""
+    if model_dir is None or not os.path.isdir(model_dir):
         return []
     present = set(os.listdir(model_dir))
     missing = []

@@ -56,7 +56,7 @@ def check_text_token_ids(text_config, tokenizer) -> None:
             f"text_config.eos_token_id is {text_config.eos_token_id} but tokenizer {name} ends texts with "
             f"{tokenizer.eos_token!r} = id {eos}: the text tower pools at the first end token, so every text "
             "feature would be read at the wrong position. Use the tokenizer the model was trained with, or, if "
-            "the config is what is wrong, rewrite its ids with `align_text_config` (convert_veclip: "
+            "the config is what is wrong, rewrite its ids with `align_text_config` (alip_hf.convert from_veclip: "
             "--set_token_ids_from_tokenizer)."
         )
     if eos == LEGACY_ARGMAX_EOS_ID and eos != len(tokenizer) - 1:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from alip_hf.lazy import lazy_import
+from alip_hf import sources  # the data contract; imports only the standard library up front
 from alip_hf.schema import ID, IMAGE
 from recaption.workers import scheduler_task
 
-data_lib = lazy_import("alip_hf.data")  # on first use: `--help` must not wait for datasets
 
 
 @dataclass
@@ -17,12 +16,14 @@ class RunArguments:
     """Where the rows come from, where they go, and how the work is split."""
 
     source: str = field(
-        metadata={"help": "Hub id, save_to_disk dir, Parquet/JSON/CSV file or glob, or WebDataset shards."}
+        metadata={"help": "Hub id, save_to_disk dir, Parquet/JSON/CSV file or glob, WebDataset shards, or 'demo' "
+                          "(the bundled demo data)."}
     )
     output_dir: str = field(metadata={"help": "Where the Parquet shards, markers and summary are written."})
     split: str = field(default="train", metadata={"help": "Split of the source to read."})
     streaming: bool = field(default=False, metadata={"help": "Read the source lazily (large Hub datasets)."})
-    id_column: str = field(default=ID, metadata={"help": "Stable key column; WebDataset `__key__` is used if absent."})
+    id_column: str = field(default=ID, metadata={
+        "help": "Stable key column; if absent, img2dataset's `json.id`, else WebDataset's `__key__`."})
     image_column: str = field(default=IMAGE, metadata={"help": "Image column of the source."})
     shard_size: int = field(
         default=1000, metadata={"help": "Rows per output shard (the unit of resume and of work split)."}
@@ -82,7 +83,7 @@ def _inside(path: str, directory: str) -> bool:
 
 def output_overlaps_source(output_dir: str, source: str) -> str | None:
     """How `output_dir` overlaps the local source (`"is"`, `"contains"`, `"lies inside"`), or None."""
-    files = data_lib.local_files(source)
+    files = sources.local_files(source)
     if files is None:
         return None  # a Hub id
     out = os.path.realpath(output_dir)

@@ -8,7 +8,7 @@ apply only where `W^s < 1`. This step computes them for every row of a dataset, 
 model learned, plus a CLIP-score baseline (the image-web text cosine of `--clip_score_model`, by default the audited
 model itself):
 
-    python -m recaption.audit --model outputs/alip-demo --source demo_data --output_dir out/audit \\
+    python -m recaption.audit --model outputs/alip-demo --source demo --output_dir out/audit \\
         --keep_fraction 0.7 --score lcg_weight_raw --noise_column noisy
     accelerate launch -m recaption.audit ...            # shards split across processes/nodes
 
@@ -40,6 +40,7 @@ from typing import Any, Callable
 import numpy as np
 
 from alip_hf.lazy import lazy_import
+from alip_hf.sources import is_empty_text
 from alip_hf.schema import (
     ALT_TEXT,
     AUDIT_MODEL,
@@ -137,18 +138,6 @@ class AuditArguments:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _load_processor(path: str, revision: str | None, config):
-    """The processor saved with the model, else CLIP's preprocessing at the model's size with the CLIP BPE."""
-    from transformers import AutoProcessor
-
-    import modeling_alip
-
-    try:
-        return AutoProcessor.from_pretrained(path, revision=revision)
-    except (OSError, ValueError, TypeError):
-        return modeling_alip.ALIPProcessor.from_config(config)
-
-
 def load_gated_model(path: str, revision: str | None = None):
     """An `ALIPModel` whose gate running means were trained, in eval mode.
 
@@ -157,10 +146,11 @@ def load_gated_model(path: str, revision: str | None = None):
             silently start them at their initial value), or its running means were never updated (a model trained
             with a recipe without gates).
     """
+    from alip_hf.pretrained import load_model
     from modeling_alip import ALIPModel
 
     try:
-        model, info = ALIPModel.from_pretrained(path, revision=revision, output_loading_info=True)
+        model, info = load_model(path, ALIPModel, revision=revision, flag="--model", output_loading_info=True)
     except (OSError, ValueError) as error:
         raise ValueError(f"--model {path!r}: cannot load it as an ALIP model: {error}") from error
     missing = [key for key in GATE_BUFFERS if key in info.get("missing_keys", ())]
@@ -215,22 +205,21 @@ class GateScorer:
 
     def __init__(self, model_path: str, revision: str | None = None, clip_score_model: str | None = None,
                  device="cpu"):
-        from transformers import AutoModel
-
-        import modeling_alip  # noqa: F401 - registers ALIP with the Auto classes
+        from alip_hf.pretrained import load_model_and_processor, load_processor
 
         self.model = load_gated_model(model_path, revision).to(device)
-        self.processor = _load_processor(model_path, revision, self.model.config)
+        self.processor = load_processor(model_path, self.model.config, revision=revision, flag="--model")
         self.clip_model = self.clip_processor = None
         if clip_score_model is not None:
             try:
-                self.clip_model = AutoModel.from_pretrained(clip_score_model).to(device).eval()
+                self.clip_model, self.clip_processor = load_model_and_processor(clip_score_model,
+                                                                                flag="--clip_score_model")
             except (OSError, ValueError) as error:
                 raise ValueError(f"--clip_score_model {clip_score_model!r}: cannot load it: {error}") from error
+            self.clip_model = self.clip_model.to(device).eval()
             if not hasattr(self.clip_model, "get_image_features"):
                 raise ValueError(f"--clip_score_model {clip_score_model!r} is a {type(self.clip_model).__name__}, "
                                  "not a CLIP-style model with get_image_features/get_text_features")
-            self.clip_processor = _load_processor(clip_score_model, None, self.clip_model.config)
         self.commit = getattr(self.model.config, "_commit_hash", None)
         self.digest = weights_digest(self.model)
         self.clip_digest = weights_digest(self.clip_model) if self.clip_model is not None else None
@@ -267,10 +256,6 @@ def _reason(error: Exception) -> str:
     return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(error).__name__}: {error}")
 
 
-def _is_empty(text) -> bool:
-    return not isinstance(text, str) or not text.strip()
-
-
 class _AuditStepBase:
     """What both steps share: the columns read, row checks, and the summary."""
 
@@ -288,13 +273,14 @@ class _AuditStepBase:
 
     def check_rows(self, shard: datasets.Dataset, ids: list[str]) -> tuple[list[tuple], dict[str, str]]:
         """`([(id, image, text, caption)] of the scorable rows, {id: error})`; the error's first word is its
-        reason (`unreadable_image`, `empty_text`, `empty_caption`), which filtering counts."""
+        reason (`unreadable_image`, `empty_text`, `empty_caption`), which filtering counts. Empty is the data
+        contract's rule (`alip_hf.sources.is_empty_text`), so the rows not scored are the rows training skips."""
         valid, errors = [], {}
         columns = (shard[self.run.image_column], shard[self.args.text_column], shard[self.args.caption_column])
         for row_id, cell, text, caption in zip(ids, *columns):
-            if _is_empty(text):
+            if is_empty_text(text):
                 errors[row_id] = f"empty_text: column {self.args.text_column!r} is empty"
-            elif _is_empty(caption):
+            elif is_empty_text(caption):
                 errors[row_id] = f"empty_caption: column {self.args.caption_column!r} is empty"
             else:
                 try:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from alip_hf.lazy import lazy_import
+from alip_hf.sources import is_empty_text
 from alip_hf.schema import CAPTION, CAPTION_MODEL, CAPTION_PROMPT_VERSION, ERROR
 from recaption.arguments import GenerationArguments, RunArguments, torch_dtype
 from recaption.run import run_sharded
@@ -316,7 +317,7 @@ class CaptionStep:
             counts={"rows": len(ids), "failures": len(errors), "captioned": len(written),
                     "caption_words": sum(len(t.split()) for t in written),
                     OUTPUT_TOKENS: self.captioner.output_tokens(written),
-                    "empty_captions": sum(1 for t in written if not t)},
+                    "empty_captions": sum(1 for t in written if is_empty_text(t))},
         )
 
     def summarize(self, totals: dict[str, float]) -> dict[str, Any]:

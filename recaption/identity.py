@@ -8,11 +8,9 @@ import json
 import os
 from typing import Any
 
-from alip_hf.lazy import lazy_import
+from alip_hf import sources
 from recaption.arguments import RunArguments
 from recaption.layout import atomic_write_json
-
-data_lib = lazy_import("alip_hf.data")
 
 
 def digest(value: Any) -> str:
@@ -88,7 +86,7 @@ def source_identity(args: "RunArguments") -> dict[str, Any]:
     """The source as named, its split and, for local sources, its files with their sizes (a file replaced by
     another of a different size, or files added or removed, change it). Hub sources: name and split; their
     rows are checked through the ids of each shard."""
-    files = data_lib.local_files(args.source)
+    files = sources.local_files(args.source)
     identity: dict[str, Any] = {"source": args.source, "split": args.split}
     if files is not None:
         base = args.source if os.path.isdir(args.source) else os.path.dirname(files[0]) if files else ""

@@ -21,12 +21,11 @@ from typing import Any
 
 import yaml
 
+from alip_hf import sources
 from alip_hf.evaluation.cards import hub_id, is_local, portable
 from alip_hf.hub import HubArguments, resolve_token
 from alip_hf.io import write_text_atomic, write_with_atomically
-from alip_hf.lazy import lazy_import
 
-data_lib = lazy_import("alip_hf.data")  # on first use: `--help` must not wait for torch
 
 UNKNOWN_LICENSE = "unknown"
 
@@ -234,7 +233,7 @@ def publish(args: PublishArguments, hub: HubArguments | None = None) -> str:
         for path in sorted(glob.glob(os.path.join(data_dir, f"{args.split}-*.parquet"))):
             destination = os.path.join(target, "data", os.path.basename(path))
             write_with_atomically(destination, lambda tmp, source=path: shutil.copyfile(source, tmp))
-        dataset = data_lib.load_source(data_dir, split=args.split)
+        dataset = sources.load_source(data_dir, split=args.split)
         write_text_atomic(os.path.join(target, "README.md"), merge_card(card, datasets_metadata(dataset, args.split)))
         write_text_atomic(os.path.join(target, "provenance.json"), provenance)
         return target
@@ -244,7 +243,7 @@ def publish(args: PublishArguments, hub: HubArguments | None = None) -> str:
 
     token = resolve_token(hub.hub_token)
     options = hub.hub_options()
-    dataset = data_lib.load_source(data_dir, split=args.split)
+    dataset = sources.load_source(data_dir, split=args.split)
     commit = dataset.push_to_hub(
         args.hub_dataset_id, split=args.split, private=options.private, token=token, revision=options.revision,
         create_pr=options.create_pr, commit_message=options.commit_message or "Upload recaptioned data",

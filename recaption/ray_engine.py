@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
+from alip_hf import sources
 from alip_hf.lazy import lazy_import
 from recaption.arguments import RunArguments
 from recaption.identity import identity_digests, save_digest_cache
@@ -35,7 +36,7 @@ from recaption.layout import shard_name
 from recaption.resume import check_no_extra_shards, verify_done_shard
 from recaption.run import ShardWriter, finish, run_config, run_stream_chunks
 from recaption.sharding import stream_sources
-from recaption.source import Input, load_input, read_ids
+from recaption.source import Input, load_input
 from recaption.step import Step
 from recaption.workers import Worker
 
@@ -89,7 +90,7 @@ class ShardReplica:
             shard = self.source.dataset.select(range(int(start), int(stop)))
             if os.path.exists(os.path.join(self.args.output_dir, "shards", f"{name}.json")):
                 # written by a replica that died before reporting it: checked, not redone
-                verify_done_shard(self.args, index, read_ids(shard, self.source.id_column), self.identity)
+                verify_done_shard(self.args, index, sources.read_ids(shard, self.source.id_column), self.identity)
             else:
                 self.writer.write(name, shard, {"index": index})
             names.append(name)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import itertools
 
+from alip_hf import sources
 from alip_hf.lazy import lazy_import
 from recaption.arguments import RunArguments
 from recaption.identity import ids_digest, source_identity
 from recaption.layout import done_shards, read_marker, shard_list, shard_name, stream_chunk_name
-from recaption.source import read_ids
 
 datasets = lazy_import("datasets")
 
@@ -33,12 +33,12 @@ def verify_done_chunks(args: RunArguments, dataset: datasets.IterableDataset, so
                     f"it was made with another {' and '.join(changed)} ({'; '.join(changed)} digest differs)")
     if "files" in (source_identity(args) or {}):
         return
-    head = id_column.partition(".")[0] if id_column not in (dataset.column_names or []) else id_column
+    head = sources.id_source_column(id_column, dataset.column_names)
     rows = iter(dataset.shard(num_shards=dataset.num_shards, index=source_shard, contiguous=True)
                 .select_columns([head]))
     for marker in finished:
         taken = list(itertools.islice(rows, args.shard_size))
-        ids = read_ids(datasets.Dataset.from_list(taken), id_column) if taken else []
+        ids = [sources.read_id(row, id_column) for row in taken]
         if marker.get("ids_sha256", ids_digest(ids)) != ids_digest(ids):
             refuse(args, stream_chunk_name(args.split, source_shard, marker["chunk"]),
                     f"its input ids changed: it was made from {marker['rows']} rows starting at id "

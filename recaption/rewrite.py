@@ -21,6 +21,7 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from alip_hf.lazy import lazy_import
+from alip_hf.sources import is_empty_text
 from alip_hf.schema import (
     ALT_TEXT,
     CAPTION,
@@ -108,9 +109,9 @@ def select_vecap(
     `alt_text` is unused by the rule today and kept in the signature so a rule that checks entity
     retention can replace this one without touching callers.
     """
-    caption = (caption or "").strip()
-    if not caption:
+    if is_empty_text(caption):  # the data contract's rule: what training would skip as an empty caption
         return "", "no_caption"
+    caption = caption.strip()
     text = clean_generation(generated or "")
     if not text:
         return caption, "empty"
@@ -249,7 +250,7 @@ class RewriteStep:
     def process(self, shard: datasets.Dataset, ids: list[str], progress: Callable[[int], None]) -> StepResult:
         alts = [a or "" for a in shard[self.args.alt_text_column]]
         captions = [c or "" for c in shard[self.args.caption_column]]
-        todo = [k for k, c in enumerate(captions) if c.strip()]
+        todo = [k for k, c in enumerate(captions) if not is_empty_text(c)]
         answers = dict(zip(todo, self.rewriter([self.chat_prompt(alts[k], captions[k]) for k in todo], progress)))
         progress(len(ids) - len(todo))
         vecap, reasons = {}, {}

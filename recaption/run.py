@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
+from alip_hf import sources
 from alip_hf.lazy import lazy_import
 from alip_hf.schema import ID
 from recaption.arguments import RunArguments
@@ -40,7 +41,7 @@ from recaption.layout import (
 )
 from recaption.resume import check_no_extra_shards, verify_done_chunks, verify_done_shard
 from recaption.sharding import iter_shards, iter_stream_chunks, stream_sources
-from recaption.source import Input, load_input, read_ids
+from recaption.source import Input, load_input
 from recaption.step import Step, join_columns
 from recaption.throughput import render as render_throughput
 from recaption.throughput import replica_description, throughput
@@ -170,10 +171,11 @@ class ShardWriter:
     def write(self, name: str, shard: datasets.Dataset, fields: dict) -> dict:
         """Processes and writes one shard; returns its marker."""
         started = time.time()
-        ids = read_ids(shard, self.source.id_column)
-        if len(set(ids)) != len(ids):
-            duplicate = next(i for i in ids if ids.count(i) > 1)
-            raise ValueError(f"id {duplicate!r} appears twice in column {self.source.id_column!r}; ids must be unique")
+        ids = sources.read_ids(shard, self.source.id_column)
+        repeated = sources.duplicate_ids(ids)
+        if repeated:
+            raise ValueError(f"ids {repeated} appear more than once in column {self.source.id_column!r}; ids must be "
+                             "unique")
         result = self.step.process(shard, ids, self.progress)
         out = join_columns(shard, ids, result, self.source.features, self.args.image_column)
         atomic_write_parquet(out, os.path.join(self.args.output_dir, "data", f"{name}.parquet"))

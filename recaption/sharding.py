@@ -8,6 +8,7 @@ import logging
 import math
 from typing import Iterator
 
+from alip_hf import sources
 from alip_hf.lazy import lazy_import
 from recaption.layout import stream_chunk_name
 
@@ -26,13 +27,14 @@ def iter_shards(
     """(index, rows) for every shard of this process of a map-style dataset; for shards in `skip`, rows is the
     list of the shard's ids (as strings) when `id_column` is given (so finished shards can be checked against the
     input), else None. Streams go through `iter_stream_chunks`."""
-    ids_only = dataset.select_columns([id_column]) if id_column else None
+    ids_only = (dataset.select_columns([sources.id_source_column(id_column, dataset.column_names)])
+                if id_column else None)
     for index in range(rank, math.ceil(len(dataset) / shard_size), world):
         rows = range(index * shard_size, min((index + 1) * shard_size, len(dataset)))
         if index not in skip:
             yield index, dataset.select(rows)
         else:
-            yield index, None if ids_only is None else [str(i) for i in ids_only.select(rows)[id_column]]
+            yield index, None if ids_only is None else sources.read_ids(ids_only.select(rows), id_column)
 
 
 def stream_sources(dataset: datasets.IterableDataset, world: int) -> datasets.IterableDataset:

@@ -71,3 +71,32 @@ def write_wds_copy(root, images, split="test", labels=None, captions=None, class
 def random_images(n: int, seed: int = 0, size: int = 12) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+# The files of the Hub dataset nlphuji/winogavil (what its loading script downloads, and DataComp reads through it):
+#     <root>/winogavil_dataset.csv   one game per row: ID, cue, candidates and associations as JSON lists, ...
+#     <root>/winogavil_images.zip    winogavil_images/<candidate>.jpg
+WINOGAVIL_CSV_COLUMNS = ("candidates", "cue", "associations", "score_fool_the_ai", "num_associations",
+                         "num_candidates", "solvers_jaccard_mean", "ID")
+
+
+def write_winogavil_copy(root, games: list[tuple[str, list[str], list[str]]], seed: int = 0, size: int = 12) -> Path:
+    """`games`: (cue, candidates, associations); every distinct candidate gets a random image in the zip."""
+    import csv
+    import json
+    import zipfile
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "winogavil_dataset.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=WINOGAVIL_CSV_COLUMNS)
+        writer.writeheader()
+        for i, (cue, candidates, associations) in enumerate(games):
+            writer.writerow({"candidates": json.dumps(candidates), "cue": cue, "associations": json.dumps(associations),
+                             "score_fool_the_ai": 0.0, "num_associations": len(associations),
+                             "num_candidates": len(candidates), "solvers_jaccard_mean": 100.0, "ID": 1000 + i})
+    names = sorted({name for _, candidates, _ in games for name in candidates})
+    with zipfile.ZipFile(root / "winogavil_images.zip", "w") as zf:
+        for name, image in zip(names, random_images(len(names), seed=seed, size=size)):
+            zf.writestr(f"winogavil_images/{name}.jpg", _image_bytes(image, "jpg"))
+    return root

@@ -18,20 +18,27 @@ from conftest import HIDE_PACKAGE, tiny_alip_config
 from safetensors.torch import load_file, save_file
 
 from modeling_alip import ALIPModel
-from modeling_alip.convert_open_clip import (
+from alip_hf.convert import cli
+from alip_hf.convert.from_open_clip import (
     alip_config_from_state_dict,
     convert_open_clip,
     convert_state_dict,
     load_checkpoint,
     resolve_quick_gelu,
 )
-from modeling_alip.convert_open_clip import main as convert_open_clip_main
-from modeling_alip.convert_to_clip import (
+from alip_hf.convert.to_clip import (
     GATE_CONFIG_FIELDS,
     export_to_clip,
     save_directory_atomically,
 )
-from modeling_alip.convert_to_clip import main as convert_to_clip_main
+
+
+def convert_open_clip_main(flags):
+    return cli.main(["from_open_clip", *flags])
+
+
+def convert_to_clip_main(flags):
+    return cli.main(["to_clip", *flags])
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -140,7 +147,7 @@ def test_heads_default_to_width_over_64_without_a_model_config():
 
 
 def test_narrow_tower_without_a_model_config_is_rejected_naming_the_flags():
-    with pytest.raises(ValueError, match="--model_name or --model_config"):
+    with pytest.raises(ValueError, match="--open_clip_model_name or --open_clip_config"):
         convert_open_clip(tiny_open_clip(False).state_dict(), quick_gelu=False)
 
 
@@ -161,7 +168,8 @@ def test_checkpoint_files_convert_through_the_cli(tmp_path, layout):
     config_path.write_text(json.dumps(tiny_open_clip_config(True)))
 
     output = tmp_path / "alip"
-    argv = ["--checkpoint", str(path), "--model_config", str(config_path), "--output", str(output), "--no_processor"]
+    argv = ["--checkpoint_path", str(path), "--open_clip_config", str(config_path), "--output_dir", str(output),
+            "--save_processor", "false"]
     convert_open_clip_main(argv)
 
     model = ALIPModel.from_pretrained(output).eval()
@@ -180,7 +188,8 @@ def test_cli_writes_a_processor_sized_for_the_model(tmp_path):
     path = tmp_path / "clip.pt"
     torch.save(open_clip.CLIP(**config).state_dict(), path)
     (tmp_path / "tiny.json").write_text(json.dumps(config))
-    convert_open_clip_main(["--checkpoint", str(path), "--model_config", str(tmp_path / "tiny.json"), "--output", str(tmp_path / "alip")])
+    convert_open_clip_main(["--checkpoint_path", str(path), "--open_clip_config", str(tmp_path / "tiny.json"),
+                            "--output_dir", str(tmp_path / "alip")])
 
     processor = ALIPProcessor.from_pretrained(tmp_path / "alip")
     assert processor.image_processor.crop_size == {"height": 30, "width": 30}
@@ -211,7 +220,7 @@ def test_checkpoint_with_pickled_objects_is_refused(tmp_path):
 
 
 def test_missing_checkpoint_file_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--checkpoint .*nope.pt"):
+    with pytest.raises(FileNotFoundError, match="--checkpoint_path .*nope.pt"):
         load_checkpoint(tmp_path / "nope.pt")
 
 
@@ -239,11 +248,11 @@ def test_activation_detection_order(flag, name, config, expected):
 
 
 def test_open_clip_model_names_give_heads_and_activation():
-    from modeling_alip.convert_open_clip import open_clip_model_config
+    from alip_hf.convert.from_open_clip import open_clip_model_config
 
     assert open_clip_model_config("ViT-B/32")["text_cfg"]["heads"] == 8  # the official ALIP script's spelling
     assert resolve_quick_gelu(None, "ViT-B-32-quickgelu", open_clip_model_config("ViT-B-32-quickgelu"))
-    with pytest.raises(ValueError, match="--model_name ViT-Q-99"):
+    with pytest.raises(ValueError, match="--open_clip_model_name ViT-Q-99"):
         open_clip_model_config("ViT-Q-99")
 
 
@@ -296,7 +305,7 @@ def test_exported_clip_loads_without_alip_and_gives_the_same_features(tmp_path, 
     alip_processor = ALIPProcessor.from_config(model.config)
     model.save_pretrained(tmp_path / "alip")
     alip_processor.save_pretrained(tmp_path / "alip")
-    convert_to_clip_main(["--model", str(tmp_path / "alip"), "--output", str(tmp_path / "clip")])
+    convert_to_clip_main(["--model_name_or_path", str(tmp_path / "alip"), "--output_dir", str(tmp_path / "clip")])
 
     pixels, ids = pixel_batch(), token_batch(vocab=49408)
     image = torch.randint(0, 256, (40, 50, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
@@ -340,7 +349,7 @@ def test_export_drops_gate_buffers_and_fields(tmp_path, tiny_model):
 def test_export_refuses_to_overwrite_unless_asked(tmp_path, tiny_model):
     (tmp_path / "clip").mkdir()
     (tmp_path / "clip" / "keep.txt").write_text("x")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
         export_to_clip(tiny_model, tmp_path / "clip")
     export_to_clip(tiny_model, tmp_path / "clip", overwrite=True)
     assert (tmp_path / "clip" / "config.json").exists() and not (tmp_path / "clip" / "keep.txt").exists()
@@ -367,7 +376,65 @@ def test_the_converter_command_line_converts_and_names_an_unknown_converter(tmp_
 
     model = ALIPModel(tiny_alip_config())
     model.save_pretrained(tmp_path / "alip")
-    output = convert.main(["to_clip", "--model", str(tmp_path / "alip"), "--output", str(tmp_path / "clip")])
+    output = convert.main(["to_clip", "--model_name_or_path", str(tmp_path / "alip"), "--output_dir",
+                           str(tmp_path / "clip")])
     assert (output / "model.safetensors").is_file() and (output / "config.json").is_file()
     with pytest.raises(SystemExit, match="unknown converter 'to-clip'"):
-        convert.main(["to-clip", "--model", str(tmp_path / "alip")])
+        convert.main(["to-clip", "--model_name_or_path", str(tmp_path / "alip")])
+
+
+_LOAD_PROCESSOR = HIDE_PACKAGE + textwrap.dedent(
+    """
+    import sys
+    from transformers import AutoProcessor, CLIPModel, CLIPProcessor
+    export_dir, resaved_dir = sys.argv[1:]
+    for kwargs in ({}, {"trust_remote_code": True}):
+        processor = AutoProcessor.from_pretrained(export_dir, **kwargs)
+        assert type(processor) is CLIPProcessor, (kwargs, type(processor))
+    # What run_clip.py does after fine-tuning: save model and processor, then the next user loads them.
+    CLIPModel.from_pretrained(export_dir).save_pretrained(resaved_dir)
+    processor.save_pretrained(resaved_dir)
+    for kwargs in ({}, {"trust_remote_code": True}):
+        assert type(AutoProcessor.from_pretrained(resaved_dir, **kwargs)) is CLIPProcessor, kwargs
+    print("LOADED")
+    """
+)
+
+
+def dangling_auto_maps(directory: Path) -> list[str]:
+    """`file: Auto class -> module` for every `auto_map` entry whose module file the directory lacks."""
+    from alip_hf.convert.to_clip import _module_files
+
+    dangling = []
+    for path in sorted(directory.glob("*.json")):
+        content = json.loads(path.read_text())
+        for auto, reference in (content.get("auto_map", {}) if isinstance(content, dict) else {}).items():
+            if not all((directory / f).is_file() for f in _module_files(reference)):
+                dangling.append(f"{path.name}: {auto} -> {reference}")
+    return dangling
+
+
+def test_clip_export_refers_to_no_file_it_lacks_and_its_processor_loads_without_the_package(tmp_path, tiny_model):
+    from modeling_alip import ALIPProcessor
+
+    tiny_model.save_pretrained(tmp_path / "alip")
+    ALIPProcessor.from_config(tiny_model.config).save_pretrained(tmp_path / "alip")
+    assert dangling_auto_maps(tmp_path / "alip") == []  # the ALIP directory ships its module files
+    convert_to_clip_main(["--model_name_or_path", str(tmp_path / "alip"), "--output_dir", str(tmp_path / "clip")])
+
+    assert dangling_auto_maps(tmp_path / "clip") == []
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    (tmp_path / "elsewhere").mkdir()
+    result = subprocess.run([sys.executable, "-c", _LOAD_PROCESSOR, str(tmp_path / "clip"), str(tmp_path / "resaved")],
+                            cwd=tmp_path / "elsewhere", env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "LOADED" in result.stdout, result.stderr[-3000:]
+
+
+def test_export_states_what_it_drops_and_refuses_a_tensor_clip_has_no_place_for(tiny_model, caplog):
+    from alip_hf.convert.to_clip import clip_state_dict, dropped_state
+
+    assert dropped_state(tiny_model) == sorted(k for k in tiny_model.state_dict() if k.startswith("gates."))
+    tiny_model.register_buffer("extra_bias", torch.zeros(1))
+    with pytest.raises(ValueError, match=r"\['extra_bias'\].*DROPPED_STATE"):
+        clip_state_dict(tiny_model)

@@ -76,7 +76,8 @@ def test_acc5_is_nan_with_fewer_than_five_classes():
 def test_retrieval_counts_a_hit_when_any_caption_of_the_image_is_in_the_top_k():
     # 3 images; image 0 has captions 0 and 1, image 1 has caption 2, image 2 has caption 3.
     image_embeds = torch.eye(3)
-    text_embeds = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.9, 0.1], [0.0, 0.0, 1.0]])
+    # (No exact ties: caption 0 scores 0.1 with image 0 and 0 with image 2.)
+    text_embeds = torch.tensor([[0.1, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.9, 0.1], [0.0, 0.0, 1.0]])
     metrics = ev.retrieval_metrics(image_embeds, text_embeds, [0, 0, 1, 2], ks=(1, 2))
     # text -> image: caption 0 retrieves image 1 first (miss at 1, hit at 2); the others hit at 1.
     assert metrics["image_retrieval_recall@1"] == pytest.approx(3 / 4)
@@ -85,6 +86,41 @@ def test_retrieval_counts_a_hit_when_any_caption_of_the_image_is_in_the_top_k():
     # its own caption 2 comes second; image 2 finds caption 3.
     assert metrics["text_retrieval_recall@1"] == pytest.approx(2 / 3)
     assert metrics["text_retrieval_recall@2"] == 1.0
+
+
+def _retrieval_data_with_duplicate_captions(seed: int = 0):
+    """12 images with 2 captions each, the 24 captions drawn from 5 distinct ones: duplicates across images."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.nn.functional.normalize(torch.randn(12, 8, generator=g), dim=-1)
+    distinct = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    texts = distinct[torch.randint(0, 5, (24,), generator=g)]
+    return images, texts, np.repeat(np.arange(12), 2)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_recall_with_duplicate_captions_does_not_depend_on_row_order(seed):
+    images, texts, index = _retrieval_data_with_duplicate_captions()
+    expected = ev.retrieval_metrics(images, texts, index, ks=(1, 5, 10))
+    rng = np.random.default_rng(seed)
+    image_order, text_order = rng.permutation(12), rng.permutation(24)
+    new_row_of_image = np.argsort(image_order)
+    got = ev.retrieval_metrics(images[image_order], texts[text_order], new_row_of_image[index[text_order]],
+                               ks=(1, 5, 10))
+    assert got == expected  # exactly: the rule has no order in it, and equal rows score bitwise equal
+
+
+def test_tied_candidates_count_by_their_expected_rank():
+    # Two images, one caption each, the two captions identical: every query ties its match with one other
+    # candidate, so R@1 is the chance (1/2) that a random order puts the match first; R@2 is a sure hit.
+    text = torch.nn.functional.normalize(torch.ones(1, 2), dim=-1)
+    metrics = ev.retrieval_metrics(torch.eye(2), text.repeat(2, 1), [0, 1], ks=(1, 2))
+    assert metrics == {"image_retrieval_recall@1": 0.5, "image_retrieval_recall@2": 1.0,
+                       "text_retrieval_recall@1": 0.5, "text_retrieval_recall@2": 1.0}
+    # One image above the tie (g = 1), then its own caption tied with 2 foreign copies (t = 2, m = 1):
+    # P(hit@2) = 1 - C(2, 1) / C(3, 1) = 1/3; P(hit@3) = 1 - C(2, 2) / C(3, 2) = 2/3; @4 = 1.
+    scores = torch.tensor([[0.5, 0.5, 0.5, 0.9]]).T  # (T=4, I=1) seen from the image: captions 0-2 tie, 3 above
+    recalls = ev.recall_at_ks(scores, [0, 1, 1, 1], ks=(1, 2, 3, 4))["text_retrieval_recall"]
+    assert recalls == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0], abs=1e-7)
 
 
 def test_retrieval_k_above_the_number_of_candidates_counts_every_query_as_a_hit():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from _wds_layout import random_images, write_wds_copy
+from _wds_layout import random_images, write_winogavil_copy, write_wds_copy
 from alip_hf import eval as eval_cli
 from alip_hf import evaluation as ev
 from alip_hf.evaluation import loading, metrics, presets, reports, runners
@@ -134,7 +134,10 @@ def test_datacomp_group_is_its_suite_with_its_metric_per_task():
     assert (main["flickr30k"], main["mscoco"]) == ("mean_recall@1", "mean_recall@1")
     assert (main["iwildcam"], main["fmow"], main["dollar_street"], main["geode"]) == (
         "F1-macro_all", "acc_worst_region", "acc_top5_wg", "acc_wg")
-    assert sum(m == "acc1" for m in main.values()) == 37 - 4 - 2 - 4
+    assert main["winogavil"] == "jaccard_score_10-12" and presets.DATACOMP_UNSUPPORTED == {}
+    assert sum(m == "acc1" for m in main.values()) == 38 - 4 - 2 - 4 - 1
+    # tasklist.yml's order: Flickr, MSCOCO, WinoGAViL, then WILDS
+    assert list(main)[30:34] == ["flickr30k", "mscoco", "winogavil", "iwildcam"]
     assert len(ev.resolve_tasks("alip_zeroshot")) == 11 and len(ev.resolve_tasks("clip_benchmark_vtab")) == 19
 
 
@@ -236,10 +239,12 @@ def test_datacomp_average_is_the_mean_of_the_main_metrics_and_says_what_is_missi
                 "main_score": (i + 1) / 100} for i, n in enumerate(names) if n != "objectnet"]
     summary = reports.datacomp_summary(records)["datacomp"]
     assert summary["average"] == pytest.approx(np.mean([r["main_score"] for r in records]), abs=1e-12)
-    assert (summary["num_tasks"], summary["complete"]) == (36, False)
-    assert summary["missing"] == ["objectnet", "winogavil"]
+    assert (summary["num_tasks"], summary["complete"]) == (37, False)
+    assert summary["missing"] == ["objectnet"]
     assert summary["groups"]["ImageNet"] == records[names.index("imagenet1k")]["main_score"]
-    assert summary["groups"]["ImageNet dist. shifts"] is None and summary["groups"]["Retrieval"] is None
+    assert summary["groups"]["ImageNet dist. shifts"] is None
+    retrieval = [r["main_score"] for r in records if r["dataset"] in ("flickr30k", "mscoco", "winogavil")]
+    assert summary["groups"]["Retrieval"] == pytest.approx(np.mean(retrieval), abs=1e-12)
     vtab = [r["main_score"] for r in records if r["dataset"] in presets.DATACOMP_GROUPS["VTAB"]]
     assert len(vtab) == 13 and summary["groups"]["VTAB"] == pytest.approx(np.mean(vtab), abs=1e-12)
 
@@ -362,15 +367,125 @@ def test_compare_renders_a_markdown_table_and_vector_plots(tmp_path):
 def test_datacomp_preset_runs_its_suite_on_a_mirror_and_stores_the_average(saved_model, tmp_path):
     mirror = tmp_path / "mirror"
     for name in ev.PRESET_GROUPS["datacomp"]:
-        if ev.PRESETS[name][0].task == "zeroshot_retrieval":
+        if name == "winogavil":
+            write_winogavil_copy(mirror / "winogavil", WINOGAVIL_GAMES)
+        elif ev.PRESETS[name][0].task == "zeroshot_retrieval":
             write_retrieval_copy(mirror, name, n=6)
         else:
             write_classification_copy(mirror, name, n=6)
     out = tmp_path / "results.json"
     records = eval_cli.main(["--model", saved_model, "--preset", "datacomp", "--data_root", str(mirror),
                              "--output", str(out), "--recall_curve_max_k", "0"])
-    assert len(records) == 37 and {r["status"] for r in records} == {"ok"}
+    assert len(records) == 38 and {r["status"] for r in records} == {"ok"}
     summary = json.loads(out.read_text())["suites"]["datacomp"]
     assert summary["average"] == pytest.approx(np.mean([r["main_score"] for r in records]), abs=1e-12)
-    assert (summary["num_tasks"], summary["missing"], summary["complete"]) == (37, ["winogavil"], False)
+    assert (summary["num_tasks"], summary["missing"], summary["complete"]) == (38, [], True)
     assert all(r["expected_rows"] != r.get("num_rows", r["num_images"]) for r in records)  # small copies, logged
+
+
+# --------------------------------------------------------------------------------------------------------------
+# WinoGAViL: nlphuji/winogavil's files, DataComp's metric
+# --------------------------------------------------------------------------------------------------------------
+
+# (cue, candidates, associations): games with 5, 6, 10 and 12 candidates, as the published split has.
+_NAMES = [f"img{i:02d}" for i in range(14)]
+WINOGAVIL_GAMES = [
+    ("werewolf", _NAMES[:5], _NAMES[:2]),
+    ("ocean", _NAMES[3:9], _NAMES[4:7]),
+    ("igloo", _NAMES[:10], [_NAMES[1], _NAMES[8]]),
+    ("bee", _NAMES[2:14], _NAMES[5:9]),
+    ("Apple", _NAMES[4:14], [_NAMES[13]]),
+]
+
+
+def test_association_jaccard_takes_the_top_k_and_scores_the_overlap():
+    scores = torch.tensor([0.9, 0.1, 0.8, 0.7, 0.2])
+    # K = 2 associations (0 and 1); the top 2 are 0 and 2: |{0}| / |{0, 1, 2}| = 1/3.
+    assert metrics.association_jaccard(scores, torch.tensor([True, True, False, False, False])) == 1 / 3
+    assert metrics.association_jaccard(scores, torch.tensor([True, False, True, False, False])) == 1.0
+    assert metrics.association_jaccard(scores, torch.tensor([False, True, False, False, True])) == 0.0
+    got = metrics.winogavil_metrics([1.0, 0.5, 0.0, 0.25, 1.0], [5, 6, 10, 12, 12])
+    assert got == pytest.approx({"avg_jaccard_score": 2.75 / 5, "jaccard_score_5": 1.0, "jaccard_score_6": 0.5,
+                                 "jaccard_score_10": 0.0, "jaccard_score_12": 0.625, "jaccard_score_5-6": 0.75,
+                                 "jaccard_score_10-12": 1.25 / 3}, abs=1e-12)
+    assert math.isnan(metrics.winogavil_metrics([1.0], [5])["jaccard_score_10-12"])
+
+
+def test_winogavil_prompt_is_datacomps():
+    assert [loading.winogavil_prompt(c) for c in ("Apple", "werewolf", "Ice cream")] == [
+        "An apple", "A werewolf", "An ice cream"]
+
+
+def test_winogavil_preset_reads_the_published_files_and_scores_as_datacomp(model_and_processor, tmp_path):
+    from sklearn.metrics import jaccard_score
+
+    model, processor = model_and_processor
+    root = write_winogavil_copy(tmp_path / "winogavil", WINOGAVIL_GAMES)
+    task = presets.with_data_root(presets.PRESETS["winogavil"][0], tmp_path)
+    assert task.source == str(root)
+    (record,) = ev.run_evaluation(model, processor, task)
+
+    # DataComp's recipe (eval_utils/wino_eval.py), step by step, on the same files: the cue's prompt against its
+    # candidates' images, the top K (K = associations), sklearn's Jaccard of the candidate masks.
+    import csv
+    import json
+    import zipfile
+
+    from PIL import Image
+
+    def features(images):
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        return torch.nn.functional.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+
+    expected, sizes = [], []
+    with zipfile.ZipFile(root / "winogavil_images.zip") as zf, open(root / "winogavil_dataset.csv") as f, \
+            torch.no_grad():
+        for row in csv.DictReader(f):
+            candidates, associations = json.loads(row["candidates"]), json.loads(row["associations"])
+            images = [Image.open(zf.open(f"winogavil_images/{c}.jpg")).convert("RGB") for c in candidates]
+            cue = row["cue"].lower()
+            text = processor(text=[("An " if cue[0] in "aeiou" else "A ") + cue], return_tensors="pt", padding=True)
+            text_features = torch.nn.functional.normalize(model.get_text_features(
+                input_ids=text["input_ids"], attention_mask=text["attention_mask"]).pooler_output, dim=-1)
+            logits = (text_features @ features(images).T).squeeze(0).numpy()
+            y_true = np.isin(candidates, associations)
+            y_pred = np.isin(np.arange(len(candidates)), np.argsort(logits)[-int(y_true.sum()):])
+            expected.append(jaccard_score(y_true, y_pred))
+            sizes.append(len(candidates))
+    assert record["metrics"] == pytest.approx(metrics.winogavil_metrics(expected, sizes), abs=1e-12)
+    assert record["main_metric"] == "jaccard_score_10-12"
+    assert record["main_score"] == record["metrics"]["jaccard_score_10-12"]
+    assert (record["num_games"], record["num_images"]) == (5, 14)
+    assert (root / "winogavil_images" / "img00.jpg").is_file()  # unpacked once; a rerun reads the folder
+    (again,) = ev.run_evaluation(model, processor, task)
+    assert again["metrics"] == record["metrics"]
+
+
+def test_winogavil_files_missing_or_malformed_are_errors_naming_the_file(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    task = presets.with_data_root(presets.PRESETS["winogavil"][0], tmp_path)
+    with pytest.raises(FileNotFoundError, match="winogavil_dataset.csv"):
+        loading.load_winogavil(task)
+    root = write_winogavil_copy(tmp_path / "winogavil", WINOGAVIL_GAMES[:1])
+    (root / "winogavil_images.zip").unlink()
+    with pytest.raises(FileNotFoundError, match="winogavil_images.zip not found"):
+        loading.load_winogavil(task)
+    (root / "winogavil_dataset.csv").write_text("ID,cue,candidates,associations\n7,x,\"[\"\"a\"\"]\",\"[\"\"b\"\"]\"\n")
+    with pytest.raises(ValueError, match=r"line 2 \(ID '7'\): associations \['b'\] are not"):
+        loading.load_winogavil(task)
+
+
+def test_datacomp_preset_on_an_empty_data_root_records_38_tasks_each_with_its_error(saved_model, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "results.json"
+    with pytest.raises(SystemExit, match="38 of 38 evaluations failed"):
+        eval_cli.main(["--model", saved_model, "--preset", "datacomp", "--data_root", str(empty), "--output", str(out)])
+    records = json.loads(out.read_text())["results"]
+    assert [r["dataset"] for r in records] == ev.PRESET_GROUPS["datacomp"] and len(records) == 38
+    assert {r["status"] for r in records} == {"failed"}
+    for record in records:
+        assert str(empty) in record["error"], record
+    assert "winogavil_dataset.csv" in records[32]["error"]
+    summary = json.loads(out.read_text())["suites"]["datacomp"]
+    assert (summary["num_tasks"], summary["average"], len(summary["missing"])) == (0, None, 38)

@@ -412,3 +412,155 @@ def test_no_source_file_unpickles_with_weights_only_false():
             if regex.search(r"\bpickle\.loads?\(|register_for_checkpointing\(", text):
                 offenders.append(f"{path.relative_to(REPO_ROOT)}: pickle / register_for_checkpointing")
     assert not offenders, offenders
+
+
+# ---- 6. the checkpoint's own record, nothing to resume, a full disk, a finished output directory -------------------
+
+
+def _edit_json(path: Path, **changes):
+    values = json.loads(path.read_text())
+    for key, value in changes.items():
+        *parents, last = key.split(".")
+        target = values
+        for parent in parents:
+            target = target[parent]
+        target[last] = value
+    path.write_text(json.dumps(values, indent=1))  # as written (same size for a same-length value)
+
+
+def _copy_checkpoint(out: Path, step: int, to: Path) -> Path:
+    """A checkpoint kept under a name of the user's (so that its directory name says nothing about its step)."""
+    shutil.copytree(_step(out, step), to)
+    return to
+
+
+@pytest.mark.parametrize("edit, resume, message", [
+    # The state says 999 in a 4-step run; the checkpoint is step 2 (it would "resume at 999", train nothing, and
+    # save step 2's weights as the final model).
+    pytest.param(lambda out, saved: _edit_json(_step(out, 2) / checkpoints.STATE_FILE, global_step=999), "latest",
+                 "global_step is 999, but the checkpoint is step_000002", id="global_step-vs-directory"),
+    pytest.param(lambda out, saved: _edit_json(saved / checkpoints.STATE_FILE, global_step=1), "saved",
+                 r"global_step is 1, but scheduler.json is at step 2 \(last_epoch\)", id="global_step-vs-schedule"),
+    # scheduler.json edited too (same size, so the manifest still matches): the optimizer's own count tells.
+    pytest.param(lambda out, saved: (_edit_json(saved / checkpoints.STATE_FILE, global_step=1),
+                                     _edit_json(saved / checkpoints.SCHEDULER_FILE, last_epoch=1)), "saved",
+                 r"global_step is 1 \(0 skipped\), but the optimizer state \(optimizer.bin\) has taken 2 update",
+                 id="global_step-vs-optimizer"),
+    # A learning-rate change smuggled past the identity check by editing the recorded identity.
+    pytest.param(lambda out, saved: _edit_json(_step(out, 2) / checkpoints.STATE_FILE,
+                                               **{"run.identity.learning_rate": 0.1}), "latest",
+                 r"learning_rate is 0.1 in the run identity, but scheduler.json's base rates are \[0.0005, 0.0005\]",
+                 id="learning_rate-vs-schedule"),
+])
+def test_trainer_state_contradicting_the_checkpoint_is_refused_naming_the_field(tiny_data, tmp_path, cut_run, edit,
+                                                                                resume, message):
+    out = cut_run(tmp_path / "out")
+    saved = _copy_checkpoint(out, 2, tmp_path / "saved")
+    edit(out, saved)
+    argv = tiny_data.argv(out, *FLAGS, "--resume_from_checkpoint", "latest" if resume == "latest" else str(saved))
+    if "learning_rate" in message:
+        argv += ["--learning_rate", "0.1"]
+    with pytest.raises(checkpoints.CheckpointError, match=rf"trainer_state.json does not match the checkpoint's own "
+                                                           rf"record: {message}"):
+        train.main(argv)
+    assert len(read_metrics(out)) == 2 and not (out / "model.safetensors").exists()  # nothing trained or saved
+
+
+def test_resume_latest_without_any_checkpoint_stops_naming_the_output_dir(tiny_data, tmp_path):
+    mistyped = tmp_path / "alip-dmeo"
+    with pytest.raises(checkpoints.CheckpointError, match=rf"--resume_from_checkpoint latest: no valid checkpoint "
+                                                           rf"found in output directory \({mistyped};"):
+        train.main(tiny_data.argv(mistyped, "--resume_from_checkpoint", "latest"))
+    assert not (mistyped / "metrics.jsonl").exists() and not (mistyped / "model.safetensors").exists()
+
+
+def test_resume_path_that_does_not_exist_says_so(tiny_data, tmp_path):
+    missing = tmp_path / "checkpoints" / "step_000009"
+    with pytest.raises(checkpoints.CheckpointError, match=rf"--resume_from_checkpoint {missing}: no such directory$"):
+        train.main(tiny_data.argv(tmp_path, "--resume_from_checkpoint", str(missing)))
+
+
+def _fill_disk_at_step(monkeypatch, failing_step: int, error: Exception, free_bytes: int | None = None):
+    """The optimizer file of the checkpoint of `failing_step` is half written, then `error` (a full disk)."""
+    import accelerate.checkpointing
+
+    original, calls = accelerate.checkpointing.save, []
+
+    def save(obj, path, *args, **kwargs):
+        if Path(path).name == "optimizer.bin":
+            calls.append(path)
+            if len(calls) == failing_step:
+                Path(path).write_bytes(b"\0" * 4096)
+                raise error
+        return original(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.checkpointing, "save", save)
+    if free_bytes is not None:
+        usage = shutil.disk_usage
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(p)._replace(free=free_bytes))
+
+
+@pytest.mark.parametrize("error, free_bytes", [
+    pytest.param(OSError(28, "No space left on device"), None, id="ENOSPC"),
+    # torch's zip writer reports a full disk without the errno: the free space tells.
+    pytest.param(RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4048"), 0,
+                 id="torch-unexpected-pos"),
+])
+def test_full_disk_during_a_checkpoint_save_names_the_directory_and_leaves_nothing_half_written(
+        tiny_data, tmp_path, full_run, monkeypatch, error, free_bytes):
+    out = tmp_path / "out"
+    with monkeypatch.context() as patch:
+        _fill_disk_at_step(patch, 2, error, free_bytes)
+        with pytest.raises(checkpoints.CheckpointSaveError,
+                           match=rf"saving checkpoint step_000002 in {out / CKPT} failed: no space left on device"):
+            train.main(tiny_data.argv(out, *FLAGS))
+    assert sorted(p.name for p in (out / CKPT).iterdir()) == ["step_000001"]  # no .tmp-step_000002, no step 2
+    train.main(tiny_data.argv(out, *FLAGS, "--resume_from_checkpoint", "latest"))
+    _assert_same(_weights(full_run), _weights(out), "resumed after the full disk")
+
+
+def _user_namespaces() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _user_namespaces(), reason="needs `unshare -rm` to mount a small tmpfs without root")
+@pytest.mark.parametrize("size", [
+    pytest.param("4m", id="model-file-fails"),  # model.safetensors (6.5 MB) does not fit: safetensors' error
+    pytest.param("12m", id="optimizer-file-fails"),  # optimizer.bin does not: torch's "unexpected pos"
+])
+def test_a_really_full_disk_during_a_checkpoint_save(tiny_data, tmp_path, size):
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    argv = tiny_data.argv(mount / "out", "--save_steps", "1")
+    script = ('mount -t tmpfs -o size="$1" tmpfs "$2" || exit 99; shift 2; "$@"; status=$?; '
+              'echo "left: $(ls -A "$0/out/checkpoints" | tr "\\n" " ")"; exit $status')
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script, str(mount), size, str(mount), sys.executable,
+                             str(REPO_ROOT / "train.py"), *argv], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1"))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert re.search(rf"CheckpointSaveError: saving checkpoint step_000001 in {mount / 'out' / CKPT} failed: no space "
+                     "left on device", result.stderr), result.stderr[-3000:]
+    assert re.search(r"^left: *$", result.stdout, re.M), result.stdout  # no .tmp-step_000001, no step_000001
+
+
+def test_finished_output_dir_is_not_trained_over(tiny_data, tmp_path):
+    train.main(tiny_data.argv(tmp_path))
+    model, log = (tmp_path / "model.safetensors").read_bytes(), (tmp_path / "metrics.jsonl").read_text()
+    with pytest.raises(FileExistsError, match=rf"Output directory \({tmp_path}\) already holds a trained model "
+                                              r"\(model.safetensors, config.json\).*--overwrite_output_dir.*"
+                                              "--resume_from_checkpoint latest"):
+        train.main(tiny_data.argv(tmp_path))
+    assert (tmp_path / "model.safetensors").read_bytes() == model and (tmp_path / "metrics.jsonl").read_text() == log
+    train.main(tiny_data.argv(tmp_path, "--overwrite_output_dir", "true", "--max_steps", "3"))
+    assert [row["step"] for row in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_output_dir_with_an_earlier_runs_log_is_not_trained_over(tiny_data, tmp_path):
+    train.main(tiny_data.argv(tmp_path, "--max_steps", "3", "--stop_after_steps", "1"))  # no checkpoint, its log
+    with pytest.raises(FileExistsError, match=r"holds the outputs of an earlier run \(metrics.jsonl, train_args.yaml\)"
+                                              ".*--overwrite_output_dir"):
+        train.main(tiny_data.argv(tmp_path))
+    assert len(read_metrics(tmp_path)) == 1

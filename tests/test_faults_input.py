@@ -15,7 +15,7 @@ from PIL import Image
 import recaption.identity as identity
 import recaption.resume as resume
 import recaption.run as run_module
-from alip_hf import data, train
+from alip_hf import data, sources, train
 from alip_hf import evaluation as ev
 from alip_hf.schema import ALT_TEXT, ID, IMAGE
 from modeling_alip import clean_clip_text
@@ -291,9 +291,10 @@ BLANK_TEXTS = ["&nbsp;", "\x00\x07\x1b", " \u200b\t"]  # HTML space, control cha
 
 def test_texts_that_clean_to_nothing_are_skipped_texts():
     assert all(clean_clip_text(t).strip() == "" or not clean_clip_text(t).isprintable() for t in BLANK_TEXTS)
-    assert all(data._is_empty(t, clean_clip_text) for t in BLANK_TEXTS)
-    assert not data._is_empty("&amp; co", clean_clip_text) and not data._is_empty("a cat", None)
-    assert data._is_empty("\x00\x07", None) and not data._is_empty("&nbsp;", None)  # without cleaning: a text
+    assert all(sources.is_empty_text(t) for t in BLANK_TEXTS)
+    assert not sources.is_empty_text("&amp; co") and not sources.is_empty_text("a cat")
+    # One rule, whatever the tokenizer's cleaning: "&nbsp;" and "&amp;nbsp;" are empty, as after CLIP's cleaning.
+    assert sources.is_empty_text("\x00\x07") and sources.is_empty_text("&nbsp;") and sources.is_empty_text("&amp;nbsp;")
 
 
 def test_texts_that_clean_to_nothing_are_counted_by_a_run_with_the_clip_tokenizer(tmp_path):

@@ -17,16 +17,20 @@ from conftest import tiny_alip_config
 from PIL import Image
 
 from modeling_alip import ALIPModel, ALIPProcessor
-from modeling_alip.convert_open_clip import convert_state_dict
-from modeling_alip.convert_to_clip import clip_state_dict
-from modeling_alip.convert_to_open_clip import (
+from alip_hf.convert import cli
+from alip_hf.convert.from_open_clip import convert_state_dict
+from alip_hf.convert.to_clip import clip_state_dict
+from alip_hf.convert.to_open_clip import (
     OPEN_CLIP_CONFIG_NAME,
     OPEN_CLIP_WEIGHTS_NAME,
     export_to_open_clip,
-    main,
     open_clip_model_cfg,
     open_clip_state_dict,
 )
+
+
+def main(flags):
+    return cli.main(["to_open_clip", *flags])
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -141,15 +145,18 @@ def test_weights_map_back_exactly_through_the_importer(tiny_model):
 def test_cli_writes_open_clip_files_beside_the_transformers_files(tmp_path, capsys):
     saved_model(tmp_path)
     before = set(os.listdir(tmp_path))
-    main(["--model_dir", str(tmp_path)])
+    main(["--model_name_or_path", str(tmp_path)])
     assert set(os.listdir(tmp_path)) == before | {OPEN_CLIP_CONFIG_NAME, OPEN_CLIP_WEIGHTS_NAME}
     assert "local-dir:" in capsys.readouterr().out
     # open_clip picks its own weights file, not transformers' model.safetensors in the same folder.
     from open_clip.factory import _find_checkpoint_in_dir
 
     assert os.path.basename(_find_checkpoint_in_dir(tmp_path)) == OPEN_CLIP_WEIGHTS_NAME
-    with pytest.raises(FileNotFoundError, match="--model_dir .* has no config.json"):
-        main(["--model_dir", str(tmp_path / "missing")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="--model_name_or_path .*empty has no config.json"):
+        main(["--model_name_or_path", str(tmp_path / "empty")])
+    with pytest.raises(FileNotFoundError, match="--model_name_or_path .*missing: no such model directory"):
+        main(["--model_name_or_path", str(tmp_path / "missing")])
 
 
 @pytest.mark.parametrize("change, message", [
@@ -230,7 +237,7 @@ def test_clip_benchmark_cli_on_the_export_gives_eval_py_numbers(tmp_path):
 
     model_dir = tmp_path / "model"
     saved_model(model_dir)
-    main(["--model_dir", str(model_dir)])
+    main(["--model_name_or_path", str(model_dir)])
     rng = np.random.default_rng(1)
     pictures = images(60, seed=2)
 
@@ -281,3 +288,33 @@ def test_a_trained_model_directory_carries_the_open_clip_files(tiny_data, tmp_pa
     train.main(tiny_data.argv(tmp_path / "words", "--max_steps", "1"))
     assert (tmp_path / "words" / "model.safetensors").exists()
     assert not (tmp_path / "words" / OPEN_CLIP_CONFIG_NAME).exists()
+
+
+ROUND_TRIP_ATOL = 1e-6
+
+
+@pytest.mark.parametrize("towers", [{}, {"hidden_act": "gelu"}, {"layer_norm_eps": 1e-2}],
+                         ids=["quick_gelu", "gelu", "layer_norm_eps"])
+def test_to_open_clip_then_from_open_clip_with_the_written_config_gives_the_same_model(tmp_path, towers):
+    model, processor = saved_model(tmp_path / "model", **towers)
+    main(["--model_name_or_path", str(tmp_path / "model"), "--output_dir", str(tmp_path / "open_clip")])
+    # The two files as written, unedited: the config's `model_cfg` wrapper must be read, not ignored.
+    cli.main(["from_open_clip", "--checkpoint_path", str(tmp_path / "open_clip" / OPEN_CLIP_WEIGHTS_NAME),
+              "--open_clip_config", str(tmp_path / "open_clip" / OPEN_CLIP_CONFIG_NAME),
+              "--output_dir", str(tmp_path / "back")])
+
+    back = ALIPModel.from_pretrained(tmp_path / "back").eval()
+    for name in ("num_attention_heads", "hidden_act", "layer_norm_eps", "intermediate_size", "num_hidden_layers"):
+        for tower in ("text_config", "vision_config"):
+            assert getattr(getattr(back.config, tower), name) == getattr(getattr(model.config, tower), name), name
+    pixels = torch.stack([torch.from_numpy(np.asarray(p, dtype=np.float32)).permute(2, 0, 1) / 255 for p in images(3)])
+    torch.testing.assert_close(our_features(back, processor, pixels, TEXTS), our_features(model, processor, pixels, TEXTS),
+                               atol=ROUND_TRIP_ATOL, rtol=0)
+
+
+def test_a_json_that_is_no_open_clip_config_is_refused_naming_it(tmp_path):
+    from alip_hf.convert.from_open_clip import load_model_config
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "alip", "projection_dim": 16}))
+    with pytest.raises(ValueError, match=r"config\.json: not an open_clip model config"):
+        load_model_config(tmp_path / "config.json")

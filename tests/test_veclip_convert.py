@@ -22,7 +22,8 @@ from transformers import (
 )
 
 from modeling_alip import ALIPModel, ALIPProcessor, VeCLIPImageProcessor
-from modeling_alip.convert_veclip import convert_veclip, main
+from alip_hf.convert import cli
+from alip_hf.convert.from_veclip import convert_veclip
 from modeling_alip.processing_veclip import check_text_token_ids
 
 CONTEXT = 16
@@ -69,7 +70,8 @@ def release(tmp_path_factory) -> tuple[Path, CLIPModel]:
 @pytest.fixture(scope="module")
 def converted(release, t5_tokenizer_dir, tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("converted") / "veclip-tiny"
-    main(["--input", str(release[0]), "--output", str(output), "--tokenizer", str(t5_tokenizer_dir)])
+    cli.main(["from_veclip", "--checkpoint_path", str(release[0]), "--output_dir", str(output),
+              "--tokenizer_name_or_path", str(t5_tokenizer_dir)])
     return output
 
 
@@ -251,7 +253,7 @@ def test_existing_output_needs_overwrite_and_is_then_replaced(release, t5_tokeni
 
 
 def test_missing_tokenizer_is_an_error_naming_the_flag(release, tmp_path):
-    with pytest.raises(OSError, match="--tokenizer"):
+    with pytest.raises(OSError, match="--tokenizer_name_or_path"):
         convert_veclip(release[0], tmp_path / "out", tokenizer=str(tmp_path / "nowhere"))
 
 

@@ -152,3 +152,69 @@ def test_recaption_and_train_on_the_downloaded_shards(downloaded, tiny_data, tmp
     train.main(tiny_data.argv(tmp_path / "clip", "--recipe", "clip", "--streaming", "true", *common,
                               data_file=summary["shards"]))
     assert (tmp_path / "alip" / "model.safetensors").exists() and (tmp_path / "clip" / "model.safetensors").exists()
+
+
+# ---- the data contract on img2dataset's own shards: the id is `json.id` in every command, in both modes ----------
+
+
+@pytest.mark.slow  # a tiny captioner, a tiny chat LM and a tiny ALIP model over the shards, map-style and streaming
+@pytest.mark.parametrize("streaming", [False, True], ids=["map-style", "streaming"])
+def test_every_recaption_step_runs_on_the_downloaded_shards_in_both_modes(downloaded, tmp_path, streaming):
+    from conftest import tiny_alip_config
+    from recaption.audit import AuditArguments, audit
+    from recaption.caption import CaptionArguments, caption
+    from recaption.arguments import GenerationArguments, RunArguments
+    from recaption.rewrite import RewriteArguments, rewrite
+    from recaption.tiny import save_tiny_captioner, save_tiny_chat_lm
+
+    from modeling_alip import ALIPModel, ALIPProcessor
+
+    shards = downloaded["summary"]["shards"]
+    expected = sorted(meta["id"] for meta in load_source(shards)["json"])
+    alip = ALIPModel(tiny_alip_config())
+    for gate in ("lcg.text_caption", "dcg.image_text", "dcg.image_caption"):  # as after training
+        alip.gates.get_submodule(gate).running_mean.fill_(0.5)
+    alip.save_pretrained(tmp_path / "alip")
+    ALIPProcessor.from_config(alip.config).save_pretrained(tmp_path / "alip")
+    generation = GenerationArguments(batch_size=4, max_new_tokens=6, dtype="float32")
+
+    def run(name: str) -> RunArguments:
+        return RunArguments(source=shards, output_dir=str(tmp_path / name), image_column="jpg", streaming=streaming,
+                            shard_size=4)
+
+    steps = {
+        "caption": lambda: caption(run("caption"), CaptionArguments(model=save_tiny_captioner(str(tmp_path / "c"))),
+                                   generation),
+        # The shards hold one text (`txt`): it serves as web text and as caption.
+        "rewrite": lambda: rewrite(run("rewrite"), RewriteArguments(model=save_tiny_chat_lm(str(tmp_path / "lm")),
+                                                                    alt_text_column="txt", caption_column="txt"),
+                                   generation),
+        "audit": lambda: audit(run("audit"), AuditArguments(model=str(tmp_path / "alip"), text_column="txt",
+                                                            caption_column="txt", batch_size=4, report=False)),
+    }
+    for name, step in steps.items():
+        assert step()["rows"] == GOOD, name
+        written = load_source(str(tmp_path / name / "data"))
+        assert sorted(written["id"]) == expected, name  # joined on img2dataset's id, not the download's __key__
+
+
+@pytest.mark.slow  # one tiny ALIP run and one audit over the shards
+def test_train_log_and_audit_join_on_every_row_of_the_downloaded_shards(downloaded, tiny_data, tmp_path):
+    """train.py --log_sample_weights and recaption.audit --sample_weights read the same id (`json.id`)."""
+    from recaption.audit import AuditArguments, audit
+    from recaption.arguments import RunArguments
+
+    from alip_hf import train
+
+    shards = downloaded["summary"]["shards"]
+    # 9 rows in batches of 3: one epoch of 3 steps, the last epoch holds every row.
+    train.main(tiny_data.argv(tmp_path / "run", "--recipe", "alip", "--image_column", "jpg", "--text_column", "txt",
+                              "--caption_column", "txt", "--per_device_train_batch_size", "3", "--max_steps", "3",
+                              "--log_sample_weights", data_file=shards))
+    logged = pq.read_table(tmp_path / "run" / "sample_weights").column("id").to_pylist()
+    assert sorted(logged) == sorted(meta["id"] for meta in load_source(shards)["json"])
+    audit(RunArguments(source=shards, output_dir=str(tmp_path / "audit"), image_column="jpg", shard_size=4),
+          AuditArguments(sample_weights=str(tmp_path / "run" / "sample_weights"), text_column="txt",
+                         caption_column="txt", report=False))
+    audited = load_source(str(tmp_path / "audit" / "data"))
+    assert len(audited) == GOOD and not any(audited["error"])  # no row "not_logged"

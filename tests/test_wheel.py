@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from _venvs import venv_seeing_the_running_interpreters_packages
 from conftest import REPO_ROOT
 
 OWN_TOP_LEVEL_NAMES = {"alip_hf", "modeling_alip", "recaption"}
@@ -44,13 +45,43 @@ def test_wheel_holds_only_the_projects_own_top_level_names_and_its_package_data(
     assert template == (REPO_ROOT / "model_card.md").read_text()  # the repository's template, not a link
 
 
+def test_fresh_venv_sees_the_running_interpreters_dependencies_but_not_the_project(tmp_path):
+    bin_dir = venv_seeing_the_running_interpreters_packages(tmp_path / "venv", with_pip=False)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = ("import importlib.util, transformers, torch; print(transformers.__file__); "
+             "print([importlib.util.find_spec(name) is None for name in ('alip_hf', 'modeling_alip', 'recaption')])")
+    out = _run([str(bin_dir / "python"), "-c", probe], cwd=tmp_path, env=env).stdout.split("\n")
+    import transformers
+
+    assert out[0] == transformers.__file__
+    assert out[1] == "[True, True, True]", "the project must come only from the wheel installed in the venv"
+
+
+def test_venv_made_from_inside_a_venv_sees_that_venvs_packages_not_only_the_base_interpreters(tmp_path):
+    # How the README's test command runs for most users: inside a virtual environment whose packages the base
+    # interpreter does not have. A package only in an outer venv must be importable in the test's venv
+    # (`system_site_packages=True` exposes the base interpreter's packages only, and fails here).
+    outer = tmp_path / "outer"
+    venv.create(outer, system_site_packages=False, with_pip=False)
+    outer_python = str(outer / "bin" / "python")
+    outer_site = _run([outer_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                      cwd=tmp_path, env=dict(os.environ)).stdout.strip()
+    (Path(outer_site) / "only_in_the_outer_venv.py").write_text("VALUE = 42\n")
+    make_inner = ("import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path; "
+                  "from _venvs import venv_seeing_the_running_interpreters_packages as make; "
+                  "print(make(Path(sys.argv[2]), with_pip=False))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    inner_bin = _run([outer_python, "-c", make_inner, str(REPO_ROOT / "tests"), str(tmp_path / "inner")],
+                     cwd=tmp_path, env=env).stdout.strip()
+    out = _run([str(Path(inner_bin) / "python"), "-c", "import only_in_the_outer_venv as m; print(m.VALUE)"],
+               cwd=tmp_path, env=env).stdout.strip()
+    assert out == "42"
+
+
 @pytest.mark.slow  # about a minute: a virtual environment, a tiny training run and an evaluation
 def test_installed_wheel_trains_and_evaluates_outside_the_checkout(wheel, tmp_path):
     env_dir = tmp_path / "venv"
-    # The dependencies (torch, transformers, ...) come from the interpreter running the tests; the project
-    # itself only from the wheel.
-    venv.create(env_dir, system_site_packages=True, with_pip=True)
-    bin_dir = env_dir / "bin"
+    bin_dir = venv_seeing_the_running_interpreters_packages(env_dir)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PATH=f"{bin_dir}{os.pathsep}{env['PATH']}",
                VIRTUAL_ENV=str(env_dir))

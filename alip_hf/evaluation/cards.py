@@ -23,7 +23,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard
 
-from alip_hf.evaluation.presets import LINEAR_PROBE, RETRIEVAL, ZEROSHOT
+from alip_hf.evaluation.presets import ASSOCIATION, LINEAR_PROBE, RETRIEVAL, ZEROSHOT
 from alip_hf.resources import MODEL_CARD_TEMPLATE
 
 EVALUATION_START = "<!-- evaluation:start -->"
@@ -37,6 +37,7 @@ TASK_TYPES = {
     ZEROSHOT: ("zero-shot-image-classification", "Zero-shot image classification"),
     RETRIEVAL: ("image-text-retrieval", "Image-text retrieval"),
     LINEAR_PROBE: ("image-classification", "Linear probe"),
+    ASSOCIATION: ("image-association", "Image association (WinoGAViL)"),
 }
 _TASK_OF_TYPE = {task_type: task for task, (task_type, _) in TASK_TYPES.items()}
 METRIC_NAMES = {

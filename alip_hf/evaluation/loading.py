@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
 import os
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from alip_hf import data as data_lib
+from alip_hf import sources
+from alip_hf.io import write_bytes_atomic
 from alip_hf.evaluation.classnames import named_list
 from alip_hf.evaluation.presets import WDS_LAYOUT, EvalTask
 
@@ -104,6 +110,111 @@ def resolve_list(task: EvalTask, spec, kind) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# WinoGAViL: the files of nlphuji/winogavil
+# ----------------------------------------------------------------------------------------------------------------
+
+WINOGAVIL_CSV = "winogavil_dataset.csv"
+WINOGAVIL_IMAGES_ZIP = "winogavil_images.zip"
+WINOGAVIL_IMAGES_DIR = "winogavil_images"  # the zip's one folder; a candidate's image is `<name>.jpg` in it
+WINOGAVIL_COLUMNS = ("ID", "cue", "candidates", "associations")  # `candidates`, `associations`: JSON lists
+
+
+@dataclass
+class AssociationInstance:
+    """One WinoGAViL game: the cue, the candidate image names (in the published order) and the associated ones."""
+
+    id: str
+    cue: str
+    candidates: list[str]
+    associations: list[str]
+
+
+def winogavil_root(task: EvalTask) -> Path:
+    """The local folder holding the task's `winogavil_dataset.csv`: `source` itself when it is a folder, else the
+    Hub repository's CSV and image zip (`hf_hub_download`; cached, works offline once cached)."""
+    if os.path.isdir(task.source):
+        return Path(task.source)
+    if os.path.exists(task.source) or task.source.count("/") != 1:
+        raise FileNotFoundError(f"{task.name}: {task.source!r} is neither a folder holding {WINOGAVIL_CSV} and "
+                                f"{WINOGAVIL_IMAGES_ZIP} (a copy of nlphuji/winogavil) nor a Hub dataset id (org/name)")
+    from huggingface_hub import hf_hub_download
+
+    csv_path = hf_hub_download(task.source, WINOGAVIL_CSV, repo_type="dataset", revision=task.revision)
+    hf_hub_download(task.source, WINOGAVIL_IMAGES_ZIP, repo_type="dataset", revision=task.revision)
+    return Path(csv_path).parent
+
+
+def load_winogavil(task: EvalTask) -> tuple[list[AssociationInstance], Path]:
+    """The games of `winogavil_dataset.csv` and the folder of their candidate images (`<name>.jpg`).
+
+    The images come from `winogavil_images/` beside the CSV when it is there (an unpacked zip), else from
+    `winogavil_images.zip`, whose members the games use are unpacked once into `winogavil_images/` beside it.
+
+    Raises:
+        FileNotFoundError: the CSV, or both the image folder and the zip, are missing (naming the path).
+        ValueError: a column is missing, a list cell is not JSON, or an association is not among the candidates
+            (naming the file and the game's row and ID).
+    """
+    root = winogavil_root(task)
+    csv_path = root / WINOGAVIL_CSV
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"{task.name}: {csv_path} not found (nlphuji/winogavil's layout: {WINOGAVIL_CSV}, "
+                                f"{WINOGAVIL_IMAGES_ZIP})")
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in WINOGAVIL_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{csv_path}: no column(s) {missing}; columns: {reader.fieldnames}")
+        instances = [_association_instance(csv_path, line, row) for line, row in enumerate(reader, start=2)]
+    if not instances:
+        raise ValueError(f"{task.name}: {csv_path} has no rows")
+    names = {name for instance in instances for name in instance.candidates}
+    return instances, _winogavil_images(root, names)
+
+
+def _association_instance(csv_path: Path, line: int, row: dict) -> AssociationInstance:
+    try:
+        candidates, associations = json.loads(row["candidates"]), json.loads(row["associations"])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{csv_path} line {line} (ID {row['ID']!r}): candidates / associations are not JSON "
+                         f"lists ({error})") from error
+    if not associations or not set(associations) <= set(candidates):
+        raise ValueError(f"{csv_path} line {line} (ID {row['ID']!r}): associations {associations} are not a "
+                         f"non-empty subset of the candidates {candidates}")
+    return AssociationInstance(str(row["ID"]), row["cue"], list(candidates), list(associations))
+
+
+def _winogavil_images(root: Path, names: set[str]) -> Path:
+    folder = root / WINOGAVIL_IMAGES_DIR
+    if all((folder / f"{name}.jpg").is_file() for name in names):
+        return folder
+    archive = root / WINOGAVIL_IMAGES_ZIP
+    if not archive.is_file():
+        absent = sorted(n for n in names if not (folder / f"{n}.jpg").is_file())
+        raise FileNotFoundError(f"{archive} not found, and {folder} lacks {len(absent)} candidate image(s) "
+                                f"({', '.join(absent[:3])}.jpg ...)")
+    with zipfile.ZipFile(archive) as zf:
+        members = set(zf.namelist())
+        wanted = [f"{WINOGAVIL_IMAGES_DIR}/{name}.jpg" for name in sorted(names)]
+        absent = [m for m in wanted if m not in members]
+        if absent:
+            raise FileNotFoundError(f"{archive}: no member(s) {absent[:3]}{' ...' if len(absent) > 3 else ''} "
+                                    f"({len(absent)} of the games' {len(wanted)} candidate images)")
+        logger.info("unpacking %d WinoGAViL images from %s into %s", len(wanted), archive, folder)
+        for member in wanted:
+            target = root / member
+            if not target.is_file():
+                write_bytes_atomic(target, zf.read(member))
+    return folder
+
+
+def winogavil_prompt(cue: str) -> str:
+    """DataComp's text for a cue (eval_utils/wino_eval.py): lower-cased, after "A" or, before a vowel, "An"."""
+    cue = cue.lower()
+    return f"{'An' if cue[:1] in 'aeiou' else 'A'} {cue}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Any task
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -118,13 +229,13 @@ def load_split(task: EvalTask, split: str):
         dataset = load_wds_split(wds_root(task, split), split)
         image_column = task.image_column or _wds_image_column(dataset, task)
     else:
-        dataset = data_lib.load_source(task.source, split=split)
+        dataset = sources.load_source(task.source, split=split)
         image_column = task.image_column or _only_image_column(dataset, task)
     columns = {"image": image_column, "label": task.label_column}
     columns.update({f"caption {i}": c for i, c in enumerate(task.caption_columns)})
     if task.row_filter:
         columns["row_filter"] = task.row_filter[0]
-    data_lib.require_columns(dataset, columns)
+    sources.require_columns(dataset, columns)
     if task.row_filter:
         column, value = task.row_filter
         dataset = dataset.filter(lambda v: v == value, input_columns=column)

@@ -54,7 +54,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor | np.ndarr
 
 
 def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_image_index, ks=RECALL_KS) -> dict:
-    """Recall@k both ways, a query counting as a hit when at least one of its matches is in its top k.
+    """Recall@k both ways, a query counting as a hit when at least one of its matches is in its top k; tied
+    candidates (duplicate captions or images) by `recall_at_ks`'s rule, whatever the row order.
 
     Args:
         image_embeds: `(I, D)` normalised. text_embeds: `(T, D)` normalised.
@@ -65,7 +66,7 @@ def retrieval_metrics(image_embeds: torch.Tensor, text_embeds: torch.Tensor, tex
         `image_retrieval_recall@k` (text -> image, over T queries) and `text_retrieval_recall@k` (image -> text,
         over I queries), CLIP_benchmark's names.
     """
-    recalls = recall_at_ks(text_embeds @ image_embeds.T, text_image_index, ks)
+    recalls = recall_at_ks(similarity_scores(text_embeds, image_embeds), text_image_index, ks)
     return {f"{name}@{k}": recalls[name][i] for name in recalls for i, k in enumerate(ks)}
 
 
@@ -81,34 +82,68 @@ def recall_curve(image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_ima
         `{"k": [1, ..., K], "image_retrieval_recall": [K values], "text_retrieval_recall": [K values]}`, the
         recall at `k[i]` at index i, non-decreasing in k.
     """
-    scores = text_embeds @ image_embeds.T  # (T, I)
+    scores = similarity_scores(text_embeds, image_embeds)  # (T, I)
     ks = list(range(1, min(max_k, max(scores.shape)) + 1))
     return {"k": ks, **recall_at_ks(scores, text_image_index, ks)}
+
+
+def similarity_scores(text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+    """`text_embeds (T, D) @ image_embeds.T (D, I)` -> `(T, I)`, bitwise equal for equal rows.
+
+    A matrix product may round the same row differently at different positions (blocking), which would break
+    the exact ties of duplicate captions or images by row position. Scoring each distinct row once (the unique
+    rows, sorted, so also independent of the input order) and indexing back makes equal inputs tie exactly."""
+    unique_texts, text_inverse = torch.unique(text_embeds, dim=0, return_inverse=True)
+    unique_images, image_inverse = torch.unique(image_embeds, dim=0, return_inverse=True)
+    return (unique_texts @ unique_images.T)[text_inverse][:, image_inverse]
 
 
 def recall_at_ks(scores: torch.Tensor, text_image_index, ks) -> dict[str, list[float]]:
     """The one recall routine: text -> image and image -> text recall at each k of `ks`, from `scores (T, I)`.
 
-    Each direction is ranked once, to the largest k: a query is a hit at k when one of its matches is among
-    its first k candidates (every candidate, if there are fewer). The recall is a count over queries, so it is
-    exact in float32. `topk` may order candidates that tie exactly in score differently from a ranking to
-    another k (CLIP_benchmark ranks once per k); with real-valued features such ties do not occur.
+    A query is a hit at k when one of its matches is among its first k candidates (every candidate, if there
+    are fewer). Ties: candidates with exactly equal scores (duplicate captions give equal text embeddings, so an
+    image ties with every copy of its caption) are ranked in a uniformly random order, and the recall is the
+    *expected* recall under that order, computed exactly rather than sampled. So it does not depend on row
+    order, and without ties it is the plain count of CLIP_benchmark (which ranks ties in `topk`'s arbitrary
+    order). For a query whose best match scores s, with g non-matching candidates above s, t non-matching and m
+    matching candidates at exactly s, the hit probability at k is 0 when k <= g, else
+    `1 - C(t, k - g) / C(t + m, k - g)` (the chance that the first k - g of the tied candidates are all
+    non-matching; 1 when k - g > t).
 
     Returns:
         `{"image_retrieval_recall": [one value per k], "text_retrieval_recall": [...]}`.
     """
     text_image_index = torch.as_tensor(np.asarray(text_image_index), dtype=torch.long)
     num_texts, num_images = scores.shape
-    depth = max(ks)
-    top_images = scores.topk(min(depth, num_images), dim=1).indices  # (T, K)
-    top_texts = scores.T.topk(min(depth, num_texts), dim=1).indices  # (I, K)
-    hits = {"image_retrieval_recall": top_images == text_image_index[:, None],
-            "text_retrieval_recall": text_image_index[top_texts] == torch.arange(num_images)[:, None]}
-    recalls = {}
-    for name, hit in hits.items():
-        found = hit.cumsum(dim=1) > 0  # (queries, K): a match within the first j + 1 candidates
-        recalls[name] = [found[:, min(k, found.shape[1]) - 1].float().mean().item() for k in ks]
-    return recalls
+    text_to_image_match = text_image_index[:, None] == torch.arange(num_images)[None, :]  # (T, I)
+    return {"image_retrieval_recall": _expected_recall(scores, text_to_image_match, ks),
+            "text_retrieval_recall": _expected_recall(scores.T, text_to_image_match.T, ks)}
+
+
+def _expected_recall(scores: torch.Tensor, matches: torch.Tensor, ks, chunk: int = 1024) -> list[float]:
+    """Mean over queries (rows of `scores (Q, C)`, `matches (Q, C)` bool) of the expected hit at each k, with
+    exactly tied candidates in random order (`recall_at_ks`). Rows in chunks to bound the `(chunk, C)` masks."""
+    ks_tensor = torch.as_tensor(list(ks), dtype=torch.float64)
+    total = torch.zeros(len(ks_tensor), dtype=torch.float64)
+    for start in range(0, scores.shape[0], chunk):
+        s, match = scores[start:start + chunk], matches[start:start + chunk]
+        best = s.masked_fill(~match, float("-inf")).amax(dim=1, keepdim=True)  # (q, 1); -inf: no match at all
+        above = (~match & (s > best)).sum(dim=1).double()  # g
+        tied_other = (~match & (s == best)).sum(dim=1).double()  # t
+        tied_match = (match & (s == best)).sum(dim=1).double()  # m (0 only for a query without matches)
+        j = ks_tensor[None, :] - above[:, None]  # (q, K): positions left for the tied group
+        t, n = tied_other[:, None].expand_as(j), (tied_other + tied_match)[:, None].expand_as(j)
+        jj = j.clamp(min=0).minimum(t)
+        # C(t, j) / C(t + m, j) through log-gamma, used only where 0 < j <= t.
+        log_all_other = (torch.lgamma(t + 1) - torch.lgamma(t - jj + 1)
+                         - torch.lgamma(n + 1) + torch.lgamma(n - jj + 1))
+        hit = torch.where(j > t, 1.0, 1.0 - log_all_other.exp())
+        hit = torch.where((j <= 0) | (tied_match[:, None] == 0), 0.0, hit)
+        total += hit.sum(dim=0)
+    # A float32 quotient, as CLIP_benchmark's `.float().mean()`: without ties `total` is an exact hit count, so
+    # the two agree to the bit.
+    return (total.float() / max(scores.shape[0], 1)).tolist()
 
 
 def linear_probe(train_features: np.ndarray, train_labels: np.ndarray, test_features: np.ndarray,
@@ -176,6 +211,41 @@ def _class_scores(classifier, features: np.ndarray) -> np.ndarray:
 def mean_recall_at_1(metrics: dict) -> float:
     """DataComp's retrieval score: the mean of image -> text and text -> image recall@1."""
     return 0.5 * (metrics["text_retrieval_recall@1"] + metrics["image_retrieval_recall@1"])
+
+
+def association_jaccard(scores: torch.Tensor, is_association: torch.Tensor) -> float:
+    """WinoGAViL's score of one game: the K highest-scoring candidates are the prediction, K the number of
+    associations, and the score is the Jaccard index |predicted & associated| / |predicted | associated|.
+
+    Args:
+        scores: `(C,)` cue-candidate similarities. is_association: `(C,)` bool.
+
+    Candidates with equal scores (the same image twice) are taken in their published order (a stable sort);
+    DataComp's `np.argsort` leaves such ties to its sort, so the two can differ on them.
+    """
+    k = int(is_association.sum())
+    predicted = torch.zeros_like(is_association)
+    predicted[torch.sort(scores, descending=True, stable=True).indices[:k]] = True
+    return float((predicted & is_association).sum()) / float((predicted | is_association).sum())
+
+
+# DataComp's WinoGAViL metrics (eval_utils/wino_eval.py): the mean Jaccard index over the games with these
+# numbers of candidates.
+WINOGAVIL_GROUPS = {"avg_jaccard_score": (5, 6, 10, 12), "jaccard_score_5": (5,), "jaccard_score_6": (6,),
+                    "jaccard_score_10": (10,), "jaccard_score_12": (12,), "jaccard_score_5-6": (5, 6),
+                    "jaccard_score_10-12": (10, 12)}
+
+
+def winogavil_metrics(jaccards: Sequence[float], num_candidates: Sequence[int]) -> dict[str, float]:
+    """DataComp's WinoGAViL metrics from each game's Jaccard index and candidate count: `avg_jaccard_score` over
+    every game, `jaccard_score_<n>` over the games with n candidates, `jaccard_score_5-6` / `_10-12` over both
+    sizes (the main metric: `jaccard_score_10-12`). NaN for a group without games, as DataComp's empty mean."""
+    jaccards, counts = np.asarray(jaccards, dtype=np.float64), np.asarray(num_candidates)
+    metrics = {}
+    for name, sizes in WINOGAVIL_GROUPS.items():
+        chosen = jaccards if name == "avg_jaccard_score" else jaccards[np.isin(counts, sizes)]
+        metrics[name] = float(chosen.mean()) if len(chosen) else float("nan")
+    return metrics
 
 
 def macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:

@@ -16,8 +16,11 @@ logger = logging.getLogger(__name__)
 
 # CLIP_benchmark's task names, so that its tooling reads our results files.
 ZEROSHOT, RETRIEVAL, LINEAR_PROBE = "zeroshot_classification", "zeroshot_retrieval", "linear_probe"
-TASKS = (ZEROSHOT, RETRIEVAL, LINEAR_PROBE)
-TASK_ALIASES = {"zeroshot": ZEROSHOT, "classification": ZEROSHOT, "retrieval": RETRIEVAL, "lp": LINEAR_PROBE}
+# WinoGAViL's task (DataComp's `misc/winogavil`): given a cue and candidate images, pick the K associated ones.
+ASSOCIATION = "image_association"
+TASKS = (ZEROSHOT, RETRIEVAL, LINEAR_PROBE, ASSOCIATION)
+TASK_ALIASES = {"zeroshot": ZEROSHOT, "classification": ZEROSHOT, "retrieval": RETRIEVAL, "lp": LINEAR_PROBE,
+                "association": ASSOCIATION}
 # What retrieval reports: recall@k for these k, and the recall curve over k = 1..50 (or to the candidate count).
 RECALL_KS = (1, 5, 10)
 RECALL_CURVE_MAX_K = 50
@@ -32,6 +35,9 @@ RECALL_CURVE_MAX_K = 50
 WDS_CLASSNAMES = "wds:classnames.txt"
 WDS_TEMPLATES = "wds:zeroshot_classification_templates.txt"
 WDS_LAYOUT = "clip_benchmark_wds"
+# The files of the Hub dataset `nlphuji/winogavil` (what its loading script downloads, and so what DataComp reads):
+# `winogavil_dataset.csv` and `winogavil_images.zip` holding `winogavil_images/<candidate>.jpg`.
+WINOGAVIL_LAYOUT = "winogavil"
 
 
 @dataclass
@@ -41,7 +47,7 @@ class EvalTask:
     Attributes:
         name: the dataset's name in results (`cifar10`, `demo`).
         task: one of `TASKS`.
-        source: anything `data.load_source` reads (Hub id, `save_to_disk` dir, files, WebDataset shards); with
+        source: anything `sources.load_source` reads (Hub id, `save_to_disk` dir, files, WebDataset shards); with
             `layout="clip_benchmark_wds"`, a Hub dataset repository in CLIP_benchmark's WebDataset layout
             (`clip-benchmark/wds_cifar10`) or a local copy of one.
         split: the evaluated split (the test split of a linear probe).
@@ -56,9 +62,11 @@ class EvalTask:
             as a column).
         train_split, val_split: linear probe: the training split and an optional validation split (without one,
             `val_fraction` of the training rows, stratified, is held out).
-        layout: `"datasets"` (anything `data.load_source` reads) or `"clip_benchmark_wds"`: `<split>/N.tar`
+        layout: `"datasets"` (anything `sources.load_source` reads) or `"clip_benchmark_wds"`: `<split>/N.tar`
             shards (members `<key>.webp|png|jpg|jpeg`, `<key>.cls`, `<key>.txt`, `<key>.npy`), `<split>/
-            nshards.txt`, `classnames.txt`, `zeroshot_classification_templates.txt`, `dataset_type.txt`.
+            nshards.txt`, `classnames.txt`, `zeroshot_classification_templates.txt`, `dataset_type.txt`; or
+            `"winogavil"` (`WINOGAVIL_LAYOUT`): `winogavil_dataset.csv` + `winogavil_images.zip` (or the
+            `winogavil_images/` folder it unpacks to).
         revision: the Hub revision of `source` (branch, tag or commit).
         caption_lines: retrieval: a caption cell holds several captions, one per line (CLIP_benchmark's `.txt`).
         main_metric: the metric a suite averages (DataComp's `main_metric`; `acc1` where it names none).
@@ -82,7 +90,7 @@ class EvalTask:
     train_split: str | None = None
     val_split: str | None = None
     val_fraction: float = 0.2
-    layout: Literal["datasets", "clip_benchmark_wds"] = "datasets"
+    layout: Literal["datasets", "clip_benchmark_wds", "winogavil"] = "datasets"
     revision: str | None = None
     caption_lines: bool = False
     main_metric: str | None = None
@@ -96,20 +104,24 @@ class EvalTask:
             raise ValueError(f"task must be one of {TASKS} (or {sorted(TASK_ALIASES)}), got {self.task!r}")
         if self.task == RETRIEVAL and not self.caption_columns:
             raise ValueError(f"{self.name}: a retrieval task needs caption_columns")
-        if self.task != RETRIEVAL and not self.label_column:
+        if self.task in (ZEROSHOT, LINEAR_PROBE) and not self.label_column:
             raise ValueError(f"{self.name}: a {self.task} task needs label_column")
         if self.task == LINEAR_PROBE and not self.train_split:
             raise ValueError(f"{self.name}: a linear probe needs train_split")
         if self.group_metric is not None and self.group_metric not in GROUP_METRICS:
             raise ValueError(f"{self.name}: group_metric must be one of {GROUP_METRICS}, got {self.group_metric!r}")
         if self.main_metric is None:
-            self.main_metric = {ZEROSHOT: "acc1", RETRIEVAL: "mean_recall@1", LINEAR_PROBE: "lp_acc1"}[self.task]
+            self.main_metric = {ZEROSHOT: "acc1", RETRIEVAL: "mean_recall@1", LINEAR_PROBE: "lp_acc1",
+                                ASSOCIATION: WINOGAVIL_MAIN_METRIC}[self.task]
         elif self.task == LINEAR_PROBE and not self.main_metric.startswith("lp_"):
             self.main_metric = "lp_" + self.main_metric  # a classification preset turned into a linear probe
 
 
 # WILDS and fairness metrics of DataComp's suite (eval_utils/wilds_eval.py, fairness_eval.py).
 GROUP_METRICS = ("F1-macro_all", "acc_worst_region", "acc_top5_wg", "acc_wg")
+# WinoGAViL's main metric in DataComp's tasklist.yml: the mean Jaccard index over the instances with 10 or 12
+# candidates (the hard half of the game).
+WINOGAVIL_MAIN_METRIC = "jaccard_score_10-12"
 MEAN_PER_CLASS_RECALL = "mean_per_class_recall"
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,6 +187,10 @@ _DATACOMP_TASKS = [
     _wds("flickr30k", "wds_flickr30k", "Flickr", 1000, task=RETRIEVAL,
          revision="f8af3ceee1b944bf761340682621dfafd23974d2"),
     _wds("mscoco", "wds_mscoco_captions", "MSCOCO", 5000, task=RETRIEVAL),
+    # DataComp reads `datasets.load_dataset("nlphuji/winogavil", split="test")` (eval_utils/wino_eval.py), whose
+    # loading script reads the repository's CSV and image zip: the same two files are read here, without the script.
+    EvalTask("winogavil", ASSOCIATION, "nlphuji/winogavil", "test", layout=WINOGAVIL_LAYOUT, expected_rows=3563,
+             title="WinoGAViL"),
     _wds("iwildcam", "wds_wilds-iwildcam_test", "iWildCam", 42791, group="F1-macro_all", train=False,
          org=DATACOMP_ORG),
     _wds("camelyon17", "wds_wilds-camelyon17_test", "Camelyon17", 85054, train=False, org=DATACOMP_ORG),
@@ -183,9 +199,8 @@ _DATACOMP_TASKS = [
          org=DATACOMP_ORG),
     _wds("geode", "wds_geode_test", "GeoDE", 12488, group="acc_wg", train=False, org=DATACOMP_ORG),
 ]
-# DataComp's 38th task, WinoGAViL (a Jaccard score over cue/candidate-image associations), is not implemented: it
-# needs its own task type, and its data (nlphuji/winogavil) is published with a loading script.
-DATACOMP_UNSUPPORTED = {"winogavil": "WinoGAViL"}
+# DataComp's tasks that are not run here (none: the 38 scored tasks all are).
+DATACOMP_UNSUPPORTED: dict[str, str] = {}
 DATACOMP_NUM_TASKS = 38
 
 # The rest of CLIP_benchmark's `vtab` collection (clip_benchmark/datasets/builder.py, `dataset_collection`).
@@ -211,7 +226,7 @@ PRESET_GROUPS = {
     "alip_zeroshot": ["cifar10", "cifar100", "food101", "pets", "flowers", "sun397", "cars", "dtd", "caltech101",
                       "fgvc_aircraft", "imagenet1k"],
     "retrieval": ["flickr30k", "mscoco"],
-    # DataComp's evaluation suite (tasklist.yml), in its order, less WinoGAViL.
+    # DataComp's evaluation suite (tasklist.yml), its 38 scored tasks in its order.
     "datacomp": [t.name for t in _DATACOMP_TASKS],
     # CLIP_benchmark's `vtab` collection, in its order.
     "clip_benchmark_vtab": ["caltech101", "cifar100", "clevr_count_all", "clevr_closest_object_distance",
@@ -284,9 +299,7 @@ def preset_of_source(source: str) -> str | None:
 
 
 def _contract_retrieval_task(source: str, split: str) -> EvalTask:
-    from alip_hf.data import (
-        load_source,  # torch and datasets only when a task is built, not for --help
-    )
+    from alip_hf.sources import load_source
 
     dataset = load_source(source, split=split)
     columns = tuple(c for c in (schema.ALT_TEXT, schema.CAPTION) if c in dataset.column_names)

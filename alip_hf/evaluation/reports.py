@@ -11,6 +11,7 @@ from pathlib import Path
 
 from alip_hf import data as data_lib
 from alip_hf.evaluation.presets import (
+    ASSOCIATION,
     DATACOMP_GROUPS,
     DATACOMP_NUM_TASKS,
     DATACOMP_UNSUPPORTED,
@@ -65,7 +66,8 @@ def results_table(results) -> str:
     if not records:
         return "_Not evaluated._"
     sections = []
-    titles = {ZEROSHOT: "Zero-shot classification", RETRIEVAL: "Retrieval", LINEAR_PROBE: "Linear probe"}
+    titles = {ZEROSHOT: "Zero-shot classification", RETRIEVAL: "Retrieval", LINEAR_PROBE: "Linear probe",
+              ASSOCIATION: "Image association"}
     for task, title in titles.items():
         rows = [r for r in records if r["task"] == task]
         if not rows:
@@ -204,12 +206,12 @@ def datacomp_summary(results) -> dict:
 
     `average` is the mean of the main metrics (`main_score`) of the evaluated suite tasks, as DataComp averages its
     38; `groups` are DataComp's (ImageNet, ImageNet dist. shifts, VTAB, Retrieval), each given only when all its
-    members were evaluated. `missing` names the suite tasks without a result (WinoGAViL always: not implemented
-    here), so an average over fewer than 38 is never mistaken for DataComp's.
+    members were evaluated. `missing` names the suite tasks without a result, so an average over fewer than 38
+    is never mistaken for DataComp's.
     """
     suite = PRESET_GROUPS["datacomp"]
     scores = {r["dataset"]: r.get("main_score") for r in records_from(results)
-              if r["dataset"] in suite and r["task"] in (ZEROSHOT, RETRIEVAL)}
+              if r["dataset"] in suite and r["task"] in (ZEROSHOT, RETRIEVAL, ASSOCIATION)}
     scores = {name: value for name, value in scores.items() if value is not None}
     missing = [name for name in suite if name not in scores] + sorted(DATACOMP_UNSUPPORTED)
     groups = {group: (sum(scores[m] for m in members) / len(members) if all(m in scores for m in members) else None)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from alip_hf import data as data_lib
+from alip_hf import sources
 from alip_hf.evaluation.classnames import check_templates
 from alip_hf.evaluation.features import (
     AUTOCAST_DTYPES,
@@ -27,17 +27,22 @@ from alip_hf.evaluation.loading import (
     captions_per_image,
     class_names_and_labels,
     load_split,
+    load_winogavil,
     resolve_list,
+    winogavil_prompt,
 )
 from alip_hf.evaluation.metrics import (
+    association_jaccard,
     classification_metrics,
     group_metric,
     linear_probe,
     mean_recall_at_1,
     recall_curve,
     retrieval_metrics,
+    winogavil_metrics,
 )
 from alip_hf.evaluation.presets import (
+    ASSOCIATION,
     LINEAR_PROBE,
     RECALL_CURVE_MAX_K,
     RECALL_KS,
@@ -136,7 +141,7 @@ def run_zeroshot(model, processor, task: EvalTask, settings: EvalSettings, image
     logits = ZEROSHOT_LOGIT_SCALE * image_embeds @ classifier  # float32: the features are
     metrics = classification_metrics(logits, labels)
     if task.group_metric is not None:
-        data_lib.require_columns(dataset, {"group metadata": "npy"})
+        sources.require_columns(dataset, {"group metadata": "npy"})
         metrics[task.group_metric] = group_metric(task.group_metric, logits, labels, np.asarray(dataset["npy"]))
     details = {"num_images": len(labels), "num_rows": len(full_dataset), "num_classes": len(names),
                "num_templates": len(templates), "classes_without_images": len(empty)}
@@ -184,7 +189,36 @@ def run_linear_probe(model, processor, task: EvalTask, settings: EvalSettings, i
             "num_classes": len(names), "classes_without_train_images": len(empty)}
 
 
-RUNNERS = {ZEROSHOT: run_zeroshot, RETRIEVAL: run_retrieval, LINEAR_PROBE: run_linear_probe}
+def run_association(model, processor, task: EvalTask, settings: EvalSettings, images: SplitFeatures,
+                    accelerator=None, cache=None) -> dict:
+    """WinoGAViL as DataComp scores it: each game's cue (`winogavil_prompt`) against its candidate images, the
+    top K taken, K the number of associations; Jaccard index per game, averaged per candidate count."""
+    games, image_dir = load_winogavil(task)
+    num_rows = len(games)
+    if task.expected_rows is not None and num_rows != task.expected_rows:
+        logger.warning("%s: %s has %d games, the published copy %d: scores are not comparable with published ones",
+                       task.name, task.source, num_rows, task.expected_rows)
+    if settings.max_samples is not None and num_rows > settings.max_samples:
+        games = [games[i] for i in np.linspace(0, num_rows - 1, settings.max_samples).round().astype(int)]
+    names = sorted({name for game in games for name in game.candidates})  # each image encoded once
+    row_of = {name: i for i, name in enumerate(names)}
+    image_embeds = encode_images(model, processor, [str(image_dir / f"{name}.jpg") for name in names],
+                                 settings.batch_size, accelerator, desc=f"{task.name} candidate images",
+                                 autocast_dtype=settings.autocast_dtype, row_ids=names, source=str(image_dir))
+    cue_embeds = encode_texts(model, processor, [winogavil_prompt(game.cue) for game in games],
+                              settings.text_batch_size, accelerator, desc=f"{task.name} cues",
+                              autocast_dtype=settings.autocast_dtype)
+    jaccards = []
+    for game, cue in zip(games, cue_embeds):
+        candidates = image_embeds[[row_of[name] for name in game.candidates]]  # (C, D)
+        is_association = torch.tensor([name in game.associations for name in game.candidates])
+        jaccards.append(association_jaccard(candidates @ cue, is_association))
+    metrics = winogavil_metrics(jaccards, [len(game.candidates) for game in games])
+    return {"metrics": metrics, "num_images": len(names), "num_games": len(games), "num_rows": num_rows}
+
+
+RUNNERS = {ZEROSHOT: run_zeroshot, RETRIEVAL: run_retrieval, LINEAR_PROBE: run_linear_probe,
+           ASSOCIATION: run_association}
 
 
 def main_score(task: EvalTask, metrics: dict) -> float | None:

@@ -16,14 +16,13 @@ from typing import Literal
 import yaml
 from transformers import HfArgumentParser
 
-from alip_hf import recipes, schema
+from alip_hf import recipes, schema, sources
 from alip_hf.hub import SECRET_ARGUMENTS, HubArguments
 from alip_hf.io import write_text_atomic
 from alip_hf.models import MODEL_CONFIGS, parse_config_overrides
 from alip_hf.resources import DEMO_DATA, run_config
 
 logger = logging.getLogger(__name__)
-DEMO_DATA_NAME = "demo"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -51,6 +50,10 @@ class ModelArguments:
                   "config), e.g. 'text_config.hidden_size=128,vision_config.patch_size=8,lcg_gamma=1.5'; "
                   "values are read as int, float, true/false or text. A run YAML may give a mapping."},
     )
+    allow_new_weights: bool = field(default=False, metadata={
+        "help": "Start from a checkpoint that lacks some of the model's tensors (freshly initialised: a new head is "
+                "intended) or holds tensors the model does not use; each is named in the log. Without it, either is "
+                "an error naming the tensors (a plain CLIP checkpoint's missing gate running means are expected)."})
     tokenizer_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Tokenizer directory; default: the model directory's, else the CLIP BPE tokenizer."},
@@ -130,23 +133,15 @@ class DataArguments:
             raise ValueError("--max_text_length must leave room for the start and end tokens")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError(f"--max_train_samples must be >= 1, got {self.max_train_samples}")
-        # `demo` names the bundled demo data wherever the package is installed (the packaged run YAMLs use it).
-        self.train_data = str(DEMO_DATA) if self.train_data == DEMO_DATA_NAME else self.train_data
+        # `demo` names the bundled demo data wherever the package is installed, as in every command.
+        self.train_data = sources.resolve_source(self.train_data)
         if self.eval_data is None:
             # Evaluating a model trained on the user's data on clip art says nothing about it, and would end
             # up in its model card: the demo evaluation is only the default of the demo run.
-            self.eval_data = str(DEMO_DATA) if is_demo_data(self.train_data) else None
+            self.eval_data = str(DEMO_DATA) if sources.is_demo_data(self.train_data) else None
         elif self.eval_data.lower() == "none":
             self.eval_data = None
-        self.eval_data = str(DEMO_DATA) if self.eval_data == DEMO_DATA_NAME else self.eval_data
-
-
-def is_demo_data(source: str) -> bool:
-    """Whether `source` is the bundled demo data (its packaged path, or its name `demo`)."""
-    path = Path(source)
-    if path.exists() and DEMO_DATA.exists():
-        return path.resolve() == DEMO_DATA.resolve()
-    return source == DEMO_DATA_NAME
+        self.eval_data = sources.resolve_source(self.eval_data) if self.eval_data else None
 
 
 @dataclass

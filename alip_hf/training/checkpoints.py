@@ -14,6 +14,7 @@ it is not used here, and a checkpoint holding such a file is never loaded.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -80,8 +81,13 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, state:
     `state` (JSON) goes to `trainer_state.json` with the step and the manifest; `scheduler` to `scheduler.json`;
     `data_state`, this process's stream position (`StatefulDataLoader.state_dict()`), to
     `data_state_<rank>.json`, written by each process. A run killed while saving leaves only a `.tmp-*`
-    directory, which `latest` never picks. Afterwards, the oldest checkpoints of the same run
-    (`state["run"]["run_id"]`) beyond `keep` are removed; other runs' checkpoints are never touched.
+    directory, which `latest` never picks; a save that fails (a full disk) removes it. Afterwards, the oldest
+    checkpoints of the same run (`state["run"]["run_id"]`) beyond `keep` are removed; other runs' checkpoints
+    are never touched.
+
+    Raises:
+        CheckpointSaveError: a process could not write its files (every process raises); "no space left" when
+            the disk is full. The earlier checkpoints are untouched.
     """
     root = checkpoint_dir(output_dir)
     final = root / f"{CHECKPOINT_PREFIX}{step:06d}"
@@ -90,18 +96,12 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, state:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if data_state is not None:
-        write_text_atomic(tmp / data_state_file(accelerator.process_index), json.dumps(data_state))
-        accelerator.wait_for_everyone()  # every process's position is in the directory before the manifest
+    # Two phases, each ended by an agreement on every process (it is also the barrier between them): every
+    # process's files, then the scheduler and the manifest.
+    _agree_written(accelerator, tmp, final, lambda: _write_process_files(accelerator, tmp, data_state))
+    _agree_written(accelerator, tmp, final, lambda: accelerator.is_main_process and _write_manifest(
+        tmp, step, state, scheduler))
     if accelerator.is_main_process:
-        if scheduler is not None:
-            write_json_atomic(tmp / SCHEDULER_FILE, scheduler.state_dict())
-        manifest = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        write_text_atomic(tmp / STATE_FILE, json.dumps({**state, "global_step": step, "files": manifest}, indent=1))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        apply_default_permissions(tmp)  # every process has written; safetensors makes private files
         replace_directory(tmp, final)  # a re-saved step: the old one stays whole until the new one is in place
         run_id = state.get("run", {}).get("run_id")
         own = [p for p in _checkpoints(output_dir) if _run_id(p) == run_id]
@@ -109,6 +109,78 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, state:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _write_process_files(accelerator: Accelerator, tmp: Path, data_state: dict | None):
+    """`accelerator.save_state`'s files (weights, optimizer, RNG of each process) and this process's stream
+    position."""
+    accelerator.save_state(str(tmp))
+    if data_state is not None:
+        write_text_atomic(tmp / data_state_file(accelerator.process_index), json.dumps(data_state))
+
+
+def _write_manifest(tmp: Path, step: int, state: dict, scheduler):
+    """`scheduler.json`, then `trainer_state.json` with the manifest of every file, written last (main process)."""
+    if scheduler is not None:
+        write_json_atomic(tmp / SCHEDULER_FILE, scheduler.state_dict())
+    manifest = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    write_text_atomic(tmp / STATE_FILE, json.dumps({**state, "global_step": step, "files": manifest}, indent=1))
+    apply_default_permissions(tmp)  # every process has written; safetensors makes private files
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint that could not be written; the message names the directory and the cause."""
+
+
+# How a full disk shows: errno ENOSPC (or EDQUOT, a quota) from Python; safetensors' Rust error text; torch's zip
+# writer only reports "unexpected pos", without the errno (then the free space is looked at).
+_NO_SPACE_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+_LOW_SPACE = 64 * 2**20
+
+
+def _no_space(error: BaseException, directory: Path) -> bool:
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(seen) for text in _NO_SPACE_TEXT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return "unexpected pos" in str(error) and shutil.disk_usage(directory).free < _LOW_SPACE
+    except OSError:
+        return False
+
+
+def _agree_written(accelerator: Accelerator, tmp: Path, final: Path, write):
+    """Runs `write()` on every process; if it fails on any, the partial checkpoint is removed and every process
+    raises (one that waited at a barrier for the failed one would hang)."""
+    error = None
+    try:
+        write()
+    except Exception as caught:  # OSError, torch's RuntimeError, safetensors' error: all mean "not written"
+        error = caught
+    failed = error is not None
+    if accelerator.num_processes > 1:
+        import torch
+
+        flag = torch.tensor([float(failed)], device=accelerator.device)
+        failed = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    if not failed:
+        return
+    no_space = error is not None and _no_space(error, tmp.parent)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left to be taken for a checkpoint
+    accelerator.wait_for_everyone()
+    if error is None:
+        raise CheckpointSaveError(f"saving checkpoint {final.name} in {tmp.parent} failed on another process; the "
+                                  "partial checkpoint was removed")
+    cause = ("no space left on device" + (f" ({shutil.disk_usage(tmp.parent).free // 2**20} MiB free now that the "
+                                          "partial checkpoint is removed)" if tmp.parent.exists() else "")
+             if no_space else f"{type(error).__name__}: {error}")
+    raise CheckpointSaveError(f"saving checkpoint {final.name} in {tmp.parent} failed: {cause}. The partial "
+                              "checkpoint was removed; earlier checkpoints are intact. Free space (or choose another "
+                              "--output_dir), then resume with --resume_from_checkpoint latest") from error
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,10 +235,12 @@ def checkpoint_problems(path: Path) -> list[str]:
 
 def resolve_checkpoint(value: str | None, output_dir: str) -> Path | None:
     """`latest` -> the newest complete checkpoint in `output_dir/checkpoints` (None if there is none), warning
-    about each newer one that is incomplete; a path -> that checkpoint, which must be complete.
+    about each newer one that is incomplete; a path -> that checkpoint, which must exist and be complete. Either
+    must be consistent (`check_state`).
 
     Raises:
-        CheckpointError: the named checkpoint is incomplete (the message names each missing or bad file).
+        CheckpointError: the named checkpoint does not exist, is incomplete (the message names each missing or bad
+            file), or its `trainer_state.json` contradicts its own files (the message names the field).
     """
     if value is None:
         return None
@@ -174,15 +248,97 @@ def resolve_checkpoint(value: str | None, output_dir: str) -> Path | None:
         for path in reversed(_checkpoints(output_dir)):
             problems = checkpoint_problems(path)
             if not problems:
+                check_state(path, read_state(path))
                 return path
             logger.warning("checkpoint %s is not usable (%s); falling back to the previous one",
                            path, "; ".join(problems))
         return None
     path = Path(value)
+    if not path.is_dir():
+        raise CheckpointError(f"--resume_from_checkpoint {value}: no such directory"
+                              + (" (it is a file; name the checkpoint directory)" if path.exists() else ""))
     problems = checkpoint_problems(path)
     if problems:
         raise CheckpointError(f"--resume_from_checkpoint {value}: not a complete checkpoint: {'; '.join(problems)}")
+    check_state(path, read_state(path))
     return path
+
+
+def nothing_to_resume(output_dir: str) -> Exception:
+    """The error for `--resume_from_checkpoint latest` when `resolve_checkpoint` found no checkpoint: HF Trainer's
+    "no valid checkpoint found in output directory" (a mistyped --output_dir must not start a new run), or, when
+    there are checkpoints but none is complete, one that names them."""
+    incomplete = _checkpoints(output_dir)
+    if incomplete:
+        return FileExistsError(
+            f"--resume_from_checkpoint latest: none of the checkpoints in {checkpoint_dir(output_dir)} "
+            f"({', '.join(p.name for p in incomplete)}) is complete (see the warnings); name one with "
+            "--resume_from_checkpoint, or pass --overwrite_output_dir to start afresh")
+    return CheckpointError(
+        f"--resume_from_checkpoint latest: no valid checkpoint found in output directory ({output_dir}; "
+        f"{checkpoint_dir(output_dir)} holds none). Check --output_dir, or leave out --resume_from_checkpoint to "
+        "start a new run")
+
+
+def _step_of(path: Path) -> int | None:
+    match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def check_state(path: Path, state: dict):
+    """Checks `trainer_state.json` against what the checkpoint's other files record: `global_step` against the
+    directory's step and the scheduler's (`scheduler.json`, `last_epoch`), the run's `max_steps`, and the
+    learning rate of the run identity against the scheduler's base rates. The optimizer's own step count is
+    checked once it is loaded (`check_optimizer_steps`).
+
+    Raises:
+        CheckpointError: naming the field, its value and the record it contradicts.
+    """
+    path = Path(path)
+    step = state.get("global_step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise _inconsistent(path, f"global_step is {step!r}, not a step number")
+    if _step_of(path) is not None and _step_of(path) != step:
+        raise _inconsistent(path, f"global_step is {step}, but the checkpoint is {path.name}")
+    identity = (state.get("run") or {}).get("identity") or {}
+    if isinstance(identity.get("max_steps"), int) and step > identity["max_steps"]:
+        raise _inconsistent(path, f"global_step is {step}, beyond the run's max_steps {identity['max_steps']}")
+    for counter in ("nonfinite_steps",):
+        if not 0 <= state.get(counter, 0) <= step:
+            raise _inconsistent(path, f"{counter} is {state.get(counter)!r}, not in [0, global_step {step}]")
+    if not (path / SCHEDULER_FILE).exists():
+        return
+    scheduler = json.loads((path / SCHEDULER_FILE).read_text())
+    if scheduler.get("last_epoch") != step:
+        raise _inconsistent(path, f"global_step is {step}, but {SCHEDULER_FILE} is at step "
+                                  f"{scheduler.get('last_epoch')} (last_epoch)")
+    rate = identity.get("learning_rate")
+    if rate is not None and any(base != rate for base in scheduler.get("base_lrs", [])):
+        raise _inconsistent(path, f"learning_rate is {rate} in the run identity, but {SCHEDULER_FILE}'s base rates "
+                                  f"are {scheduler['base_lrs']}")
+
+
+def check_optimizer_steps(path: Path, state: dict, optimizer, exact: bool):
+    """Checks the restored optimizer's update count (AdamW's per-parameter `step`, the largest) against
+    `global_step`: one update per step, less the steps skipped for a non-finite loss (`nonfinite_steps`). Under
+    fp16 the grad scaler also skips updates without counting them (`exact=False`): only more updates than steps
+    is then an error.
+
+    Raises:
+        CheckpointError: naming `global_step` and the optimizer's count.
+    """
+    counts = [int(s["step"]) for s in optimizer.state_dict()["state"].values() if "step" in s]
+    updates = max(counts, default=0)
+    expected = state["global_step"] - state.get("nonfinite_steps", 0)
+    if updates > state["global_step"] or (exact and updates != expected):
+        raise _inconsistent(Path(path), f"global_step is {state['global_step']} ({state.get('nonfinite_steps', 0)} "
+                                        f"skipped), but the optimizer state (optimizer.bin) has taken {updates} "
+                                        "update(s)")
+
+
+def _inconsistent(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: {STATE_FILE} does not match the checkpoint's own record: {what}. The file was "
+                           "edited or mixed with another checkpoint's; resume from another checkpoint")
 
 
 # ----------------------------------------------------------------------------------------------------------------

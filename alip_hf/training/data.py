@@ -11,7 +11,8 @@ import torch
 from accelerate import Accelerator
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from alip_hf import data, recipes
+from alip_hf import data, recipes, sources
+from alip_hf.training.preemption import ignore_stop_signals
 
 if TYPE_CHECKING:
     from alip_hf.training.arguments import DataArguments, TrainArguments
@@ -47,29 +48,31 @@ def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes
     where Hub data is cached. With `--log_sample_weights` the batches carry their rows' ids."""
     check_global_batch(train, accelerator.num_processes)
     source = f"--train_data {args.train_data} (split {args.train_split!r})"
-    dataset = data.load_source(args.train_data, split=args.train_split, streaming=args.streaming,
+    dataset = sources.load_source(args.train_data, split=args.train_split, streaming=args.streaming,
                                config_name=args.dataset_config_name, cache_dir=cache_dir)
     if args.max_train_samples is not None:  # the first N rows, before validation (as run_clip.py)
         dataset = (dataset.take(args.max_train_samples) if args.streaming
                    else dataset.select(range(min(args.max_train_samples, len(dataset)))))
-    data.require_columns(dataset, {data.IMAGE: args.image_column, **recipe.columns()})
-    data.require_text_columns(dataset, recipe.columns(), source)
+    sources.require_columns(dataset, {data.IMAGE: args.image_column, **recipe.columns()})
+    sources.require_text_columns(dataset, recipe.columns(), source)
     if not args.streaming and len(dataset) == 0:
         raise ValueError(f"{source} has no rows")
-    id_column = _id_column(dataset, args.id_column) if train.log_sample_weights else None
-    kept_columns = [args.image_column, *recipe.columns().values(), *([id_column] if id_column else [])]
+    # The id rule of every command (`sources.resolve_id_column`): --id_column, else img2dataset's `json.id`, else
+    # WebDataset's `__key__`; so the log joins with recaption's and the audit's outputs of the same source.
+    id_column = sources.resolve_id_column(dataset, args.id_column) if train.log_sample_weights else None
+    kept_columns = [args.image_column, *recipe.columns().values()]
+    if id_column is not None:
+        kept_columns.append(sources.id_source_column(id_column, sources.column_names(dataset)))
+    kept_columns = list(dict.fromkeys(kept_columns))
     dataset = data.undecoded_images(dataset, args.image_column)
     transform = data.ImageTransform.from_image_processor(
         processor.image_processor, train=True, crop_scale=(args.crop_scale_min, args.crop_scale_max))
-    # The processor's text cleaning (CLIP's ftfy + whitespace + lower-case for the CLIP tokenizer) applies too;
-    # the builder uses it to skip (and count) texts that clean to nothing, which would train as empty prompts.
-    clean = processor.clean_text if processor.text_cleaning != "none" else None
-    build = data.ExampleBuilder(args.image_column, recipe.text_selector(), transform, seed=train.seed, clean=clean,
+    build = data.ExampleBuilder(args.image_column, recipe.text_selector(), transform, seed=train.seed,
                                 id_column=id_column)
     collate = data.Collator(processor, max_length=args.max_text_length)
     batch = train.per_device_train_batch_size
     common = dict(collate_fn=collate, num_workers=args.dataloader_num_workers,
-                  persistent_workers=False, pin_memory=False)
+                  persistent_workers=False, pin_memory=False, worker_init_fn=ignore_stop_signals)
     if args.streaming:
         stream = streaming_examples(dataset, kept_columns, args, train, build, accelerator, source)
         with warnings.catch_warnings():  # torchdata 0.11 calls a torch API that torch 2.14 deprecates; harmless
@@ -82,6 +85,8 @@ def build_train_data(args: DataArguments, train: TrainArguments, recipe: recipes
     dataset = dataset.select_columns(kept_columns)
     with accelerator.main_process_first():  # the main process fills the datasets cache, the others read it
         dataset, skipped = data.filter_valid_rows(dataset, build, num_proc=args.preprocessing_num_proc)
+    if id_column is not None:
+        check_unique_ids(dataset, id_column, source)
     if len(dataset) == 0:
         raise ValueError(f"no usable row in {source}: {skipped['skipped_images']} unreadable images, "
                          f"{skipped['skipped_texts']} missing or empty texts in columns {list(recipe.columns().values())}")
@@ -116,7 +121,8 @@ def streaming_examples(dataset, columns: list[str], args: DataArguments, train: 
         dataset = dataset.shuffle(seed=train.seed, buffer_size=1)
         logging.getLogger("datasets.iterable_dataset").addFilter(_EMPTY_BUFFER_NOTICE)
     return data.StreamingExamples(dataset, build, rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                  shuffle_block=args.shuffle_buffer, seed=train.seed, source=source)
+                                  shuffle_block=args.shuffle_buffer, seed=train.seed, source=source,
+                                  min_rows=train.per_device_train_batch_size)
 
 
 def streaming_workers(stream: data.StreamingExamples, args: DataArguments) -> int:
@@ -128,14 +134,14 @@ def streaming_workers(stream: data.StreamingExamples, args: DataArguments) -> in
     return min(args.dataloader_num_workers, shards)
 
 
-def _id_column(dataset, id_column: str) -> str:
-    """The id column that per-sample logs are joined on: `--id_column`, else WebDataset's `__key__`."""
-    available = list(dataset.column_names or (dataset.features or {}).keys())
-    for name in (id_column, "__key__"):
-        if name in available:
-            return name
-    raise ValueError(f"--log_sample_weights: id column {id_column!r} not found (nor WebDataset '__key__'); "
-                     f"available columns: {available}. Pass --id_column with a column that identifies each row.")
+def check_unique_ids(dataset, id_column: str, source: str) -> None:
+    """Refuses duplicate ids under `--log_sample_weights`: the log is joined on them (`recaption.audit
+    --sample_weights`), and a repeated id would give two rows the values of one."""
+    repeated = sources.duplicate_ids(sources.read_ids(dataset, id_column))
+    if repeated:
+        raise ValueError(f"--log_sample_weights: ids {repeated} occur more than once in column {id_column!r} of "
+                         f"{source}; the per-sample log is joined on ids, so they must be unique. Pass --id_column "
+                         "with a column that identifies each row.")
 
 
 def check_global_batch(train: TrainArguments, num_processes: int) -> None:

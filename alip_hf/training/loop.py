@@ -6,6 +6,8 @@ import contextlib
 import logging
 import math
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,6 +22,7 @@ from modeling_alip import ALIPModel
 if TYPE_CHECKING:
     from alip_hf.training.arguments import TrainArguments
     from alip_hf.training.data import TrainData
+    from alip_hf.training.preemption import StopSignal
 
 logger = logging.getLogger(__name__)
 
@@ -75,78 +78,146 @@ def forward_backward(model, core: ALIPModel, recipe: recipes.Recipe, micro_batch
     return result
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+
+FINISHED, STOPPED, PREEMPTED = "finished", "stopped", "preempted"
+
+
+@dataclass
+class LoopResult:
+    """How the loop ended: `FINISHED` (reached max_steps), `STOPPED` (`--stop_after_steps`) or `PREEMPTED` (a stop
+    signal; `checkpoint` is the one saved for it); `metrics` are those of the last logged step."""
+
+    metrics: dict
+    end: str
+    step: int
+    checkpoint: Path | None = None
+
+
+@dataclass
+class _Clock:
+    """Throughput and the fraction of time spent waiting for data, since the loop started."""
+
+    start_step: int
+    samples_per_step: int
+    started: float = field(default_factory=time.perf_counter)
+    data_wait: float = 0.0
+
+    def wait_for(self, fetch):
+        waited = time.perf_counter()
+        value = fetch()
+        self.data_wait += time.perf_counter() - waited
+        return value
+
+    def rates(self, step: int) -> tuple[float, float]:
+        """(samples per second, data-wait fraction) over the steps run so far."""
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        return (step - self.start_step) * self.samples_per_step / elapsed, self.data_wait / elapsed
+
+
 def train_loop(model, optimizer, scheduler, recipe, train_data: TrainData, accelerator: Accelerator,
                args: TrainArguments, start_step: int, counters: dict, run_eval, checkpoint_state,
-               sample_log=None) -> tuple[dict, bool]:
-    """Optimizer steps `start_step + 1 .. max_steps`; returns the metrics of the last logged step and whether
-    the run reached `max_steps` (False when stopped by `--stop_after_steps`).
+               sample_log=None, stop_signal: StopSignal | None = None) -> LoopResult:
+    """Optimizer steps `start_step + 1 .. max_steps`, each: fetch -> forward/backward -> update (or skip) -> log
+    -> checkpoint -> stop?
 
     `run_eval()` gives the `eval/...` metrics (every `--eval_steps`, not at the last step); `checkpoint_state()`
     the JSON state saved with each checkpoint (counters and run identity). `sample_log` (a `SampleWeightLog`)
-    records per-sample gate values of the steps it wants."""
+    records per-sample gate values of the steps it wants. `stop_signal` (a `StopSignal`) is asked after each
+    step: once any process has received SIGTERM or SIGUSR1, the step's checkpoint is saved and the loop ends."""
     max_steps = train_data.max_steps
     core = core_model(model, accelerator)
     k = args.gradient_accumulation_steps
     # A stream starts where its loader's restored state says (see build_train_data); nothing is replayed.
     batches = iter(train_data.loader)
-    samples_per_step = args.per_device_train_batch_size * accelerator.num_processes * k
+    clock = _Clock(start_step, args.per_device_train_batch_size * accelerator.num_processes * k)
     progress = tqdm(total=max_steps, initial=start_step, unit="step", disable=not accelerator.is_main_process)
     model.train()
-    metrics, started = {}, time.perf_counter()
-    data_wait = 0.0
-    skipped_in_a_row: list[int] = []
-    for step in range(start_step + 1, max_steps + 1):
-        waited = time.perf_counter()
-        micro_batches = [next(batches) for _ in range(k)]
-        data_wait += time.perf_counter() - waited
-        # The gates update their running means inside the forward pass, before the loss is known to be finite.
-        buffers = _snapshot_buffers(core) if args.nonfinite == "skip" else None
-        output = forward_backward(model, core, recipe, micro_batches, accelerator, args.local_loss)
-        if sample_log is not None:
-            sample_log.record(step, output, micro_batches)
-        stats = _sum_stats(accelerator, micro_batches)
-        updated = _all_finite(accelerator, output.loss) and apply_update(
-            model, core, optimizer, accelerator, args.max_grad_norm)
-        if updated:
-            skipped_in_a_row = []
-        elif args.nonfinite == "stop":
-            raise FloatingPointError(f"non-finite loss or gradient (loss {output.loss.item()}) at step {step}; "
-                                     "lower the learning rate or pass --nonfinite skip")
-        else:
-            _skip_step(core, optimizer, buffers)
-            counters["nonfinite_steps"] += 1
-            skipped_in_a_row.append(step)
-            logger.warning("step %d: non-finite loss or gradient (loss %s); step skipped", step, output.loss.item())
-            if len(skipped_in_a_row) >= args.max_consecutive_nonfinite:
-                raise FloatingPointError(
-                    f"{len(skipped_in_a_row)} steps in a row had a non-finite loss or gradient (steps "
-                    f"{skipped_in_a_row}; --max_consecutive_nonfinite {args.max_consecutive_nonfinite}); the run "
-                    "diverged: lower the learning rate")
-        scheduler.step()
-        for key in ("skipped_images", "skipped_texts", "truncated_texts"):
-            counters[key] += stats.get(key, 0)
-        progress.update(1)
-        elapsed = time.perf_counter() - started
-        rate = (step - start_step) * samples_per_step / max(elapsed, 1e-9)
-        progress.set_postfix(loss=f"{output.loss.item():.4f}", samples_per_s=f"{rate:.1f}")
-        # The final evaluation runs after the final model is saved (trainer.py): a failing evaluation loses nothing.
-        evaluate_now = args.eval_steps > 0 and step % args.eval_steps == 0 and step < max_steps
-        if evaluate_now or step == max_steps or step % args.logging_steps == 0:
-            metrics = _step_metrics(accelerator, recipe, output, stats, samples_per_step, scheduler, core, counters)
-            metrics["train/samples_per_second"] = rate
-            metrics["train/data_wait_fraction"] = data_wait / max(elapsed, 1e-9)
-            if evaluate_now:
-                metrics.update(run_eval())
-            accelerator.log(metrics, step=step)
-        if args.save_steps and step % args.save_steps == 0:
-            data_state = train_data.loader.state_dict() if train_data.stateful else None
-            save_checkpoint(accelerator, args.output_dir, step, checkpoint_state(), args.save_total_limit, scheduler,
-                            data_state)
-        if step == args.stop_after_steps:
-            progress.close()
-            return metrics, False
-    progress.close()
-    return metrics, True
+    metrics, skipped_in_a_row = {}, []
+    try:
+        for step in range(start_step + 1, max_steps + 1):
+            micro_batches = clock.wait_for(lambda: [next(batches) for _ in range(k)])
+            output, stats = train_step(model, core, optimizer, recipe, micro_batches, accelerator, args, step,
+                                       counters, skipped_in_a_row, sample_log)
+            scheduler.step()
+            for key in ("skipped_images", "skipped_texts", "truncated_texts"):
+                counters[key] += stats.get(key, 0)
+            metrics = _log_step(accelerator, recipe, output, stats, scheduler, core, counters, args, step, max_steps,
+                                clock, progress, run_eval) or metrics
+            saved = None
+            if args.save_steps and step % args.save_steps == 0:
+                saved = _save(accelerator, args, step, train_data, scheduler, checkpoint_state)
+            if step == args.stop_after_steps:
+                return LoopResult(metrics, STOPPED, step, saved)
+            if step < max_steps and stop_signal is not None and stop_signal.requested(accelerator):
+                saved = saved or _save(accelerator, args, step, train_data, scheduler, checkpoint_state)
+                return LoopResult(metrics, PREEMPTED, step, saved)
+    finally:
+        progress.close()
+    return LoopResult(metrics, FINISHED, max_steps)
+
+
+def train_step(model, core: ALIPModel, optimizer, recipe: recipes.Recipe, micro_batches: list[dict],
+               accelerator: Accelerator, args: TrainArguments, step: int, counters: dict,
+               skipped_in_a_row: list[int], sample_log=None) -> tuple[recipes.StepLoss, dict[str, int]]:
+    """One optimizer step on `micro_batches`: forward/backward, then the update, or under `--nonfinite skip` a
+    skipped step (counted in `counters`, its step appended to `skipped_in_a_row`). Returns the step's loss and
+    its data counts summed over processes.
+
+    Raises:
+        FloatingPointError: a non-finite loss or gradient under `--nonfinite stop`, or
+            `--max_consecutive_nonfinite` skipped steps in a row.
+    """
+    # The gates update their running means inside the forward pass, before the loss is known to be finite.
+    buffers = _snapshot_buffers(core) if args.nonfinite == "skip" else None
+    output = forward_backward(model, core, recipe, micro_batches, accelerator, args.local_loss)
+    if sample_log is not None:
+        sample_log.record(step, output, micro_batches)
+    stats = _sum_stats(accelerator, micro_batches)
+    if _all_finite(accelerator, output.loss) and apply_update(model, core, optimizer, accelerator, args.max_grad_norm):
+        skipped_in_a_row.clear()
+        return output, stats
+    if args.nonfinite == "stop":
+        raise FloatingPointError(f"non-finite loss or gradient (loss {output.loss.item()}) at step {step}; "
+                                 "lower the learning rate or pass --nonfinite skip")
+    _skip_step(core, optimizer, buffers)
+    counters["nonfinite_steps"] += 1
+    skipped_in_a_row.append(step)
+    logger.warning("step %d: non-finite loss or gradient (loss %s); step skipped", step, output.loss.item())
+    if len(skipped_in_a_row) >= args.max_consecutive_nonfinite:
+        raise FloatingPointError(
+            f"{len(skipped_in_a_row)} steps in a row had a non-finite loss or gradient (steps {skipped_in_a_row}; "
+            f"--max_consecutive_nonfinite {args.max_consecutive_nonfinite}); the run diverged: lower the learning "
+            "rate")
+    return output, stats
+
+
+def _log_step(accelerator, recipe, output, stats, scheduler, core, counters, args: TrainArguments, step: int,
+              max_steps: int, clock: _Clock, progress, run_eval) -> dict | None:
+    """Updates the progress bar; every `--logging_steps`, at `--eval_steps` and at the last step, logs the step's
+    metrics (with the evaluation's at `--eval_steps`) and returns them; else None."""
+    rate, data_wait = clock.rates(step)
+    progress.update(1)
+    progress.set_postfix(loss=f"{output.loss.item():.4f}", samples_per_s=f"{rate:.1f}")
+    # The final evaluation runs after the final model is saved (trainer.py): a failing evaluation loses nothing.
+    evaluate_now = args.eval_steps > 0 and step % args.eval_steps == 0 and step < max_steps
+    if not (evaluate_now or step == max_steps or step % args.logging_steps == 0):
+        return None
+    metrics = _step_metrics(accelerator, recipe, output, stats, clock.samples_per_step, scheduler, core, counters)
+    metrics["train/samples_per_second"] = rate
+    metrics["train/data_wait_fraction"] = data_wait
+    if evaluate_now:
+        metrics.update(run_eval())
+    accelerator.log(metrics, step=step)
+    return metrics
+
+
+def _save(accelerator, args: TrainArguments, step: int, train_data: TrainData, scheduler, checkpoint_state) -> Path:
+    data_state = train_data.loader.state_dict() if train_data.stateful else None
+    return save_checkpoint(accelerator, args.output_dir, step, checkpoint_state(), args.save_total_limit, scheduler,
+                           data_state)
 
 
 def apply_update(model, core: ALIPModel, optimizer, accelerator: Accelerator, max_grad_norm: float) -> bool:

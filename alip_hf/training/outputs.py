@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import yaml
 from accelerate import Accelerator
 
+from alip_hf.convert.to_clip import export_to_clip
+from alip_hf.convert.to_open_clip import export_to_open_clip
 from alip_hf.evaluation.cards import build_model_card
 from alip_hf.evaluation.runners import evaluate_model
 from alip_hf.hub import HubOptions, push_folder
@@ -20,8 +22,6 @@ from alip_hf.io import (
     write_text_atomic,
 )
 from modeling_alip import ALIPModel
-from modeling_alip.convert_to_clip import export_to_clip
-from modeling_alip.convert_to_open_clip import export_to_open_clip
 
 if TYPE_CHECKING:
     from alip_hf.training.arguments import DataArguments

@@ -7,10 +7,10 @@ module writes those two files into the model directory, so the one directory (or
 `from_pretrained`, with open_clip, and with tools that load open_clip models only (CLIP_benchmark, DataComp's
 evaluation):
 
-    python -m alip_hf.convert to_open_clip --model_dir runs/alip-b32
+    python -m alip_hf.convert to_open_clip --model_name_or_path runs/alip-b32
     clip_benchmark eval --model local-dir:runs/alip-b32 --pretrained none --dataset cifar10 --output r.json
 
-The weights are the inverse of [`convert_open_clip.convert_state_dict`] (its key table, read backwards: q, k, v
+The weights are the inverse of [`from_open_clip.convert_state_dict`] (its key table, read backwards: q, k, v
 fused into `in_proj_*`, projections transposed), and the export checks that the importer maps them back to
 exactly the model's weights. The architecture maps as follows; what open_clip's `CLIP` cannot express is an error:
 
@@ -31,7 +31,6 @@ the ids of [`ALIPProcessor`] for a CLIP-vocabulary model; other tokenizers (VeCL
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from pathlib import Path
@@ -41,7 +40,7 @@ from transformers import CLIPConfig, CLIPModel
 
 from alip_hf.io import write_json_atomic, write_with_atomically
 
-from .convert_open_clip import _BLOCK, _TEXT, _TRANSPOSED, _VISION, convert_state_dict
+from .from_open_clip import _BLOCK, _TEXT, _TRANSPOSED, _VISION, convert_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +154,7 @@ def open_clip_preprocess_cfg(image_processor, image_size: int) -> dict:
     differ is exported with the crop size and a warning, since open_clip's transform cannot resize and crop to
     different sizes.
     """
-    from .processing_alip import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
+    from modeling_alip.processing_alip import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD
 
     if image_processor is None:
         return {"size": image_size, "mean": list(CLIP_IMAGE_MEAN), "std": list(CLIP_IMAGE_STD),
@@ -280,51 +279,27 @@ def export_to_open_clip(model: CLIPModel, output_dir: str | os.PathLike, process
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-def _load(model_dir: Path):
-    """The model (`AutoModel`: ALIP or CLIP) and its processor, `None` when the directory holds none."""
-    from transformers import AutoModel, AutoProcessor
+def run(load, args, output, hub) -> Path:
+    """`python -m alip_hf.convert to_open_clip` (`LoadArguments`, `ToOpenClipArguments`, `OutputArguments`,
+    `HubArguments`): load the model (ALIP or CLIP, strictly, with `alip_hf.pretrained`) and its processor, write
+    the two open_clip files (into the model directory itself by default), push when asked."""
+    from alip_hf.hub import push_model_directory
+    from alip_hf.pretrained import load_model, load_processor, model_source, saved_processor_files
 
-    from . import ALIPConfig  # noqa: F401  registers "alip" with the Auto classes
-
-    model = AutoModel.from_pretrained(model_dir)
-    processor = None
-    if any((model_dir / name).exists() for name in ("processor_config.json", "preprocessor_config.json")):
-        processor = AutoProcessor.from_pretrained(model_dir)
-    return model, processor
-
-
-def build_parser():
-    """The command's flags, defined in `alip_hf.convert` (which `--help` answers from without loading torch)."""
-    from alip_hf.convert import build_parser as converter_parser
-
-    return converter_parser("to_open_clip")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
-
-
-def main(argv=None) -> Path:
-    from alip_hf.hub import hub_arguments, push_model_directory
-
-    args = parse_args(argv)
-    hub = hub_arguments(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    model_dir = Path(args.model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"--model_dir {model_dir} has no config.json; expected a save_pretrained directory")
-    model, processor = _load(model_dir)
-    if processor is None:
-        logger.warning("no processor in %s: preprocess_cfg uses CLIP's defaults", model_dir)
-    output = export_to_open_clip(model, args.output_dir or model_dir, processor=processor)
-    print(f"open_clip files written to {output}; load with open_clip.create_model_and_transforms('local-dir:{output}')")
+    name, is_local = model_source(load.model_name_or_path)
+    if output.output_dir is None and not is_local:
+        raise ValueError(f"--model_name_or_path {name} is a Hub id: pass --output_dir (the default is the local "
+                         "model directory itself)")
+    model = load_model(name, allow_new_weights=load.allow_new_weights, revision=load.model_revision,
+                       cache_dir=load.cache_dir)
+    processor = None
+    if saved_processor_files(name, is_local, load.model_revision, load.cache_dir):
+        processor = load_processor(name, model.config, revision=load.model_revision, cache_dir=load.cache_dir)
+    else:
+        logger.warning("no processor saved with %s: preprocess_cfg uses CLIP's defaults", name)
+    written = export_to_open_clip(model, output.output_dir or name, processor=processor)
+    print(f"open_clip files written to {written}; load with open_clip.create_model_and_transforms('local-dir:{written}')")
     # The directory with both formats side by side, as open_clip's own Hub repositories are laid out.
-    push_model_directory(output, args.hub_model_id if args.push_to_hub else None, hub, what="open_clip export")
-    return output
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as error:  # bad input: the message names it
-        raise SystemExit(f"error: {error}") from None
+    push_model_directory(written, output.hub_model_id if output.push_to_hub else None, hub, what="open_clip export")
+    return written

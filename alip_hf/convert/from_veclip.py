@@ -4,7 +4,7 @@ The VeCLIP releases (github.com/apple/ml-veclip) are zipped `transformers.CLIPMo
 `model.safetensors`) that ship neither a tokenizer (the notebook loads "t5-base" separately) nor an image
 processor (a TensorFlow function instead). The output of
 
-    python -m alip_hf.convert from_veclip --input vecapdfn_clip_b16.zip --output veclip-b16
+    python -m alip_hf.convert from_veclip --checkpoint_path vecapdfn_clip_b16.zip --output_dir veclip-b16
 
 is a plain CLIP checkpoint (`model_type: clip`, weights unchanged) plus everything needed to use it: the T5
 tokenizer with `model_max_length` set to the text tower's context, the TensorFlow-exact
@@ -30,25 +30,16 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel
 from transformers.utils import logging
 
-from alip_hf.convert import DEFAULT_VECLIP_TOKENIZER
+from alip_hf.convert.cli import DEFAULT_VECLIP_TOKENIZER
 from alip_hf.io import apply_default_permissions, replace_directory
-
-from .processing_veclip import align_text_config, veclip_processor
+from modeling_alip import align_text_config, veclip_processor
 
 logger = logging.get_logger(__name__)
 
 WEIGHT_FILES = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
 )
-DEFAULT_TOKENIZER = DEFAULT_VECLIP_TOKENIZER  # the command line's default (alip_hf.convert)
-
-
-def __getattr__(name: str):
-    if name == "ConvertArguments":  # the flags live with the command line, in alip_hf.convert
-        from alip_hf.convert import VeclipConvertArguments
-
-        return VeclipConvertArguments
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+DEFAULT_TOKENIZER = DEFAULT_VECLIP_TOKENIZER  # the command line's default (alip_hf.convert.cli)
 
 
 def find_model_folder(root: str | os.PathLike) -> Path:
@@ -107,7 +98,7 @@ def load_tokenizer(name_or_path: str):
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as error:
         raise OSError(
-            f"--tokenizer {name_or_path!r} could not be loaded ({error}). Offline, pass a folder holding the T5 "
+            f"--tokenizer_name_or_path {name_or_path!r} could not be loaded ({error}). Offline, pass a folder holding the T5 "
             "tokenizer (e.g. one written by T5Tokenizer.from_pretrained('t5-base').save_pretrained(DIR))."
         ) from error
 
@@ -160,9 +151,9 @@ def convert_veclip(
     """
     input_path, output_dir = Path(input_path), Path(output_dir)
     if not input_path.exists():
-        raise FileNotFoundError(f"--input {input_path} does not exist")
+        raise FileNotFoundError(f"--checkpoint_path {input_path} does not exist")
     if output_dir.exists() and not overwrite:
-        raise FileExistsError(f"--output {output_dir} exists; pass --overwrite to replace it")
+        raise FileExistsError(f"--output_dir {output_dir} exists; pass --overwrite_output_dir to replace it")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".veclip-", dir=output_dir.parent) as work:
         if input_path.is_dir():
@@ -170,7 +161,7 @@ def convert_veclip(
         elif zipfile.is_zipfile(input_path):
             folder = find_model_folder(extract_zip(input_path, Path(work) / "extracted"))
         else:
-            raise ValueError(f"--input {input_path}: expected a folder or a .zip file")
+            raise ValueError(f"--checkpoint_path {input_path}: expected a folder or a .zip file")
         config = read_config(folder)
         loaded_tokenizer = load_tokenizer(tokenizer)
         if set_token_ids_from_tokenizer:
@@ -248,35 +239,23 @@ evaluate with `python eval.py --model {directory.name} ...`.
         handle.write(card)
 
 
-def build_parser():
-    """The command's flags, defined in `alip_hf.convert` (which `--help` answers from without loading torch)."""
-    from alip_hf.convert import build_parser as converter_parser
-
-    return converter_parser("from_veclip")
-
-
-def main(argv: list[str] | None = None) -> Path:
+def run(args, output, hub) -> Path:
+    """`python -m alip_hf.convert from_veclip` (`FromVeclipArguments`, `OutputArguments`, `HubArguments`)."""
     from alip_hf.hub import push_model_directory
 
-    args, hub = build_parser().parse_args_into_dataclasses(args=argv)
-    if args.push_to_hub and not args.hub_model_id:
-        raise ValueError("--push_to_hub needs --hub_model_id")
     verbosity = logging.get_verbosity()
-    logging.set_verbosity_info()  # says what is loaded and written; restored for callers of main()
+    logging.set_verbosity_info()  # says what is loaded and written; restored for callers of run()
     try:
-        output = convert_veclip(
-            args.input,
-            args.output,
-            tokenizer=args.tokenizer,
+        written = convert_veclip(
+            args.checkpoint_path,
+            output.output_dir,
+            tokenizer=args.tokenizer_name_or_path,
             resize_only=args.resize_only,
             set_token_ids_from_tokenizer=args.set_token_ids_from_tokenizer,
-            overwrite=args.overwrite,
+            overwrite=output.overwrite_output_dir,
         )
-        push_model_directory(output, args.hub_model_id if args.push_to_hub else None, hub, what="VeCLIP checkpoint")
-        return output
+        push_model_directory(written, output.hub_model_id if output.push_to_hub else None, hub,
+                             what="VeCLIP checkpoint")
+        return written
     finally:
         logging.set_verbosity(verbosity)
-
-
-if __name__ == "__main__":
-    main()

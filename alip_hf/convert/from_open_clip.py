@@ -23,19 +23,23 @@ so every key starts with `module.`. Both formats map onto transformers' CLIP nam
 The architecture is read from tensor shapes (widths, layers, MLP size, patch and image size, context
 length, vocabulary size, projection size). Two things are not in the weights:
 
-* attention heads: taken from the open_clip model config when one is given (`--model_name` or
-  `--model_config`), else `width // 64`, open_clip's default head width;
+* attention heads: taken from the open_clip model config when one is given (`--open_clip_model_name` or
+  `--open_clip_config`, which may be the `open_clip_config.json` that `to_open_clip` writes), else `width // 64`,
+  open_clip's default head width;
 * the MLP activation (GELU or QuickGELU, see [`resolve_quick_gelu`]).
 
 The gate running means are not in either format (the official code keeps them as Python locals of its
 training loop), so the converted model starts them at `gate_initial_mean`, as the official code does.
 
-    python -m alip_hf.convert from_open_clip --checkpoint epoch_32.pt --model_name ViT-B-32 --output alip-b32
+A layer-norm epsilon other than open_clip's 1e-5 is read from the config's `norm_kwargs` (as `to_open_clip` writes
+it), so an exported model comes back as it was.
+
+    python -m alip_hf.convert from_open_clip --checkpoint_path epoch_32.pt --open_clip_model_name ViT-B-32 \
+        --output_dir alip-b32
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -46,9 +50,7 @@ from pathlib import Path
 import torch
 
 from alip_hf.io import save_directory_atomically
-
-from .configuration_alip import ALIPConfig
-from .modeling_alip import ALIPModel
+from modeling_alip import ALIPConfig, ALIPModel, ALIPProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -112,17 +114,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--checkpoint {path} does not exist")
+        raise FileNotFoundError(f"--checkpoint_path {path} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        checkpoint = load_file(str(path), device="cpu")
+        try:
+            checkpoint = load_file(str(path), device="cpu")
+        except SafetensorError as error:
+            raise ValueError(f"--checkpoint_path {path}: damaged safetensors file ({error})") from error
     else:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # the unpickler raises several types; the message says which object
             raise ValueError(
-                f"--checkpoint {path} could not be read with torch.load(weights_only=True): {error}. "
+                f"--checkpoint_path {path} could not be read with torch.load(weights_only=True): {error}. "
                 "Only plain tensor checkpoints are accepted (no pickled code); TorchScript archives "
                 "(OpenAI's JIT files) must be re-saved as a state dict first."
             ) from error
@@ -148,22 +154,69 @@ def unwrap_state_dict(checkpoint, source: str = "checkpoint") -> dict[str, torch
 
 
 # ----------------------------------------------------------------------------------------- architecture
+# Keys of open_clip's model config (the `CLIP` constructor's arguments), and the wrapper open_clip's Hub
+# repositories and `to_open_clip` write around it (`open_clip_config.json`: {"model_cfg": ..., "preprocess_cfg": ...}).
+MODEL_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+WRAPPER_KEY = "model_cfg"
+
+
+def read_model_config(config: dict, source: str = "--open_clip_config") -> dict:
+    """open_clip's model config from either of its two layouts: the bare config (`model_configs/*.json`) or the
+    `open_clip_config.json` wrapper that holds it under `model_cfg`.
+
+    Raises:
+        ValueError: neither layout (a config of another kind would otherwise silently build a default model).
+    """
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
+    if WRAPPER_KEY in config:
+        config = config[WRAPPER_KEY]
+        source = f"{source} ({WRAPPER_KEY})"
+    if not isinstance(config, dict) or not set(MODEL_CONFIG_KEYS) & set(config):
+        keys = sorted(config) if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{source}: not an open_clip model config (expected {', '.join(MODEL_CONFIG_KEYS)} or a "
+                         f"{WRAPPER_KEY!r} holding them; found {keys})")
+    return config
+
+
+def load_model_config(path: str | os.PathLike) -> dict:
+    """open_clip's model config read from a JSON file (either layout, see [`read_model_config`])."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--open_clip_config {path} does not exist")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"--open_clip_config {path}: not valid JSON ({error})") from error
+    return read_model_config(config, source=f"--open_clip_config {path}")
+
+
+def _layer_norm_eps(model_config: dict) -> float | None:
+    """The layer-norm epsilon of open_clip's `norm_kwargs` (both towers must agree; `None`: open_clip's 1e-5)."""
+    values = {json.dumps(model_config.get(tower, {}).get("norm_kwargs", {}).get("eps"))
+              for tower in ("vision_cfg", "text_cfg")}
+    if len(values) > 1:
+        raise ValueError(f"vision_cfg and text_cfg norm_kwargs.eps differ ({sorted(values)}): transformers' CLIP "
+                         "has one layer_norm_eps per tower, set from one value here")
+    return json.loads(values.pop())
+
+
 def open_clip_model_config(model_name: str) -> dict:
     """open_clip's architecture config for `model_name` (`ViT-B/32` is read as `ViT-B-32`)."""
     try:
         import open_clip
     except ImportError as error:
         raise ImportError(
-            f"--model_name {model_name} needs open_clip (pip install open_clip_torch); or pass --model_config "
+            f"--open_clip_model_name {model_name} needs open_clip (pip install open_clip_torch); or pass --open_clip_config "
             "with the model's JSON config"
         ) from error
     name = model_name.replace("/", "-")
     config = open_clip.get_model_config(name)
     if config is None:
         raise ValueError(
-            f"--model_name {model_name}: open_clip has no config of that name "
+            f"--open_clip_model_name {model_name}: open_clip has no config of that name "
             f"(known ViTs include {[n for n in open_clip.list_models() if n.startswith('ViT-B')][:6]}); "
-            "pass --model_config with the model's JSON config instead"
+            "pass --open_clip_config with the model's JSON config instead"
         )
     return config
 
@@ -224,8 +277,8 @@ def _heads(width: int, configured: int | None, tower: str) -> int:
     heads = configured if configured is not None else width // DEFAULT_HEAD_WIDTH
     if heads < 1 or width % heads:
         raise ValueError(
-            f"{tower} width {width} cannot be split into {heads} attention heads; pass --model_name or "
-            "--model_config so the head count comes from the model's config"
+            f"{tower} width {width} cannot be split into {heads} attention heads; pass --open_clip_model_name or "
+            "--open_clip_config so the head count comes from the model's config"
         )
     return heads
 
@@ -242,7 +295,7 @@ def alip_config_from_state_dict(
         quick_gelu: QuickGELU (`x * sigmoid(1.702 x)`) instead of GELU in both towers.
         gate_kwargs: ALIP gate fields (`gate_momentum`, `lcg_gamma`, ...), else `ALIPConfig`'s defaults.
     """
-    model_config = model_config or {}
+    model_config = read_model_config(model_config, "model_config") if model_config else {}
     _check_supported_options(model_config)
     vision_cfg, text_cfg = model_config.get("vision_cfg", {}), model_config.get("text_cfg", {})
 
@@ -264,6 +317,8 @@ def alip_config_from_state_dict(
             f"visual.proj projects to {state_dict['visual.proj'].shape[1]} but text_projection to {projection_dim}"
         )
     act = "quick_gelu" if quick_gelu else "gelu"
+    eps = _layer_norm_eps(model_config)
+    norm = {} if eps is None else {"layer_norm_eps": eps}
     vision_config = dict(
         hidden_size=vision_width,
         intermediate_size=_require(state_dict, "visual.transformer.resblocks.0.mlp.c_fc.weight").shape[0],
@@ -273,6 +328,7 @@ def alip_config_from_state_dict(
         patch_size=patch_size,
         projection_dim=projection_dim,
         hidden_act=act,
+        **norm,
     )
     text_config = dict(
         vocab_size=vocab_size,
@@ -287,6 +343,7 @@ def alip_config_from_state_dict(
         # text tower pools at the end token, which transformers finds by id.
         bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
+        **norm,
     )
     logit_scale = float(_require(state_dict, "logit_scale"))
     return ALIPConfig(
@@ -362,7 +419,8 @@ def convert_open_clip(
     Args:
         checkpoint: a path (`.pt`, `.pth`, `.bin`, `.safetensors`) or an already loaded state dict.
         model_name: open_clip model name (`ViT-B-32`, `ViT-B-32-quickgelu`, ...): heads and activation.
-        model_config: open_clip model config dict, instead of `model_name` (e.g. a custom architecture).
+        model_config: open_clip model config dict, instead of `model_name` (e.g. a custom architecture); the
+            `open_clip_config.json` layout (`{"model_cfg": ..., "preprocess_cfg": ...}`) is read too.
         quick_gelu: force the activation; `None` detects it (see [`resolve_quick_gelu`]).
         gate_kwargs: ALIP gate fields for the new config.
     """
@@ -372,6 +430,8 @@ def convert_open_clip(
         state_dict = load_checkpoint(checkpoint)
     if model_config is None and model_name is not None:
         model_config = open_clip_model_config(model_name)
+    elif model_config is not None:
+        model_config = read_model_config(model_config, "model_config")
     use_quick_gelu = resolve_quick_gelu(quick_gelu, model_name, model_config)
     config = alip_config_from_state_dict(state_dict, model_config, use_quick_gelu, **gate_kwargs)
     converted = convert_state_dict(state_dict)
@@ -384,38 +444,21 @@ def convert_open_clip(
 def _processor_for(config: ALIPConfig):
     """CLIP's preprocessing sized for `config` ([`ALIPProcessor.from_config`]), or `None` when it does not fit."""
     try:
-        from .processing_alip import ALIPProcessor
-
         return ALIPProcessor.from_config(config)
-    except (ImportError, ValueError) as error:  # no processor module / open_clip, or not CLIP's vocabulary
+    except (ImportError, ValueError) as error:  # no open_clip (CLIP's BPE file), or not CLIP's vocabulary
         logger.warning("writing the model without a processor: %s", error)
         return None
 
 
-def build_parser():
-    """The command's flags, defined in `alip_hf.convert` (which `--help` answers from without loading torch)."""
-    from alip_hf.convert import build_parser as converter_parser
+def run(args, output, hub) -> Path:
+    """`python -m alip_hf.convert from_open_clip` (`FromOpenClipArguments`, `OutputArguments`, `HubArguments`):
+    convert, save (atomically), push when asked."""
+    from alip_hf.hub import push_model_directory
 
-    return converter_parser("from_open_clip")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.model_name and args.model_config:
-        parser.error("pass --model_name or --model_config, not both")
-    return args
-
-
-def main(argv=None) -> Path:
-    from alip_hf.hub import hub_arguments, push_model_directory
-
-    args = parse_args(argv)
-    hub = hub_arguments(args)  # checked before the conversion, not after
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    model_config = json.loads(Path(args.model_config).read_text()) if args.model_config else None
-    print(f"reading {args.checkpoint}")
-    model = convert_open_clip(args.checkpoint, args.model_name, model_config, args.quick_gelu)
+    model_config = load_model_config(args.open_clip_config) if args.open_clip_config else None
+    print(f"reading {args.checkpoint_path}")
+    model = convert_open_clip(args.checkpoint_path, args.open_clip_model_name, model_config, args.quick_gelu)
     text, vision = model.config.text_config, model.config.vision_config
     print(
         f"converted: image tower {vision.num_hidden_layers}x{vision.hidden_size} ({vision.num_attention_heads} heads, "
@@ -423,21 +466,16 @@ def main(argv=None) -> Path:
         f"({text.num_attention_heads} heads, context {text.max_position_embeddings}, vocab {text.vocab_size}), "
         f"projection {model.config.projection_dim}, activation {text.hidden_act}"
     )
-    processor = None if args.no_processor else _processor_for(model.config)
+    processor = _processor_for(model.config) if args.save_processor else None
 
     def write(tmp_dir: Path):
         model.save_pretrained(tmp_dir)
         if processor is not None:
             processor.save_pretrained(tmp_dir)
 
-    save_directory_atomically(args.output, write, overwrite=args.overwrite, overwrite_flag="--overwrite")
-    print(f"ALIP model written to {args.output}")
-    push_model_directory(args.output, args.hub_model_id if args.push_to_hub else None, hub, what=f"{Path(args.checkpoint).name} (open_clip)")
-    return Path(args.output)
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, FileExistsError) as error:  # bad input: the message names it
-        raise SystemExit(f"error: {error}") from None
+    save_directory_atomically(output.output_dir, write, overwrite=output.overwrite_output_dir,
+                              overwrite_flag="--overwrite_output_dir")
+    print(f"ALIP model written to {output.output_dir}")
+    push_model_directory(output.output_dir, output.hub_model_id if output.push_to_hub else None, hub,
+                         what=f"{Path(args.checkpoint_path).name} (open_clip)")
+    return Path(output.output_dir)

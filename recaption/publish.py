@@ -25,6 +25,7 @@ from alip_hf import sources
 from alip_hf.evaluation.cards import hub_id, is_local, portable
 from alip_hf.hub import HubArguments, resolve_token
 from alip_hf.io import write_text_atomic, write_with_atomically
+from recaption.throughput import render as render_throughput
 
 
 UNKNOWN_LICENSE = "unknown"
@@ -111,7 +112,8 @@ def _step_section(run: dict[str, Any]) -> str:
     version_key = "caption_prompt_version" if config["step"] == "caption" else "rewrite_prompt_version"
     prompt = config.get("prompt")
     prompt_text = json.dumps(prompt, indent=2) if isinstance(prompt, dict) else repr(prompt)
-    counts = {k: v for k, v in summary.items() if k not in ("step", "counts", "seconds_this_run")}
+    counts = {k: v for k, v in summary.items()
+              if k not in ("step", "counts", "seconds_this_run", "throughput", "complete")}
     return "\n".join([
         f"### `{config['step']}`",
         "",
@@ -120,6 +122,7 @@ def _step_section(run: dict[str, Any]) -> str:
         f"- prompt version: `{config.get(version_key)}`",
         f"- generation: `{json.dumps(config.get('generation'), sort_keys=True)}`",
         f"- results: `{json.dumps(counts, sort_keys=True)}`",
+        f"- throughput: {render_throughput(summary.get('throughput') or {})}",
         "",
         "Prompt:",
         "",

@@ -123,6 +123,14 @@ def test_caption_writes_one_row_per_input_with_provenance_and_counts_the_unreada
     assert summary["mean_caption_words"] == pytest.approx(sum(words) / len(words), abs=1e-3)
     config = json.loads((out / "run_config.json").read_text())
     assert config["generation"]["max_new_tokens"] == 8 and config["caption_prompt_version"] == "none-v1"
+    # throughput per replica, from the shards' own times: rows over replica-seconds, tokens likewise
+    markers = [json.loads(p.read_text()) for p in (out / "shards").glob("*.json")]
+    seconds = sum(m["shard_seconds"] for m in markers)
+    speed = summary["throughput"]
+    assert speed["unit"] == "img" and speed["per_replica_per_second"] == pytest.approx(ROWS / seconds, rel=1e-2)
+    assert speed["output_tokens_per_replica_per_second"] == pytest.approx(
+        summary["counts"]["output_tokens"] / seconds, rel=1e-2)
+    assert speed["replica_hours_per_100M"] == pytest.approx(1e8 / (ROWS / seconds) / 3600, rel=1e-2)
 
 
 def test_captions_are_joined_on_id_and_never_see_the_alt_text(captioned, assets):
@@ -415,7 +423,8 @@ def test_publish_dry_run_writes_a_card_with_datasets_metadata_provenance_and_no_
     card = DatasetCard(text)
     for expected in (os.path.basename(assets["captioner"]), os.path.basename(assets["lm"]), "none-v1",
                      "vecap-v1+1shot", '"max_new_tokens": 8', f"Rows: {ROWS}", '"fallbacks": %d' % summary["fallbacks"],
-                     "Merge them into one short caption"):
+                     "Merge them into one short caption", "img/s per replica", "output tokens/s per replica",
+                     "replica-hours per 100M img", "row/s per replica"):
         assert expected in card.text, expected
     meta = card.data.to_dict()
     assert meta["license"] == "cc-by-4.0" and "synthetic-captions" in meta["tags"]

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -76,16 +77,19 @@ def run_sharded(args: RunArguments, step: Step, accelerator=None, source: Input 
     identity = identity_digests(config)
     open_output(args, config, worker)
     started = time.time()
-    if isinstance(source.dataset, datasets.Dataset):
-        todo = owned_map_style_shards(args, source, worker, identity)
-        bar = progress_bar(step, worker, total=sum(len(rows) for _, rows in todo))
-        writer = ShardWriter(args, step, source, identity, worker.index, bar.update)
-        for index, rows in todo:
-            writer.write(shard_name(args.split, index), source.dataset.select(rows), {"index": index})
-    else:
-        bar = progress_bar(step, worker, total=None)  # a stream's length is known only once read
-        writer = ShardWriter(args, step, source, identity, worker.index, bar.update)
-        run_stream_chunks(args, source, worker, identity, writer)
+    from alip_hf.training.preemption import StopSignal
+
+    with StopSignal() as stop:  # SIGTERM / SIGUSR1: the current shard is finished and marked, then the run stops
+        if isinstance(source.dataset, datasets.Dataset):
+            todo = owned_map_style_shards(args, source, worker, identity)
+            bar = progress_bar(step, worker, total=sum(len(rows) for _, rows in todo))
+            writer = ShardWriter(args, step, source, identity, worker.index, bar.update, stop)
+            for index, rows in todo:
+                writer.write(shard_name(args.split, index), source.dataset.select(rows), {"index": index})
+        else:
+            bar = progress_bar(step, worker, total=None)  # a stream's length is known only once read
+            writer = ShardWriter(args, step, source, identity, worker.index, bar.update, stop)
+            run_stream_chunks(args, source, worker, identity, writer)
     bar.close()
     worker.wait()
     if not worker.is_main:
@@ -163,9 +167,9 @@ class ShardWriter:
     """
 
     def __init__(self, args: RunArguments, step: Step, source: Input, identity: dict[str, str], worker_index: int,
-                 progress: Callable[[int], Any] = lambda n: None):
+                 progress: Callable[[int], Any] = lambda n: None, stop=None):
         self.args, self.step, self.source, self.identity = args, step, source, identity
-        self.worker_index, self.progress = worker_index, progress
+        self.worker_index, self.progress, self.stop = worker_index, progress, stop
         self.replica = replica_description()
 
     def write(self, name: str, shard: datasets.Dataset, fields: dict) -> dict:
@@ -190,7 +194,27 @@ class ShardWriter:
 
     def _mark(self, name: str, marker: dict) -> dict:
         atomic_write_json(os.path.join(self.args.output_dir, "shards", f"{name}.json"), marker)
+        if self.stop is not None and self.stop.received:
+            raise RecaptionStopped(f"{self.stop.received} received: stopped after finishing and marking shard {name}; "
+                                   f"run the same command again to continue from the unfinished shards")
         return marker
+
+
+class RecaptionStopped(SystemExit):
+    """A run stopped by SIGTERM or SIGUSR1 after its current shard: exits with status 75 (`EX_TEMPFAIL`, as a
+    preempted training run does, so that a job script can tell "stopped cleanly, requeue me" from "died"). The
+    message is logged; `except Exception` does not catch it."""
+
+    def __init__(self, message: str):
+        from alip_hf.training.preemption import PREEMPTED_EXIT_CODE
+
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.message = message
+        logger.warning(message)
+        print(message, file=sys.stderr, flush=True)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def finish(args: RunArguments, step: Step, source: Input, worker: Worker, seconds: float) -> dict[str, Any]:

@@ -118,3 +118,25 @@ def test_three_tasks_one_killed_and_relaunched_equal_one_process(tmp_path):
     assert '"complete": true' in log and (out / "summary.json").exists()
     assert _rows(out) == _rows(single)  # ids, captions, provenance, errors: row for row
 
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_and_marks_the_current_shard_then_exits_75_and_a_rerun_completes(tmp_path):
+    captioner = save_tiny_captioner(str(tmp_path / "blip"))
+    source = write_source(tmp_path / "input.parquet", n=ROWS)
+    out = tmp_path / "out"
+    run = _task(captioner, source, out, {}, delay=1.5)
+    while not list((out / "shards").glob("*.json")) and run.poll() is None:
+        time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)  # lands while the next shard is being made (each takes >= 1.5 s)
+    log = run.communicate(timeout=300)[0]
+    assert run.returncode == 75, log[-3000:]
+    assert "SIGTERM received: stopped after finishing and marking shard" in log
+    markers = sorted(p.stem for p in (out / "shards").glob("*.json"))
+    data = sorted(p.stem for p in (out / "data").glob("*.parquet"))
+    assert 2 <= len(markers) < ROWS and markers == data  # the shard in progress was finished, none half-marked
+    assert not list(out.glob("*/.*.tmp"))
+    summary = caption(RunArguments(source=source, output_dir=str(out), shard_size=SHARD),
+                      CaptionArguments(model=captioner), GenerationArguments(batch_size=4, max_new_tokens=6,
+                                                                              dtype="float32"))
+    assert summary["complete"] and summary["rows"] == ROWS

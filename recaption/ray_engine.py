@@ -168,10 +168,15 @@ def run_ray(args: RunArguments, make_step: StepFactory, plan: Step, source: Inpu
     create_layout(args, _single())  # before any replica writes: nobody is writing yet
     units = work_units(args, source)
     started = time.time()
-    if not ray.is_initialized():
+    started_ray = not ray.is_initialized()
+    if started_ray:
         init_ray(args.ray_address)
-    if units:
-        _run_pool(args, make_step, plan, units, ray)
+    try:
+        if units:
+            _run_pool(args, make_step, plan, units, ray)
+    finally:
+        if started_ray:
+            ray.shutdown()  # the replicas end with the run, not a minute later when they notice the driver gone
     remove_stale_files(args, _single())  # a replica killed while writing leaves its temporary file
     config_path = os.path.join(args.output_dir, "run_config.json")
     if os.path.exists(config_path):

@@ -185,6 +185,7 @@ class ShardWriter:
         atomic_write_parquet(out, os.path.join(self.args.output_dir, "data", f"{name}.parquet"))
         return self._mark(name, {**fields, "rows": len(ids), "process_index": self.worker_index,
                                  "counts": result.counts, "shard_seconds": round(time.time() - started, 4),
+                                 "finished_at": time.time(),
                                  "replica": self.replica, "ids_sha256": ids_digest(ids), "first_id": ids[0],
                                  "identity": self.identity})
 

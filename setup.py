@@ -58,6 +58,7 @@ setup(
             "matplotlib",
             "ray[data]",  # recaption --engine ray (tests on a local cluster)
             "psutil",  # the Ray tests find a replica's process to kill it
+            "parameterized",  # transformers' own test mixins (tests/test_transformers_contract.py) use it
         ],
         "tensorboard": ["tensorboard"],
         "plot": ["matplotlib"],  # eval.py --plot: recall@k curves

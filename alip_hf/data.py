@@ -43,7 +43,7 @@ from alip_hf.schema import (  # noqa: F401  (re-exported: the contract's names a
     REWRITE_PROMPT_VERSION,
     VECAP,
 )
-from alip_hf.sources import is_empty_text, read_id
+from alip_hf.sources import read_id
 # Moved to the data contract (`alip_hf.sources`); importable from here too for existing callers.
 from alip_hf.sources import load_source, local_files, require_columns, require_text_columns  # noqa: F401
 
@@ -232,8 +232,9 @@ def undecoded_images(dataset, image_column: str):
 class ExampleBuilder:
     """Turns one raw row into a training example, or `None` (with the reason) when it must be skipped.
 
-    A row is skipped when its image does not decode or one of the texts the recipe reads is empty by the data
-    contract's rule (`alip_hf.sources.is_empty_text`: missing, not a string, or nothing printable).
+    A row is skipped when its image does not decode or a text path of the recipe has no text: every source of
+    the path empty by the data contract's rule (`alip_hf.sources.is_empty_text`: missing, not a string, or
+    nothing printable). An empty source among others is a fallback, drawn and counted by the path.
     """
 
     image_column: str
@@ -244,9 +245,8 @@ class ExampleBuilder:
     # reads a field of img2dataset's metadata column (`alip_hf.sources.read_id`)
 
     def __call__(self, row: dict, epoch: int, index: int) -> tuple[dict | None, str | None]:
-        for role, column in self.selector.columns.items():
-            if is_empty_text(row.get(column)):
-                return None, "skipped_texts"
+        if not self.selector.usable(row):
+            return None, "skipped_texts"
         try:
             image = decode_image(row[self.image_column])
         except Exception as error:  # noqa: BLE001 - any decoder failure means a corrupt image, never fatal
@@ -287,13 +287,11 @@ def filter_valid_rows(dataset, build: ExampleBuilder, num_proc: int | None = Non
     Returns `(filtered dataset, {"skipped_images": n, "skipped_texts": m})`. The check decodes every image once
     (datasets caches the result for file-backed data).
     """
-    columns = list(build.selector.columns.values())
-
     def reasons(batch: dict) -> dict:
         out = []
         for i in range(len(batch[build.image_column])):
             row = {c: batch[c][i] for c in batch}
-            if any(is_empty_text(row.get(c)) for c in columns):
+            if not build.selector.usable(row):
                 out.append("skipped_texts")
                 continue
             try:

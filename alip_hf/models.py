@@ -170,12 +170,29 @@ def build_model(args: ModelArguments, seed: int) -> ALIPModel:
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_rank:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
-        lora = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                          target_modules=args.lora_target_modules)
+        lora = lora_config(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                           target_modules=args.lora_target_modules)
         model = get_peft_model(model, lora)
     return model
+
+
+def lora_config(**kwargs):
+    """peft's `LoraConfig(**kwargs)` for an [`ALIPModel`], with the gates in `modules_to_save`.
+
+    The gates' running means are buffers, outside every LoRA-wrapped layer: with a plain `LoraConfig`, a saved
+    adapter leaves them out, and reloading and merging it brings back the base model's means. As
+    `modules_to_save`, the gates are trained (their means updated) in a copy that the adapter saves and
+    `merge_and_unload` puts in place. Other `modules_to_save` given are kept.
+    """
+    from peft import LoraConfig
+
+    from modeling_alip.modeling_alip import GATE_MODULES
+
+    modules_to_save = list(kwargs.pop("modules_to_save", None) or [])
+    modules_to_save += [name for name in GATE_MODULES if name not in modules_to_save]
+    return LoraConfig(modules_to_save=modules_to_save, **kwargs)
 
 
 def _freeze(*modules):

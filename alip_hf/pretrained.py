@@ -174,8 +174,8 @@ def load_model(name_or_path: str | os.PathLike, model_class=None, *, allow_new_w
     info["alip_state_in_checkpoint"] = not set(alip_state) <= set(info.get("missing_keys") or ())
     missing, unexpected = weights_report(info)
     if missing or unexpected:
-        described = (f"{flag} {name}: the checkpoint does not fill {type(model).__name__}: missing {missing or 'none'}, "
-                     f"unexpected {unexpected or 'none'}")
+        described = (f"{flag} {name}: the checkpoint does not fill {type(model).__name__}: "
+                     f"missing {missing or 'none'}, unexpected {unexpected or 'none'}")
         if not allow_new_weights:
             raise ValueError(f"{described}. Missing tensors would keep their random initialisation; if a new head "
                              "is intended, pass --allow_new_weights")
@@ -257,7 +257,8 @@ def load_processor(name_or_path: str | os.PathLike, config, *, tokenizer_name_or
         return AutoProcessor.from_pretrained(name, **hub)
     except (OSError, ValueError, TypeError, KeyError, json.JSONDecodeError) as error:
         _name_damaged_file(name, is_local, revision, cache_dir)
-        raise ValueError(f"{flag} {name}: its saved processor ({', '.join(saved)}) cannot be loaded: {error}") from error
+        raise ValueError(f"{flag} {name}: its saved processor ({', '.join(saved)}) cannot be loaded: "
+                         f"{error}") from error
 
 
 def _image_processor(name: str, config, saved: list[str], hub: dict, flag: str):

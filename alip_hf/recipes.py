@@ -10,7 +10,9 @@ A recipe owns everything that differs between the three methods:
 - the metrics it logs (`metrics`).
 Training looks the recipe up once (`get_recipe`); no other module tests a recipe name. Combinations come from
 arguments: ALIP with VeCap as its second text is `--recipe alip --caption_column vecap`; CLIP on synthetic
-captions only is `--recipe clip --text_column caption`.
+captions only is `--recipe clip --text_column caption`. Each text path can read several columns, one drawn per
+sample with its probability (`--text_column 'alt_text;vecap' --text_column_probs '0.7;0.3'`, `--caption_column
+'blip;llava;vecap'`), long ones optionally cut to sub-captions (`alip_hf.text_sources`).
 
 - `clip`: image + one web text (`alt_text`), symmetric InfoNCE (Radford et al. 2021).
 - `alip`: image + web text + synthetic caption, bi-path adaptive contrastive loss weighted by the LCG and DCG
@@ -27,12 +29,14 @@ from __future__ import annotations
 import dataclasses
 import typing
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 import numpy as np
 
 from alip_hf import schema
+from alip_hf.sources import is_empty_text
+from alip_hf.text_sources import TextPath, TextSource, parse_sources, source_key, split_list
 
 if TYPE_CHECKING:
     import torch
@@ -53,7 +57,14 @@ class RecipeArguments:
     _argument_group_name = "recipe"
 
     recipe: Literal["clip", "alip", "veclip"] = field(default="alip", metadata={"help": "Training method."})
-    text_column: str = field(default=schema.ALT_TEXT, metadata={"help": "Column of the web text (AltText)."})
+    text_column: str = field(default=schema.ALT_TEXT, metadata={
+        "help": "Column of the web text (AltText); several separated by ';' (e.g. 'alt_text;vecap'): one drawn per "
+                "sample with --text_column_probs (docs/training.md#caption-sources)."})
+    text_column_probs: str | None = field(default=None, metadata={
+        "help": "Probabilities of the --text_column sources, separated by ';' (default: equal)."})
+    text_column_subcaption: str | None = field(default=None, metadata={
+        "help": "Sub-caption sampling of the --text_column sources: none, sentence (one random sentence) or sentences "
+                "(a random run of sentences); one for all or one per source, separated by ';'."})
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -61,6 +72,12 @@ class RecipeArguments:
         owner = RECIPES[self.recipe].Arguments
         if type(self) is not RecipeArguments and type(self) is not owner:
             raise ValueError(f"{type(self).__name__} holds arguments of another recipe than --recipe {self.recipe}")
+        self.text_path()  # flags checked here, naming them
+
+    def text_path(self) -> TextPath:
+        """The web-text path's sources (`--text_column`, `--text_column_probs`, `--text_column_subcaption`)."""
+        return TextPath(parse_sources(self.text_column, self.text_column_probs, self.text_column_subcaption,
+                                      "--text_column"), name="text")
 
 
 @dataclass
@@ -69,8 +86,24 @@ class AlipArguments(RecipeArguments):
 
     caption_column: str = field(
         default=schema.CAPTION,
-        metadata={"help": "Column of the second text of the bi-path loss (synthetic caption, or vecap)."},
+        metadata={"help": "Column of the second text of the bi-path loss (synthetic caption, or vecap); several "
+                          "separated by ';' (e.g. 'blip;llava;vecap'): one drawn per sample with "
+                          "--caption_column_probs."},
     )
+    caption_column_probs: str | None = field(default=None, metadata={
+        "help": "Probabilities of the --caption_column sources, separated by ';' (default: equal)."})
+    caption_column_subcaption: str | None = field(default=None, metadata={
+        "help": "Sub-caption sampling of the --caption_column sources (none, sentence, sentences), one for all or "
+                "one per source."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.caption_path()
+
+    def caption_path(self) -> TextPath:
+        """ALIP's caption path's sources (`--caption_column`, `--caption_column_probs`, `..._subcaption`)."""
+        return TextPath(parse_sources(self.caption_column, self.caption_column_probs, self.caption_column_subcaption,
+                                      "--caption_column"), name="caption")
 
 
 @dataclass
@@ -87,6 +120,17 @@ class VeclipArguments(RecipeArguments):
         super().__post_init__()
         if not 0.0 <= self.vecap_probability <= 1.0:
             raise ValueError(f"--vecap_probability must be in [0, 1], got {self.vecap_probability}")
+        if self.vecap_column in split_list(self.text_column):
+            raise ValueError(f"--vecap_column {self.vecap_column!r} is also a --text_column source; give the mix "
+                             "with --text_column/--text_column_probs or with --vecap_probability, not both")
+
+    def text_path(self) -> TextPath:
+        """VeCLIP's mix as the general case: VeCap with `--vecap_probability`, the `--text_column` sources with
+        the rest. VeCap comes first, so that one uniform draw `u < p` picks it, as VeCLIP's rule always has."""
+        web = parse_sources(self.text_column, self.text_column_probs, self.text_column_subcaption, "--text_column")
+        vecap = TextSource(self.vecap_column, self.vecap_probability)
+        return TextPath([vecap, *(replace(s, probability=s.probability * (1 - self.vecap_probability))
+                                  for s in web)], name="text")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -104,6 +148,18 @@ class TextSelector:
 
     columns: dict[str, str]
     select: Callable[[dict, np.random.Generator], tuple[dict[str, str | None], dict[str, int]]]
+    paths: tuple[TextPath, ...] = ()  # the text paths drawn from; a row is usable when each has a non-empty source
+
+    def usable(self, row: dict) -> bool:
+        """Whether the row has a text on every path (else it is skipped and counted as an empty text)."""
+        if self.paths:
+            return all(path.usable(row) for path in self.paths)
+        return not any(is_empty_text(row.get(column)) for column in self.columns.values())
+
+
+def _path_columns(path: TextPath, role: str) -> dict[str, str]:
+    """Role -> column of every source of a path: the first under `role`, the others under `role (column)`."""
+    return {(role if k == 0 else f"{role} ({source.column})"): source.column for k, source in enumerate(path.sources)}
 
 
 @dataclass
@@ -143,11 +199,17 @@ class Recipe:
 
     def columns(self) -> dict[str, str]:
         """Role -> column name of every text column read (roles are `schema`'s contract names)."""
-        return {schema.ALT_TEXT: self.args.text_column}
+        return _path_columns(self.args.text_path(), schema.ALT_TEXT)
 
     def text_selector(self) -> TextSelector:
-        column = self.args.text_column
-        return TextSelector(self.columns(), lambda row, rng: ({"text": row[column], "caption": None}, {}))
+        """One text per sample, drawn from the web-text path's sources (`alip_hf.text_sources`)."""
+        path = self.args.text_path()
+
+        def select(row: dict, rng: np.random.Generator):
+            text, stats = path.draw(row, rng)
+            return {"text": text, "caption": None}, stats
+
+        return TextSelector(self.columns(), select, (path,))
 
     def embed(self, model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`(B, D)` L2-normalised embeddings of one micro-batch, by name.
@@ -181,8 +243,9 @@ class Recipe:
         return StepLoss(loss_text, {"text": loss_text})
 
     def metrics(self, output: StepLoss, stats: dict[str, int], num_samples: int) -> dict[str, float]:
-        """Scalars to log for one optimizer step (slash-namespaced keys)."""
-        return {"loss/total": output.loss.item(), **{f"loss/{k}": v.item() for k, v in output.parts.items()}}
+        """Scalars to log for one optimizer step (slash-namespaced keys), with the share of each text source."""
+        return {"loss/total": output.loss.item(), **{f"loss/{k}": v.item() for k, v in output.parts.items()},
+                **self.args.text_path().metrics(stats, num_samples)}
 
     def sample_values(self, output) -> dict | None:
         """Per-sample values of one step's global batch, `{column: (N,) tensor}` with `schema` column names
@@ -203,12 +266,22 @@ class AlipRecipe(Recipe):
 
     def columns(self) -> dict[str, str]:
         # The caption's role decides the hint given when it is missing (run recaption.caption or .rewrite).
-        role = schema.VECAP if self.args.caption_column == schema.VECAP else schema.CAPTION
-        return {schema.ALT_TEXT: self.args.text_column, role: self.args.caption_column}
+        caption = self.args.caption_path()
+        role = schema.VECAP if caption.columns[0] == schema.VECAP else schema.CAPTION
+        columns = {**_path_columns(self.args.text_path(), schema.ALT_TEXT), **_path_columns(caption, role)}
+        return columns
 
     def text_selector(self) -> TextSelector:
-        text, caption = self.args.text_column, self.args.caption_column
-        return TextSelector(self.columns(), lambda row, rng: ({"text": row[text], "caption": row[caption]}, {}))
+        """The web text and the caption of a sample, each drawn from its path's sources (a single source per path,
+        the default, draws nothing)."""
+        text_path, caption_path = self.args.text_path(), self.args.caption_path()
+
+        def select(row: dict, rng: np.random.Generator):
+            text, text_stats = text_path.draw(row, rng)
+            caption, caption_stats = caption_path.draw(row, rng)
+            return {"text": text, "caption": caption}, {**text_stats, **caption_stats}
+
+        return TextSelector(self.columns(), select, (text_path, caption_path))
 
     def step_state(self, core, embeds):
         """The gates of the whole accumulated global batch: one running-mean update per optimizer step.
@@ -243,6 +316,7 @@ class AlipRecipe(Recipe):
         g = output.gates
         return {
             **super().metrics(output, stats, num_samples),
+            **self.args.caption_path().metrics(stats, num_samples),
             "gate/lcg/weight_mean": _mean(g.sample_weight),
             "gate/lcg/similarity_mean": _mean(g.similarity_text_caption),
             "gate/lcg/running_mean": float(g.running_mean_text_caption),
@@ -275,17 +349,20 @@ class VeclipRecipe(Recipe):
     Arguments = VeclipArguments
 
     def columns(self) -> dict[str, str]:
-        return {schema.ALT_TEXT: self.args.text_column, schema.VECAP: self.args.vecap_column}
+        web = TextPath(parse_sources(self.args.text_column, self.args.text_column_probs,
+                                     self.args.text_column_subcaption, "--text_column"))
+        return {**_path_columns(web, schema.ALT_TEXT), schema.VECAP: self.args.vecap_column}
 
     def text_selector(self) -> TextSelector:
-        text, vecap, p = self.args.text_column, self.args.vecap_column, self.args.vecap_probability
+        path, vecap_key = self.args.text_path(), f"text_source/{source_key(self.args.vecap_column)}"
 
         def select(row: dict, rng: np.random.Generator):
-            # Drawn from the sample's own generator: the same choice after a resume or on another process.
-            drew_vecap = bool(rng.random() < p)
-            return {"text": row[vecap] if drew_vecap else row[text], "caption": None}, {"vecap_drawn": int(drew_vecap)}
+            # Drawn from the sample's own generator: the same choice after a resume or on another process. An
+            # empty VeCap (or AltText) falls back to the other text, counted (`data/text_source/fallback_fraction`).
+            text, stats = path.draw(row, rng)
+            return {"text": text, "caption": None}, {**stats, "vecap_drawn": stats.get(vecap_key, 0)}
 
-        return TextSelector(self.columns(), select)
+        return TextSelector(self.columns(), select, (path,))
 
     def metrics(self, output, stats, num_samples):
         return {**super().metrics(output, stats, num_samples),

@@ -39,7 +39,7 @@ import open_clip  # noqa: E402
 
 import eval as ev  # noqa: E402
 from modeling_alip import ALIPProcessor  # noqa: E402
-from modeling_alip.convert_open_clip import convert_open_clip  # noqa: E402
+from alip_hf.convert.from_open_clip import convert_open_clip  # noqa: E402
 
 FEATURE_ATOL = 1e-4  # fp32 features of the converted model vs open_clip (as tests/test_convert.py)
 

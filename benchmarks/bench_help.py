@@ -3,8 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_help.py --repeats 5
 
 The library's commands bind torch and datasets lazily (`alip_hf.lazy`), so their `--help` pays only for argument
-parsing. The converters' flags live in `alip_hf.convert`; started as `python -m modeling_alip.convert_*` they
-first import `modeling_alip`, which registers ALIP with transformers and so loads torch.
+parsing. The converters' flags live in `alip_hf.convert.cli`, which imports neither torch nor `modeling_alip`
+(whose import registers ALIP with transformers and so loads torch); a converter is imported after its flags parse.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ["alip_hf.train", "alip_hf.eval", "alip_hf.web", "recaption.caption", "recaption.rewrite",
             "recaption.publish", "recaption.audit", "alip_hf.convert to_clip", "alip_hf.convert from_open_clip",
-            "alip_hf.convert to_open_clip", "alip_hf.convert from_veclip",
-            # the same converters started through modeling_alip, whose import loads torch (for comparison)
-            "modeling_alip.convert_to_clip", "modeling_alip.convert_veclip"]
+            "alip_hf.convert to_open_clip", "alip_hf.convert from_veclip"]
 
 
 def measure(module: str) -> tuple[float, float]:

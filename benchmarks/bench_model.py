@@ -38,7 +38,7 @@ import open_clip  # noqa: E402
 from open_clip.loss import ClipLoss  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from modeling_alip.convert_open_clip import convert_open_clip  # noqa: E402
+from alip_hf.convert.from_open_clip import convert_open_clip  # noqa: E402
 
 CONFIGS = {
     # open_clip's ViT-B-32 (GELU), the ALIP paper's model.

@@ -23,7 +23,7 @@ from .gates import (
 )
 from .image_processing_veclip import VeCLIPImageProcessor
 from .loss import contrastive_loss, gather_features
-from .modeling_alip import ALIPModel, ALIPOutput
+from .modeling_alip import GATE_MODULES, ALIPModel, ALIPOutput
 from .processing_alip import ALIPProcessor, clean_clip_text, clip_tokenizer
 from .processing_veclip import align_text_config, check_text_token_ids, veclip_processor
 
@@ -47,6 +47,7 @@ AutoImageProcessor.register(
 )
 
 __all__ = [
+    "GATE_MODULES",
     "ALIPConfig",
     "ALIPGates",
     "ALIPModel",

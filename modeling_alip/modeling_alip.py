@@ -65,6 +65,10 @@ class ALIPOutput(ModelOutput):
         return tuple(v.to_tuple() if isinstance(v, ModelOutput) else v for v in self.values())
 
 
+# Modules that hold training state outside any weight matrix: the gates' running means (buffers). An adapter
+# library that saves only adapter weights (peft's LoRA) must also save these, e.g. as `modules_to_save`.
+GATE_MODULES = ("gates",)
+
 # Auto classes under which a saved ALIP model loads with `trust_remote_code=True` (written to `auto_map`).
 REMOTE_CODE_AUTO_CLASSES = ("AutoModel", "AutoModelForZeroShotImageClassification")
 class ALIPModel(CLIPModel):
@@ -286,4 +290,4 @@ class ALIPModel(CLIPModel):
             raise ValueError(f"the loss pairs row i of every input, but the batch sizes differ: {sizes}")
 
 
-__all__ = ["ALIPModel", "ALIPOutput"]
+__all__ = ["GATE_MODULES", "ALIPModel", "ALIPOutput"]

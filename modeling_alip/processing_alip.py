@@ -21,8 +21,8 @@ import unicodedata
 from functools import lru_cache
 
 from transformers import BatchFeature, CLIPImageProcessor, CLIPTokenizer
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from transformers.processing_utils import ProcessorMixin
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageInput
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -40,6 +40,32 @@ TEXT_CLEANINGS = ("clip", "none")
 # tokenizer (`tokenizer.json`, or a slow tokenizer's vocabulary: CLIP's `vocab.json`, T5's `spiece.model`).
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model")
+# transformers' text keywords that `ALIPProcessor.tokenize` hands to `tokenizer.pad` (padding, truncation,
+# max_length and return_tensors it applies itself).
+PAD_OPTIONS = frozenset({"pad_to_multiple_of", "padding_side", "return_attention_mask"})
+PADDINGS = {True: "longest", "longest": "longest", "max_length": "max_length", False: "do_not_pad",
+            "do_not_pad": "do_not_pad"}
+TRUNCATIONS = {True: True, "longest_first": True, "only_first": True, False: False, "do_not_truncate": False}
+
+
+class ALIPProcessorKwargs(ProcessingKwargs, total=False):
+    """transformers' processor keywords (text, images, common); `ALIPProcessor` adds no keyword of its own."""
+
+
+def _padding_strategy(padding) -> str:
+    """`padding` as transformers spells it (`bool`, `str` or `PaddingStrategy`) -> "longest" | "max_length" | "do_not_pad"."""
+    key = getattr(padding, "value", padding)
+    if key not in PADDINGS:
+        raise ValueError(f"padding must be 'longest' (or True), 'max_length' or 'do_not_pad' (or False), got {padding!r}")
+    return PADDINGS[key]
+
+
+def _truncates(truncation) -> bool:
+    """`truncation` as transformers spells it -> whether over-long texts are cut (always keeping the end token)."""
+    key = getattr(truncation, "value", truncation)
+    if key not in TRUNCATIONS:
+        raise ValueError(f"truncation must be True/'longest_first' or False/'do_not_truncate', got {truncation!r}")
+    return TRUNCATIONS[key]
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -158,6 +184,11 @@ class ALIPProcessor(ProcessorMixin):
             (CLIP's lower-casing would discard information a cased tokenizer such as T5's uses).
     """
 
+    valid_processor_kwargs = ALIPProcessorKwargs
+    # Defaults of the call, below what the tokenizer was saved with (transformers' order of processor keywords).
+    text_kwargs = {"padding": "longest", "truncation": True, "return_tensors": "pt"}
+    images_kwargs = {"return_tensors": "pt"}
+
     def __init__(self, image_processor=None, tokenizer=None, text_cleaning: str | None = None):
         if text_cleaning is None:
             text_cleaning = "clip" if isinstance(tokenizer, CLIPTokenizer) else "none"
@@ -191,6 +222,19 @@ class ALIPProcessor(ProcessorMixin):
             )
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`ProcessorMixin.save_pretrained`, leaving this processor as it was.
+
+        For a class registered for remote code, transformers writes `auto_map` into the saved files and also sets
+        it on the processor being saved, so a saved processor would no longer equal its reloaded copy.
+        """
+        had_auto_map = "auto_map" in self.__dict__
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if not had_auto_map:
+                self.__dict__.pop("auto_map", None)
+
     @classmethod
     def from_config(cls, config) -> "ALIPProcessor":
         """[`ALIPProcessor.default`] sized for an [`ALIPConfig`] (or `CLIPConfig`): its image size and context
@@ -206,13 +250,10 @@ class ALIPProcessor(ProcessorMixin):
 
     def __call__(
         self,
-        images=None,
+        images: ImageInput | None = None,
         text: str | list[str] | None = None,
         captions: str | list[str] | None = None,
-        padding: bool | str = "longest",
-        truncation: bool = True,
-        max_length: int | None = None,
-        return_tensors: str | None = "pt",
+        **kwargs: Unpack[ALIPProcessorKwargs],
     ) -> BatchFeature:
         """Processes images and texts: CLIP's call, plus the captions of a training batch.
 
@@ -220,33 +261,40 @@ class ALIPProcessor(ProcessorMixin):
         (the zero-shot call); with `captions`, the batch is a training batch whose row `i` pairs image `i`, text
         `i` and caption `i`, so all three must have the same length `B`.
 
+        Options are transformers' processor keywords, merged as `ProcessorMixin` merges them (highest first): flat
+        keywords (`padding="max_length"`, `do_rescale=False`), then per modality (`text_kwargs={...}`,
+        `images_kwargs={...}`), then `common_kwargs={...}`, then what the tokenizer was saved with (e.g.
+        `padding`, `max_length`), then this class's defaults: `padding="longest"`, `truncation=True`,
+        `return_tensors="pt"`. Both text paths take the same text options.
+
         Args:
             images: images for `self.image_processor` (one image, or a list: PIL images, arrays or tensors).
             text: raw web texts or prompts -> `input_ids`, `attention_mask` of shape `(M, L)`.
             captions: the synthetic caption of each sample -> `caption_input_ids`, `caption_attention_mask` of
                 shape `(B, L')`.
-            padding: `"longest"` (or `True`) pads each text path to its longest row; `"max_length"` to `max_length`.
-            truncation: truncate to `max_length` (the tokenizer keeps the end token last).
-            max_length: by default the tokenizer's `model_max_length` (77 for CLIP).
-            return_tensors: `"pt"`, `"np"` or `None` for lists.
+            kwargs: text options (`padding`: `"longest"`/`True` or `"max_length"`; `truncation`; `max_length`, by
+                default the tokenizer's `model_max_length`; `pad_to_multiple_of`; `padding_side`;
+                `return_attention_mask`), any option of the image processor, and `return_tensors` (`"pt"`, `"np"`
+                or `None` for lists).
 
         Returns:
             [`BatchFeature`] with `pixel_values` `(N, 3, H, W)` and the ids/masks of the texts given.
         """
         if images is None and text is None and captions is None:
             raise ValueError("ALIPProcessor needs at least one of `images`, `text` or `captions`")
+        options = self._merge_kwargs(ALIPProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_options = options["text_kwargs"]
+        return_tensors = text_options.get("return_tensors")
         data, sizes = {}, {}
         if images is not None:
-            data["pixel_values"] = self.image_processor(images, return_tensors=return_tensors)["pixel_values"]
+            data["pixel_values"] = self.image_processor(images, **options["images_kwargs"])["pixel_values"]
             sizes["images"] = len(data["pixel_values"])
         for name, texts, prefix in (("text", text, ""), ("captions", captions, "caption_")):
             if texts is None:
                 continue
-            encoded, _ = self.tokenize(self._as_text_list(texts, name), max_length=max_length, padding=padding,
-                                       truncation=truncation)
+            encoded, _ = self.tokenize(self._as_text_list(texts, name), **text_options)
             sizes[name] = len(encoded["input_ids"])
-            data[f"{prefix}input_ids"] = encoded["input_ids"]
-            data[f"{prefix}attention_mask"] = encoded["attention_mask"]
+            data.update({f"{prefix}{key}": value for key, value in encoded.items()})
         if captions is not None and len(set(sizes.values())) > 1:
             raise ValueError(
                 f"with `captions` (a training batch) `images`, `text` and `captions` must describe the same samples; "
@@ -272,7 +320,7 @@ class ALIPProcessor(ProcessorMixin):
         return clean_clip_text(text) if self.text_cleaning == "clip" else text
 
     def tokenize(self, texts: list[str], max_length: int | None = None, padding: bool | str = "longest",
-                 truncation: bool = True, return_tensors: str | None = "pt") -> tuple[BatchFeature, int]:
+                 truncation: bool | str = True, return_tensors: str | None = "pt", **options) -> tuple[BatchFeature, int]:
         """The project's one tokenisation of texts: this processor's call, the training collator and evaluation
         prompts all go through it.
 
@@ -284,15 +332,20 @@ class ALIPProcessor(ProcessorMixin):
         Args:
             texts: `B` strings.
             max_length: the token limit; by default the tokenizer's `model_max_length` (77 for CLIP).
-            padding: `"longest"` (or `True`) pads to the batch's longest row, `"max_length"` to `max_length`.
-            truncation: cut over-long texts (else they keep every token).
+            padding: `"longest"` (or `True`) pads to the batch's longest row, `"max_length"` to `max_length` (or to
+                the longest row, if longer and not truncated); `False` / `"do_not_pad"` leaves rows as they are
+                (then only `return_tensors=None` can hold them).
+            truncation: cut over-long texts (`True` / `"longest_first"`; `False` / `"do_not_truncate"` keeps them).
             return_tensors: `"pt"`, `"np"` or `None` for lists.
+            options: transformers' text keywords the tokenizer's `pad` takes (`pad_to_multiple_of`, `padding_side`,
+                `return_attention_mask`); any other keyword is a `ValueError` naming it.
 
         Returns:
             (`BatchFeature` with `input_ids` and `attention_mask` of shape `(B, L)`, the number of texts cut).
         """
-        if padding not in (True, "longest", "max_length"):
-            raise ValueError(f"padding must be 'longest' (or True) or 'max_length', got {padding!r}")
+        padding = _padding_strategy(padding)
+        truncation = _truncates(truncation)
+        pad_options = self._pad_options(options)
         limit = max_length or self.tokenizer.model_max_length
         cleaned = [self.clean_text(t) for t in texts]
         ids = self.tokenizer(cleaned, add_special_tokens=True, truncation=False, split_special_tokens=True,
@@ -305,18 +358,33 @@ class ALIPProcessor(ProcessorMixin):
             else:  # no end token to keep: the tokenizer's own truncation keeps its special tokens
                 ids = self.tokenizer(cleaned, add_special_tokens=True, truncation=True, max_length=limit,
                                      split_special_tokens=True)["input_ids"]
+        if padding == "do_not_pad":
+            attention = [[1] * len(row) for row in ids]
+            encoded = {"input_ids": ids, "attention_mask": attention}
+            if pad_options.get("return_attention_mask") is False:
+                del encoded["attention_mask"]
+            return BatchFeature(encoded, tensor_type=return_tensors), truncated
         length = max(len(row) for row in ids)
         if padding == "max_length":
             length = max(length, limit)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        input_ids = [row + [pad] * (length - len(row)) for row in ids]
-        attention_mask = [[1] * len(row) + [0] * (length - len(row)) for row in ids]
-        encoded = BatchFeature({"input_ids": input_ids, "attention_mask": attention_mask}, tensor_type=return_tensors)
-        return encoded, truncated
+        if self.tokenizer.pad_token_id is None:  # a tokenizer without a pad token pads with its end token
+            ids = [row + [self.tokenizer.eos_token_id] * (length - len(row)) for row in ids]
+        encoded = self.tokenizer.pad({"input_ids": ids}, padding="max_length", max_length=length,
+                                     return_tensors=None, **pad_options)
+        if "attention_mask" not in encoded and pad_options.get("return_attention_mask") is not False:
+            encoded["attention_mask"] = [[1] * len(row) for row in ids]
+        return BatchFeature(dict(encoded), tensor_type=return_tensors), truncated
 
-    @property
-    def model_input_names(self) -> list[str]:
-        return ["pixel_values", "input_ids", "attention_mask", "caption_input_ids", "caption_attention_mask"]
+    @staticmethod
+    def _pad_options(options: dict) -> dict:
+        """The text keywords passed on to `tokenizer.pad`; anything else this processor cannot honour is an error."""
+        unsupported = {key: value for key, value in options.items() if key not in PAD_OPTIONS and value is not None}
+        if unsupported:
+            raise ValueError(
+                f"ALIPProcessor does not support the text option(s) {sorted(unsupported)}; it takes padding, "
+                f"truncation, max_length, return_tensors and {sorted(PAD_OPTIONS)}"
+            )
+        return {key: value for key, value in options.items() if value is not None}
 
 
-__all__ = ["ALIPProcessor", "clean_clip_text", "clip_tokenizer", "clip_vocab_and_merges", "missing_processor_files"]
+__all__ = ["ALIPProcessor", "ALIPProcessorKwargs", "clean_clip_text", "clip_tokenizer", "clip_vocab_and_merges", "missing_processor_files"]

@@ -41,7 +41,7 @@ def _download(version: str, destination: Path) -> None:
     destination.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=destination.parent) as tmp:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                   "--no-build-isolation", "--disable-pip-version-check", "-q", f"transformers=={version}", "-d", tmp]
+                   "--disable-pip-version-check", "-q", f"transformers=={version}", "-d", tmp]
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         archives = list(Path(tmp).glob("transformers-*.tar.gz"))
         if result.returncode != 0 or not archives:

@@ -109,7 +109,7 @@ def test_retrieval_metrics_equal_clip_benchmark(model_and_processor, tmp_path):
 
 
 def test_exported_clip_model_gives_the_metrics_of_the_alip_model(model_and_processor, tmp_path):
-    export_to_clip = pytest.importorskip("modeling_alip.convert_to_clip").export_to_clip
+    export_to_clip = pytest.importorskip("alip_hf.convert.to_clip").export_to_clip
     model, processor = model_and_processor
     export_to_clip(model, tmp_path / "clip", processor=processor)
     clip = AutoModel.from_pretrained(tmp_path / "clip").eval()

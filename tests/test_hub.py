@@ -110,17 +110,18 @@ def test_pull_request_and_branch_together_are_refused():
 def test_converters_push_their_output(tmp_path, api):
     from conftest import tiny_alip_config
 
+    from alip_hf.convert.cli import main as convert
     from modeling_alip import ALIPModel
-    from modeling_alip.convert_to_clip import main as convert_to_clip
 
     ALIPModel(tiny_alip_config()).save_pretrained(tmp_path / "alip")
-    convert_to_clip(["--model", str(tmp_path / "alip"), "--output", str(tmp_path / "clip"), "--push_to_hub",
-                     "--hub_model_id", "me/clip", "--hub_create_pr", "true", "--hub_commit_message", "export"])
+    convert(["to_clip", "--model_name_or_path", str(tmp_path / "alip"), "--output_dir", str(tmp_path / "clip"),
+             "--push_to_hub", "--hub_model_id", "me/clip", "--hub_create_pr", "true", "--hub_commit_message", "export"])
     (upload,) = _calls(api, "upload_folder")
     assert upload["folder_path"] == str(tmp_path / "clip") and upload["create_pr"] is True
     assert upload["commit_message"] == "export"
     with pytest.raises(ValueError, match="--hub_model_id"):
-        convert_to_clip(["--model", str(tmp_path / "alip"), "--output", str(tmp_path / "c2"), "--push_to_hub"])
+        convert(["to_clip", "--model_name_or_path", str(tmp_path / "alip"), "--output_dir", str(tmp_path / "c2"),
+                 "--push_to_hub"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -131,8 +132,8 @@ COMMAND_PARSERS = {
     "train": lambda: __import__("transformers").HfArgumentParser(ARGUMENT_GROUPS),
     "eval": lambda: __import__("transformers").HfArgumentParser(importlib.import_module("alip_hf.eval").EvalArguments),
     "recaption.publish": lambda: importlib.import_module("recaption.publish").build_parser(),
-    **{f"modeling_alip.{p.stem}": (lambda name=p.stem: importlib.import_module(f"modeling_alip.{name}").build_parser())
-       for p in sorted((Path(__file__).parents[1] / "modeling_alip").glob("convert_*.py"))},
+    **{f"alip_hf.convert {name}": (lambda name=name: importlib.import_module("alip_hf.convert.cli").build_parser(name))
+       for name in ("from_open_clip", "to_clip", "to_open_clip", "from_veclip")},
 }
 
 
@@ -145,8 +146,9 @@ def test_no_command_has_a_dashed_long_option(command):
     assert len(options) > 3 and not [o for o in options if "-" in o[2:]], options
 
 
-@pytest.mark.parametrize("command", ["modeling_alip.convert_open_clip", "modeling_alip.convert_to_clip",
-                                     "modeling_alip.convert_veclip", "recaption.publish"])
+@pytest.mark.parametrize("command", ["alip_hf.convert from_open_clip", "alip_hf.convert to_clip",
+                                     "alip_hf.convert to_open_clip", "alip_hf.convert from_veclip",
+                                     "recaption.publish"])
 def test_every_pushing_command_has_the_hub_options(command):
     parser = COMMAND_PARSERS[command]()
     options = {o for action in parser._actions for o in action.option_strings}
@@ -283,21 +285,29 @@ def test_model_revision_cache_dir_and_remote_code_reach_from_pretrained(monkeypa
 
     def fake_from_pretrained(cls, source, **kwargs):
         seen["model"] = (source, kwargs)
-        return modeling_alip.ALIPModel(modeling_alip.ALIPConfig(**models.MODEL_CONFIGS["tiny"]))
+        model = modeling_alip.ALIPModel(modeling_alip.ALIPConfig(**models.MODEL_CONFIGS["tiny"]))
+        return model, {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
 
     import transformers
 
     import modeling_alip
+    from alip_hf import pretrained
 
     monkeypatch.setattr(modeling_alip.ALIPModel, "from_pretrained", classmethod(fake_from_pretrained))
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
                         lambda source, **kw: seen.setdefault("tok", kw) and modeling_alip.clip_tokenizer())
+    monkeypatch.setattr(pretrained, "saved_processor_files", lambda *a, **kw: ["preprocessor_config.json"])
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained",
+                        lambda source, **kw: seen.setdefault("image", kw) and transformers.CLIPImageProcessor())
     args = ModelArguments(model_name_or_path="org/model", tokenizer_name_or_path="org/tok", model_revision="v2",
                           cache_dir=str(tmp_path), trust_remote_code=True)
     model = models.build_model(args, seed=0)
     models.build_processor(args, model)
-    assert seen["model"] == ("org/model", {"revision": "v2", "cache_dir": str(tmp_path)})
+    assert seen["model"][0] == "org/model"
+    assert seen["model"][1] == {"output_loading_info": True, "trust_remote_code": False, "revision": "v2",
+                                "cache_dir": str(tmp_path)}
     assert seen["tok"] == {"revision": "v2", "cache_dir": str(tmp_path), "trust_remote_code": True}
+    assert seen["image"] == {"revision": "v2", "cache_dir": str(tmp_path), "trust_remote_code": True}
 
 
 def test_dataset_config_name_and_cache_dir_reach_load_dataset(monkeypatch, tmp_path):

@@ -116,3 +116,38 @@ def test_precomputed_gates_give_the_same_loss_without_updating_twice(tiny_model)
     tiny_model.compute_loss(output, gates=gates)
     assert torch.equal(before, tiny_model.gates.lcg.text_caption.running_mean)
     torch.testing.assert_close(output.gates.sample_weight, gates.sample_weight)
+
+
+def _lora_round_trip(base_dir, config, tmp_path):
+    """Applies peft to a saved model, takes one training step, saves the adapter, reloads it onto the base model
+    and merges it. Returns the trained and the merged running means."""
+    from peft import PeftModel, get_peft_model
+
+    model = get_peft_model(ALIPModel.from_pretrained(base_dir), config).train()
+    ids = torch.randint(0, 49406, (4, 6), generator=torch.Generator().manual_seed(0))
+    ids[:, -1] = 49407
+    model(input_ids=ids, pixel_values=torch.randn(4, 3, 30, 30), caption_input_ids=ids.flip(0), return_loss=True)
+    trained = {k.split("gates.")[-1].replace("modules_to_save.default.", ""): v.clone()
+               for k, v in model.state_dict().items() if "running_mean" in k and "original_module" not in k}
+    model.save_pretrained(tmp_path / "adapter")
+    merged = PeftModel.from_pretrained(ALIPModel.from_pretrained(base_dir), tmp_path / "adapter").merge_and_unload()
+    return trained, {k.split("gates.")[-1]: v for k, v in merged.state_dict().items() if "running_mean" in k}
+
+
+def test_peft_adapter_from_lora_config_carries_the_gates_running_means(tiny_model, tmp_path):
+    from peft import LoraConfig
+
+    from alip_hf.models import lora_config
+
+    tiny_model.save_pretrained(tmp_path / "base")
+    config = lora_config(r=4, target_modules=["q_proj", "v_proj"])
+    assert "gates" in config.modules_to_save
+    trained, merged = _lora_round_trip(tmp_path / "base", config, tmp_path / "with")
+    assert trained.keys() == merged.keys() and len(trained) == 3
+    assert all(trained[k].item() != 1.0 for k in trained)  # the step moved every mean
+    for name in trained:
+        assert torch.equal(merged[name], trained[name]), name
+    # The reason: a plain LoraConfig saves no buffer, so the merged model has the base model's means back.
+    trained, merged = _lora_round_trip(tmp_path / "base", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                                       tmp_path / "plain")
+    assert all(merged[k].item() == 1.0 != trained[k].item() for k in trained)

@@ -308,8 +308,8 @@ def test_to_open_clip_then_from_open_clip_with_the_written_config_gives_the_same
         for tower in ("text_config", "vision_config"):
             assert getattr(getattr(back.config, tower), name) == getattr(getattr(model.config, tower), name), name
     pixels = torch.stack([torch.from_numpy(np.asarray(p, dtype=np.float32)).permute(2, 0, 1) / 255 for p in images(3)])
-    torch.testing.assert_close(our_features(back, processor, pixels, TEXTS), our_features(model, processor, pixels, TEXTS),
-                               atol=ROUND_TRIP_ATOL, rtol=0)
+    expected = our_features(model, processor, pixels, TEXTS)
+    torch.testing.assert_close(our_features(back, processor, pixels, TEXTS), expected, atol=ROUND_TRIP_ATOL, rtol=0)
 
 
 def test_a_json_that_is_no_open_clip_config_is_refused_naming_it(tmp_path):

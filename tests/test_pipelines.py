@@ -18,7 +18,7 @@ from PIL import Image
 from transformers import AutoModel, AutoModelForZeroShotImageClassification, CLIPModel, pipeline
 
 from modeling_alip import ALIPModel, ALIPProcessor
-from modeling_alip.convert_to_clip import export_to_clip
+from alip_hf.convert.to_clip import export_to_clip
 
 TASK = "zero-shot-image-classification"
 LABELS = ["cat", "dog", "red car", "a tree on a hill"]

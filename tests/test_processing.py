@@ -226,3 +226,42 @@ def test_text_features_do_not_depend_on_padding_length(tiny_model, processor, op
         ]
     for other in features[1:]:
         assert (other.pooler_output - features[0].pooler_output).abs().max() < 1e-5
+
+
+# ---- transformers' processor keywords (tests/test_transformers_contract.py runs transformers' own suite) -----------
+def test_structured_text_kwargs_apply_to_both_text_paths(processor):
+    batch = processor(text=["a cat"], captions=["a dog"], text_kwargs={"padding": "max_length", "max_length": 12},
+                      common_kwargs={"return_tensors": "np"})
+    assert isinstance(batch["input_ids"], np.ndarray)
+    assert batch["input_ids"].shape == batch["caption_input_ids"].shape == (1, 12)
+
+
+def test_flat_image_option_reaches_the_image_processor(processor):
+    image = np.full((30, 30, 3), 200, dtype=np.uint8)
+    pixels = processor(images=[image], do_rescale=False, do_normalize=False)["pixel_values"]
+    assert pixels.max().item() == pytest.approx(200.0)  # not rescaled to [0, 1]
+
+
+def test_tokenizer_saved_with_max_length_padding_is_honoured_on_both_paths(processor, tmp_path):
+    tokenizer = clip_tokenizer()
+    tokenizer.init_kwargs.update(padding="max_length", max_length=117)
+    ALIPProcessor(processor.image_processor, tokenizer).save_pretrained(tmp_path)
+    loaded = ALIPProcessor.from_pretrained(tmp_path)
+    batch = loaded(text=["a cat"], captions=["a dog"])
+    assert batch["input_ids"].shape == batch["caption_input_ids"].shape == (1, 117)
+    assert loaded(text=["a cat"], padding="longest")["input_ids"].shape == (1, 4)  # a call still overrides it
+
+
+def test_call_declares_only_inputs_and_takes_options_as_keywords():
+    import inspect
+
+    parameters = inspect.signature(ALIPProcessor.__call__).parameters
+    assert [name for name in parameters if name not in ("self", "kwargs")] == ["images", "text", "captions"]
+    assert all(parameters[name].default is None for name in ("images", "text", "captions"))
+
+
+def test_text_option_the_processor_cannot_honour_is_an_error_naming_it(processor):
+    with pytest.raises(ValueError, match="stride"):
+        processor(text=["a cat"], stride=2)
+    padded = processor(text=["a cat"], pad_to_multiple_of=8, padding_side="left")
+    assert padded["input_ids"].shape == (1, 8) and padded["attention_mask"][0].tolist() == [0] * 4 + [1] * 4

@@ -180,7 +180,7 @@ NOT_RECIPES = {
     "modeling_alip/__init__.py": ['AutoConfig.register("alip"'],  # the Hub model type
     "modeling_alip/configuration_alip.py": ['model_type = "alip"'],
     "modeling_alip/processing_alip.py": ['"clip"'],  # the text cleaning of CLIP's tokenizer (text_cleaning="clip")
-    "modeling_alip/convert_veclip.py": ['model_type != "clip"'],  # a VeCLIP release is a transformers CLIP model
+    "alip_hf/convert/from_veclip.py": ['model_type != "clip"'],  # a VeCLIP release is a transformers CLIP model
     # The captioner presets are named after the paper whose captions they reproduce; no code tests them.
     "recaption/caption.py": ['default="alip"'],
     "recaption/prompts.py": ['"alip": CaptionPreset', '"veclip": CaptionPreset'],

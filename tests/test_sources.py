@@ -15,6 +15,8 @@ import pytest
 from conftest import make_rows, read_metrics, tiny_alip_config, write_parquet
 
 from alip_hf import sources, train
+from alip_hf.evaluation.loading import load_split
+from alip_hf.evaluation.presets import EvalTask
 from alip_hf.resources import DEMO_DATA
 from alip_hf.schema import ALT_TEXT, CAPTION, ERROR, GATE_COLUMNS, ID, IMAGE
 from alip_hf.training.arguments import parse_args
@@ -86,6 +88,8 @@ def test_demo_names_the_bundled_data_in_every_command():
     source = load_input(RunArguments(source="demo", output_dir="/tmp/unused-demo-out", split="test"), {"image": IMAGE})
     assert len(source.dataset) == 394 and source.id_column == ID  # recaption.caption / rewrite / audit
     assert parse_args(["--train_data", "demo"])[1].train_data == str(DEMO_DATA)
+    task = EvalTask("demo", "retrieval", "demo", "test", caption_columns=(ALT_TEXT,))  # eval.py --dataset demo
+    assert len(load_split(task, "test")[0]) == 394
 
 
 @pytest.mark.slow  # a subprocess that imports datasets and torch: ~20 s

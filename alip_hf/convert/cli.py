@@ -143,8 +143,8 @@ class Converter:
 
 
 CONVERTERS = {
-    "from_open_clip": Converter((FromOpenClipArguments, OutputArguments, HubArguments), "alip_hf.convert.from_open_clip",
-                                FromOpenClipArguments.__doc__),
+    "from_open_clip": Converter((FromOpenClipArguments, OutputArguments, HubArguments),
+                                "alip_hf.convert.from_open_clip", FromOpenClipArguments.__doc__),
     "to_clip": Converter((LoadArguments, ToClipArguments, OutputArguments, HubArguments), "alip_hf.convert.to_clip",
                          ToClipArguments.__doc__),
     "to_open_clip": Converter((LoadArguments, ToOpenClipArguments, OutputArguments, HubArguments),

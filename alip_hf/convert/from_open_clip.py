@@ -207,8 +207,8 @@ def open_clip_model_config(model_name: str) -> dict:
         import open_clip
     except ImportError as error:
         raise ImportError(
-            f"--open_clip_model_name {model_name} needs open_clip (pip install open_clip_torch); or pass --open_clip_config "
-            "with the model's JSON config"
+            f"--open_clip_model_name {model_name} needs open_clip (pip install open_clip_torch); or pass "
+            "--open_clip_config with the model's JSON config"
         ) from error
     name = model_name.replace("/", "-")
     config = open_clip.get_model_config(name)
@@ -462,7 +462,8 @@ def run(args, output, hub) -> Path:
     text, vision = model.config.text_config, model.config.vision_config
     print(
         f"converted: image tower {vision.num_hidden_layers}x{vision.hidden_size} ({vision.num_attention_heads} heads, "
-        f"patch {vision.patch_size}, image {vision.image_size}), text tower {text.num_hidden_layers}x{text.hidden_size} "
+        f"patch {vision.patch_size}, image {vision.image_size}), "
+        f"text tower {text.num_hidden_layers}x{text.hidden_size} "
         f"({text.num_attention_heads} heads, context {text.max_position_embeddings}, vocab {text.vocab_size}), "
         f"projection {model.config.projection_dim}, activation {text.hidden_act}"
     )

@@ -41,6 +41,7 @@ from transformers import CLIPConfig, CLIPModel
 from alip_hf.io import write_json_atomic, write_with_atomically
 
 from .from_open_clip import _BLOCK, _TEXT, _TRANSPOSED, _VISION, convert_state_dict
+from .to_clip import DROPPED_STATE, dropped_state
 
 logger = logging.getLogger(__name__)
 
@@ -216,9 +217,12 @@ def open_clip_state_dict(model: CLIPModel) -> dict[str, torch.Tensor]:
 
 
 def _clip_weights(model: CLIPModel) -> dict[str, torch.Tensor]:
-    """The CLIP weights of `model`: without ALIP's gate buffers and transformers' `position_ids` buffers."""
+    """The CLIP weights of `model`: without the state the CLIP export drops (`to_clip.DROPPED_STATE`, the one table
+    of what leaves ALIP's state behind) and transformers' `position_ids` buffers. Any other tensor reaches
+    `open_clip_state_dict`, which refuses what open_clip has no name for. (open_clip's `CLIP` has a `logit_bias`
+    for a SigLIP loss: a bias parameter of ALIPModel would map there, with `init_logit_bias` in `model_cfg`.)"""
     return {key: value for key, value in model.state_dict().items()
-            if not key.startswith("gates.") and not key.endswith("position_ids")}
+            if not key.startswith(tuple(DROPPED_STATE)) and not key.endswith("position_ids")}
 
 
 def _block_key(key: str) -> tuple[str, str] | None:
@@ -274,7 +278,8 @@ def export_to_open_clip(model: CLIPModel, output_dir: str | os.PathLike, process
     write_with_atomically(output_dir / OPEN_CLIP_WEIGHTS_NAME,
                           lambda path: save_file(weights, path, metadata={"format": "pt"}))
     write_json_atomic(output_dir / OPEN_CLIP_CONFIG_NAME, open_clip_config, indent=2)
-    logger.info("wrote %s and %s to %s", OPEN_CLIP_CONFIG_NAME, OPEN_CLIP_WEIGHTS_NAME, output_dir)
+    logger.info("wrote %s and %s to %s: every CLIP tensor kept; dropped %s", OPEN_CLIP_CONFIG_NAME,
+                OPEN_CLIP_WEIGHTS_NAME, output_dir, dropped_state(model) or "nothing")
     return output_dir
 
 
@@ -299,7 +304,8 @@ def run(load, args, output, hub) -> Path:
     else:
         logger.warning("no processor saved with %s: preprocess_cfg uses CLIP's defaults", name)
     written = export_to_open_clip(model, output.output_dir or name, processor=processor)
-    print(f"open_clip files written to {written}; load with open_clip.create_model_and_transforms('local-dir:{written}')")
+    print(f"open_clip files written to {written}; load with "
+          f"open_clip.create_model_and_transforms('local-dir:{written}')")
     # The directory with both formats side by side, as open_clip's own Hub repositories are laid out.
     push_model_directory(written, output.hub_model_id if output.push_to_hub else None, hub, what="open_clip export")
     return written

@@ -113,3 +113,18 @@ def test_after_the_driver_is_killed_a_rerun_redoes_only_unfinished_shards(setup,
     assert {n: after[n] for n in before} == before  # finished shards were not redone
     assert summary["complete"] and summary["rows"] == ROWS and len(after) == ROWS
     assert _rows(out) == single_rows
+
+
+def test_a_stream_on_ray_gives_the_same_chunks_and_rows_as_one_process(setup, cluster, tmp_path):
+    captioner = setup[0]
+    for f in range(3):  # three source shards, one unit of work each
+        write_source(tmp_path / "in" / f"part-{f}.parquet", n=3, prefix=f"p{f}")
+    source = str(tmp_path / "in" / "*.parquet")
+    outputs = {}
+    for name, extra in (("single", {}), ("ray", {"engine": "ray", "num_replicas": 2})):
+        outputs[name] = tmp_path / name
+        caption(RunArguments(source=source, output_dir=str(outputs[name]), shard_size=2, streaming=True, **extra),
+                CaptionArguments(model=captioner), gen())
+    names = {name: sorted(p.name for p in (out / "shards").glob("*.json")) for name, out in outputs.items()}
+    assert names["ray"] == names["single"] and len(names["ray"]) == 6  # 2 chunks per source shard
+    assert _rows(outputs["ray"]) == _rows(outputs["single"])

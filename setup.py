@@ -63,11 +63,14 @@ setup(
             "sentencepiece",
             "tensorboard",
             "matplotlib",
+            "ray[data]",  # recaption --engine ray (tests on a local cluster)
+            "psutil",  # the Ray tests find a replica's process to kill it
             "parameterized",  # transformers' own test mixins (tests/test_transformers_contract.py) use it
         ],
         "tensorboard": ["tensorboard"],
         "plot": ["matplotlib"],  # eval.py --plot: recall@k curves
-        "vllm": ["vllm"],  # recaption.rewrite --backend vllm
+        "vllm": ["vllm"],  # recaption.caption / recaption.rewrite --backend vllm
+        "ray": ["ray[data]"],  # recaption --engine ray
         # alip_hf.web: URL + text tables -> WebDataset shards. img2dataset pins pandas<3 and webdataset<0.3;
         # where those clash, install it in its own environment and pass --img2dataset (docs/web_data.md).
         "web": ["img2dataset>=1.45"],

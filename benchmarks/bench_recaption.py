@@ -63,8 +63,8 @@ def in_memory_methods(args, model: str, images: list) -> list[tuple[str, callabl
     """The per-image loop, the pipeline (per image and per list) and the batched `Captioner`."""
     from transformers import pipeline
 
+    from recaption.arguments import GenerationArguments
     from recaption.caption import Captioner
-    from recaption.common import GenerationArguments
 
     generation = GenerationArguments(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, dtype="float32")
     batched = Captioner(model, PROMPT, generation)
@@ -100,7 +100,7 @@ def step_method(args, model: str, images: list, workdir: str) -> tuple[str, call
 
     from alip_hf.data import FEATURES, load_source
     from recaption.caption import CaptionArguments, caption
-    from recaption.common import GenerationArguments, RunArguments
+    from recaption.arguments import GenerationArguments, RunArguments
 
     buffers = []
     for image in images:

@@ -6,7 +6,8 @@
     python -m recaption.audit     # ALIP gate values per row: filter noisy pairs, detection AUC, report
 
 Each step is also a library call (`caption(...)`, `rewrite(...)`, `publish(...)`); runs are sharded over
-Accelerate processes, resumable, and write atomically (see `recaption.common`).
+Accelerate processes, scheduler tasks (`--num_tasks`, Slurm arrays) or a Ray actor pool (`--engine ray`),
+resumable, and write atomically (see `recaption.run`).
 """
 
 import importlib
@@ -18,9 +19,10 @@ _EXPORTS = {
     "CaptionArguments": "recaption.caption",
     "Captioner": "recaption.caption",
     "caption": "recaption.caption",
-    "GenerationArguments": "recaption.common",
-    "RunArguments": "recaption.common",
-    "run_sharded": "recaption.common",
+    "GenerationArguments": "recaption.arguments",
+    "RunArguments": "recaption.arguments",
+    "run_sharded": "recaption.run",
+    "run_ray": "recaption.ray_engine",
     "PublishArguments": "recaption.publish",
     "publish": "recaption.publish",
     "render_card": "recaption.publish",

@@ -17,7 +17,7 @@ mean similarity, so a sample's weight depends on the other samples of its batch.
 the running means stay fixed at their trained values (the gates never update), and each row's values depend on
 that row alone: the same row gets the same scores whatever the batch size or the shard it falls in (tested).
 
-Writes, beside `recaption.common`'s layout (shards joined on id, resumable, provenance in `run_config.json`): the
+Writes, beside `recaption.layout`'s files (shards joined on id, resumable, provenance in `run_config.json`): the
 columns of `alip_hf.schema.AUDIT_SCORES` and `audit_model`; with `--keep_above`/`--keep_fraction` the filtered
 dataset in `<output_dir>/filtered/` and `filter_summary.json` (dropped rows counted per reason); with
 `--noise_column` `noise_detection.json` (ROC AUC and precision at the kept fraction per score); and a report for
@@ -58,15 +58,10 @@ from alip_hf.schema import (
     SIMILARITY_IMAGE_TEXT,
     SIMILARITY_TEXT_CAPTION,
 )
-from recaption.common import (
-    RunArguments,
-    StepResult,
-    chunks,
-    error_column,
-    load_image,
-    load_input,
-    run_sharded,
-)
+from recaption.arguments import RunArguments
+from recaption.run import run_sharded
+from recaption.source import load_image, load_input
+from recaption.step import StepResult, chunks, error_column
 
 datasets = lazy_import("datasets")  # on first use: `--help` must not wait for it
 
@@ -247,7 +242,7 @@ class GateScorer:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Steps (recaption.common.Step): new columns for one shard, keyed by id
+# Steps (recaption.step.Step): new columns for one shard, keyed by id
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -419,6 +414,9 @@ def audit(run: RunArguments, args: AuditArguments, accelerator=None) -> dict[str
 
     from recaption.audit_report import analyse, check_report_dependencies
 
+    if run.engine == "ray":
+        raise ValueError("recaption.audit does not run on --engine ray; spread it with scheduler tasks "
+                         "(--num_tasks/--task_index) or `accelerate launch`")
     if args.report:
         check_report_dependencies()  # before the model loads, not after scoring
     if args.model is not None:
@@ -431,8 +429,8 @@ def audit(run: RunArguments, args: AuditArguments, accelerator=None) -> dict[str
         source = load_input(run, step.required_columns())
         accelerator = accelerator or Accelerator()
     summary = run_sharded(run, step, accelerator, source)
-    if not accelerator.is_main_process:
-        return {}
+    if not summary.get("complete"):  # another process, or a scheduler task while other tasks are unfinished
+        return summary
     return {**summary, **analyse(run, args)}
 
 

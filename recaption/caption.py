@@ -10,11 +10,14 @@ Qwen-VL, SmolVLM, ...), loaded through `AutoProcessor` and `AutoModelForImageTex
     accelerate launch -m recaption.caption --source ... --output_dir ... --preset veclip --dtype bfloat16
 
 Writes `caption`, `caption_model` (`<model>@<commit>` when the commit is known), `caption_prompt_version`
-and `error` (why an image could not be read; empty otherwise). See `recaption.common` for the layout.
+and `error` (why an image could not be read; empty otherwise). See `recaption.run` for the run and `recaption.layout`
+for the files.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import re
 import sys
 from dataclasses import dataclass, field
@@ -23,17 +26,11 @@ from typing import Any, Callable
 from alip_hf.lazy import lazy_import
 from alip_hf.sources import is_empty_text
 from alip_hf.schema import CAPTION, CAPTION_MODEL, CAPTION_PROMPT_VERSION, ERROR
-from recaption.common import (
-    GenerationArguments,
-    RunArguments,
-    StepResult,
-    chunks,
-    error_column,
-    load_image,
-    load_input,
-    run_sharded,
-    torch_dtype,
-)
+from recaption.arguments import GenerationArguments, RunArguments, torch_dtype
+from recaption.run import run_sharded
+from recaption.source import load_image, load_input
+from recaption.step import StepResult, chunks, error_column
+from recaption.throughput import OUTPUT_TOKENS
 from recaption.prompts import CAPTION_PRESETS, CAPTION_PROMPTS
 
 datasets = lazy_import("datasets")  # on first use: `--help` must not wait for it
@@ -56,8 +53,15 @@ class CaptionArguments:
         default=None, metadata={"help": f"Version of the prompt; built-in: {sorted(CAPTION_PROMPTS)}."}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow models that ship their own code."})
+    backend: str = field(
+        default="transformers",
+        metadata={"help": "transformers: `generate` in batches; vllm: vLLM's engine with image + prompt requests "
+                          "(pip install vllm; one engine per process or Ray replica).",
+                  "choices": ["transformers", "vllm"]})
 
     def __post_init__(self):
+        if self.backend not in ("transformers", "vllm"):
+            raise ValueError(f"--backend {self.backend!r}: choose transformers or vllm")
         if self.preset not in CAPTION_PRESETS:
             raise ValueError(f"--preset {self.preset!r}: choose one of {sorted(CAPTION_PRESETS)}")
         preset = CAPTION_PRESETS[self.preset]
@@ -112,16 +116,16 @@ class Captioner:
             raise ValueError(f"{model!r} is a chat model and needs a prompt (--prompt or --preset veclip)")
         self.text = self._prompt_text()
 
+    def output_tokens(self, captions: list[str]) -> int:
+        return count_output_tokens(self.processor, captions)
+
     @property
     def label(self) -> str:
         """The value of `caption_model`: the model id, with the commit it was loaded from when known."""
         return f"{self.name}@{self.commit}" if self.commit else self.name
 
     def _prompt_text(self) -> str | None:
-        if not self.is_chat:
-            return self.prompt or None
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return prompt_text(self.processor, self.prompt, self.is_chat)
 
     def __call__(self, images: list) -> list[str]:
         """Captions for a batch of PIL images, in order."""
@@ -148,6 +152,86 @@ class Captioner:
         # BLIP/GIT return their own re-tokenised prompt before the caption, so strip it as text.
         texts = self.processor.batch_decode(out, skip_special_tokens=True)
         return [_strip_prefix(_clean(t), self.prompt) for t in texts]
+
+
+def count_output_tokens(processor, captions: list[str]) -> int:
+    """Tokens of the written captions as the captioner's tokenizer splits them (the throughput's output tokens;
+    counted from the text so that every backend counts alike)."""
+    tokenizer = getattr(processor, "tokenizer", None)
+    if not captions:
+        return 0
+    if tokenizer is None:
+        return sum(len(t.split()) for t in captions)
+    return sum(len(ids) for ids in tokenizer(captions, add_special_tokens=False)["input_ids"])
+
+
+def prompt_text(processor, prompt: str, is_chat: bool) -> str | None:
+    """The text given with each image: for a chat model, the prompt as a user turn after the image, rendered by
+    the processor's chat template (with the model's image placeholder); else the prompt itself, or None."""
+    if not is_chat:
+        return prompt or None
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+class VllmCaptioner:
+    """Captions through vLLM's multimodal API: one request per image,
+    `{"prompt": <text>, "multi_modal_data": {"image": <PIL image>}}`, decoded greedily.
+
+    The prompt text is the one the transformers backend gives (`prompt_text`, the model's own processor and chat
+    template), so the two backends caption from the same prompt and write the same `caption_prompt_version`.
+
+    Args:
+        llm / sampling_params: an engine and its parameters already built (tests pass a stand-in here); by default
+            `vllm.LLM(model, ...)` and greedy `vllm.SamplingParams(temperature=0, max_tokens=max_new_tokens)`.
+    """
+
+    def __init__(self, model: str, prompt: str, generation: GenerationArguments, dtype_name: str = "auto",
+                 revision: str | None = None, trust_remote_code: bool = False, llm=None, sampling_params=None):
+        from transformers import AutoProcessor
+
+        if generation.num_beams > 1:
+            raise ValueError("--backend vllm decodes greedily here; use --backend transformers for --num_beams > 1")
+        self.name, self.prompt, self.generation = model, prompt, generation
+        try:
+            self.processor = AutoProcessor.from_pretrained(model, revision=revision,
+                                                           trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load captioning model {model!r}: {e}") from e
+        self.is_chat = getattr(self.processor, "chat_template", None) is not None
+        if self.is_chat and not prompt:
+            raise ValueError(f"{model!r} is a chat model and needs a prompt (--prompt or --preset veclip)")
+        self.text = prompt_text(self.processor, prompt, self.is_chat) or ""
+        if llm is None:
+            if importlib.util.find_spec("vllm") is None:
+                raise ImportError("--backend vllm needs the `vllm` package, which is not installed: pip install vllm")
+            from vllm import LLM, SamplingParams
+
+            llm = LLM(model=model, revision=revision, dtype=dtype_name, trust_remote_code=trust_remote_code,
+                      limit_mm_per_prompt={"image": 1})
+            sampling_params = SamplingParams(temperature=0.0, max_tokens=generation.max_new_tokens)
+        self.llm, self.params = llm, sampling_params
+        self.dtype = dtype_name
+        self.commit = None  # vLLM does not report the commit it loaded; the model id and revision stand for it
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+    def requests(self, images: list) -> list[dict]:
+        """vLLM prompts for a batch of PIL images, in order."""
+        return [{"prompt": self.text, "multi_modal_data": {"image": image}} for image in images]
+
+    def __call__(self, images: list) -> list[str]:
+        """Captions for a batch of PIL images, in order (vLLM returns its outputs in request order)."""
+        outputs = self.llm.generate(self.requests(images), self.params, use_tqdm=False)
+        if len(outputs) != len(images):
+            raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(images)} images")
+        texts = [_clean(output.outputs[0].text) for output in outputs]
+        return texts if self.is_chat else [_strip_prefix(t, self.prompt) for t in texts]
+
+    def output_tokens(self, captions: list[str]) -> int:
+        return count_output_tokens(self.processor, captions)
 
 
 def _auto_class(model: str, config, trust_remote_code: bool):
@@ -197,6 +281,7 @@ class CaptionStep:
             "commit": self.captioner.commit,
             "prompt": self.args.prompt,
             CAPTION_PROMPT_VERSION: self.args.prompt_version,
+            "backend": self.args.backend,
             "generation": {"max_new_tokens": self.generation.max_new_tokens, "num_beams": self.generation.num_beams,
                            "do_sample": False, "dtype": str(self.captioner.dtype).replace("torch.", ""),
                            "batch_size": self.generation.batch_size},
@@ -231,6 +316,7 @@ class CaptionStep:
             },
             counts={"rows": len(ids), "failures": len(errors), "captioned": len(written),
                     "caption_words": sum(len(t.split()) for t in written),
+                    OUTPUT_TOKENS: self.captioner.output_tokens(written),
                     "empty_captions": sum(1 for t in written if is_empty_text(t))},
         )
 
@@ -249,11 +335,26 @@ def caption(run: RunArguments, args: CaptionArguments | None = None, generation:
     if generation.max_new_tokens is None:
         generation.max_new_tokens = CAPTION_PRESETS[args.preset].max_new_tokens
     source = load_input(run, {"image": run.image_column})  # a missing column fails before the model loads
+    if run.engine == "ray":
+        from recaption.ray_engine import run_ray
+
+        return run_ray(run, functools.partial(build_caption_step, run, args, generation),
+                       CaptionStep(run, args, generation, captioner=None), source)
     accelerator = accelerator or Accelerator()
-    captioner = Captioner(args.model, args.prompt, generation, device=accelerator.device,
-                          dtype=torch_dtype(generation.dtype, accelerator.device), revision=args.revision,
+    return run_sharded(run, build_caption_step(run, args, generation, accelerator.device), accelerator, source)
+
+
+def build_caption_step(run: RunArguments, args: CaptionArguments, generation: GenerationArguments,
+                       device) -> CaptionStep:
+    """The caption step with its captioner loaded on `device` (in each Ray replica, or in this process)."""
+    if args.backend == "vllm":
+        captioner = VllmCaptioner(args.model, args.prompt, generation, generation.dtype, revision=args.revision,
+                                  trust_remote_code=args.trust_remote_code)
+        return CaptionStep(run, args, generation, captioner)
+    captioner = Captioner(args.model, args.prompt, generation, device=device,
+                          dtype=torch_dtype(generation.dtype, device), revision=args.revision,
                           trust_remote_code=args.trust_remote_code)
-    return run_sharded(run, CaptionStep(run, args, generation, captioner), accelerator, source)
+    return CaptionStep(run, args, generation, captioner)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -24,7 +24,11 @@ import yaml
 from alip_hf import sources
 from alip_hf.evaluation.cards import hub_id, is_local, portable
 from alip_hf.hub import HubArguments, resolve_token
-from alip_hf.io import write_text_atomic, write_with_atomically
+from alip_hf.io import make_staging_dir, replace_directory, write_text_atomic
+from alip_hf.schema import CAPTION_MODEL, ID, REWRITE_MODEL
+from alip_hf.identity import sha256_json
+from recaption.identity import identity_digests
+from recaption.throughput import render as render_throughput
 
 
 UNKNOWN_LICENSE = "unknown"
@@ -111,7 +115,8 @@ def _step_section(run: dict[str, Any]) -> str:
     version_key = "caption_prompt_version" if config["step"] == "caption" else "rewrite_prompt_version"
     prompt = config.get("prompt")
     prompt_text = json.dumps(prompt, indent=2) if isinstance(prompt, dict) else repr(prompt)
-    counts = {k: v for k, v in summary.items() if k not in ("step", "counts", "seconds_this_run")}
+    counts = {k: v for k, v in summary.items()
+              if k not in ("step", "counts", "seconds_this_run", "throughput", "complete")}
     return "\n".join([
         f"### `{config['step']}`",
         "",
@@ -120,6 +125,7 @@ def _step_section(run: dict[str, Any]) -> str:
         f"- prompt version: `{config.get(version_key)}`",
         f"- generation: `{json.dumps(config.get('generation'), sort_keys=True)}`",
         f"- results: `{json.dumps(counts, sort_keys=True)}`",
+        f"- throughput: {render_throughput(summary.get('throughput') or {})}",
         "",
         "Prompt:",
         "",
@@ -214,6 +220,67 @@ def merge_card(card: str, written: dict[str, Any] | None) -> str:
 DATASETS_KEYS = ("dataset_info", "configs")
 
 
+# The provenance column each step writes in every row, and the run configuration key it must equal.
+MODEL_COLUMNS = {"caption": CAPTION_MODEL, "rewrite": REWRITE_MODEL}
+
+
+def check_shards(run_dir: str, run: dict[str, Any], split: str) -> None:
+    """Checks every shard of the run about to be published against its completion record: each marker has its
+    data file and each data file its marker; the file holds the marker's rows and exactly its ids (sha256 of the
+    ids in order); the marker was written by this run's model from this run's source and settings (its identity
+    digests equal those of `run_config.json`); every row names this run's model; the rows add up to the summary's.
+
+    Raises:
+        ValueError: naming the shard and what is wrong with it (missing, foreign, or not matching its record).
+    """
+    import pyarrow.parquet as pq
+
+    config, summary = run["config"], run["summary"]
+    identity = identity_digests(config)
+    markers = {os.path.basename(p)[: -len(".json")]: p
+               for p in glob.glob(os.path.join(run_dir, "shards", f"{split}-*.json"))}
+    files = {os.path.basename(p)[: -len(".parquet")]: p
+             for p in glob.glob(os.path.join(run_dir, "data", f"{split}-*.parquet"))}
+
+    def refuse(name: str, problem: str) -> None:
+        raise ValueError(f"shard {name} of {run_dir} {problem}; nothing was published. Delete shards/{name}.json "
+                         f"and data/{name}.parquet and run the {config.get('step')} step again to remake it")
+
+    for name in sorted(set(files) - set(markers)):
+        refuse(name, "has a data file but no completion marker (a foreign or unfinished shard)")
+    rows = 0
+    label_column = MODEL_COLUMNS.get(config.get("step"))
+    for name, path in sorted(markers.items()):
+        with open(path, encoding="utf-8") as f:
+            marker = json.load(f)
+        rows += marker.get("rows", 0)
+        if not marker.get("rows"):
+            continue  # a stream's end marker: no data file
+        if name not in files:
+            refuse(name, f"is marked done with {marker['rows']} rows but its data file data/{name}.parquet is missing")
+        if marker.get("identity") != identity:
+            refuse(name, "was made by another run (its marker's source, model or settings digests differ from "
+                         "run_config.json)")
+        columns = [ID] + ([label_column] if label_column else [])
+        try:
+            table = pq.read_table(files[name], columns=columns)
+        except Exception as error:  # unreadable, or without the columns: either way not this run's shard
+            refuse(name, f"cannot be read as this run's output ({type(error).__name__}: {error})")
+        ids = [str(i) for i in table.column(ID).to_pylist()]
+        if len(ids) != marker["rows"] or sha256_json(ids) != marker.get("ids_sha256"):
+            refuse(name, f"does not hold the rows its marker records ({len(ids)} rows, first id "
+                         f"{ids[0] if ids else None!r}; the marker: {marker['rows']} rows, first id "
+                         f"{marker.get('first_id')!r})")
+        if label_column:
+            labels = set(table.column(label_column).to_pylist())
+            if labels != {config.get(label_column)}:
+                refuse(name, f"was written by another model: its rows' {label_column} is {sorted(labels)}, this "
+                             f"run's is {config.get(label_column)!r}")
+    if rows != summary.get("rows"):
+        raise ValueError(f"{run_dir}: the shards' markers count {rows} rows, summary.json {summary.get('rows')}; "
+                         "run the step again to finish it before publishing")
+
+
 def publish(args: PublishArguments, hub: HubArguments | None = None) -> str:
     """Pushes data + card to `args.hub_dataset_id`, or writes them under the dry-run dir; returns where they went.
 
@@ -223,19 +290,23 @@ def publish(args: PublishArguments, hub: HubArguments | None = None) -> str:
     """
     hub = hub or HubArguments()
     chain = provenance_chain(args.output_dir)
+    check_shards(_run_dir(args.output_dir), chain[-1], args.split)  # before anything is written or pushed
     license = args.license or source_license(chain[0]["config"]["source"])
     card = render_card(chain, license, args.split, args.hub_dataset_id)
     data_dir = os.path.join(_run_dir(args.output_dir), "data")
     provenance = json.dumps({"runs": _portable_runs(chain), "license": license}, indent=2, sort_keys=True, default=str)
     if args.dry_run:
         target = args.dry_run_dir or os.path.join(_run_dir(args.output_dir), "hub_preview")
-        os.makedirs(os.path.join(target, "data"), exist_ok=True)
+        # A fresh preview every time: built beside the target, then swapped in whole (no file of an earlier
+        # preview survives to be mistaken for part of this one).
+        staging = make_staging_dir(target, tag="preview")
+        os.makedirs(os.path.join(staging, "data"))
         for path in sorted(glob.glob(os.path.join(data_dir, f"{args.split}-*.parquet"))):
-            destination = os.path.join(target, "data", os.path.basename(path))
-            write_with_atomically(destination, lambda tmp, source=path: shutil.copyfile(source, tmp))
+            shutil.copyfile(path, os.path.join(staging, "data", os.path.basename(path)))
         dataset = sources.load_source(data_dir, split=args.split)
-        write_text_atomic(os.path.join(target, "README.md"), merge_card(card, datasets_metadata(dataset, args.split)))
-        write_text_atomic(os.path.join(target, "provenance.json"), provenance)
+        write_text_atomic(os.path.join(staging, "README.md"), merge_card(card, datasets_metadata(dataset, args.split)))
+        write_text_atomic(os.path.join(staging, "provenance.json"), provenance)
+        replace_directory(staging, target)
         return target
     if license == UNKNOWN_LICENSE:
         raise ValueError(f"the licence of {portable(chain[0]['config']['source'])!r} is unknown; pass --license")

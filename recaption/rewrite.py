@@ -12,10 +12,12 @@ used instead of the LLM's answer; empty when the answer was kept). Other columns
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 import sys
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, Callable
 
 from alip_hf.lazy import lazy_import
@@ -27,15 +29,11 @@ from alip_hf.schema import (
     REWRITE_PROMPT_VERSION,
     VECAP,
 )
-from recaption.common import (
-    GenerationArguments,
-    RunArguments,
-    StepResult,
-    chunks,
-    load_input,
-    run_sharded,
-    torch_dtype,
-)
+from recaption.arguments import GenerationArguments, RunArguments, torch_dtype
+from recaption.run import run_sharded
+from recaption.source import load_input
+from recaption.step import StepResult, chunks
+from recaption.throughput import OUTPUT_TOKENS
 from recaption.prompts import RewritePrompt, load_rewrite_prompt
 
 datasets = lazy_import("datasets")  # on first use: `--help` must not wait for it
@@ -260,7 +258,9 @@ class RewriteStep:
             vecap[row_id], reasons[row_id] = select_vecap(alts[k], captions[k], answers.get(k), self.args.max_words)
         counts = {"rows": len(ids), "rewritten": sum(r == "ok" for r in reasons.values()),
                   "vecap_words": sum(len(t.split()) for t in vecap.values()),
-                  "vecap_nonempty": sum(bool(t) for t in vecap.values())}
+                  "vecap_nonempty": sum(bool(t) for t in vecap.values()),
+                  OUTPUT_TOKENS: sum(len(self.rewriter.tokenizer(a, add_special_tokens=False)["input_ids"])
+                                     for a in answers.values() if a)}
         counts.update({f"fallback/{reason}": sum(r == reason for r in reasons.values()) for reason in FALLBACK_REASONS})
         return StepResult(
             columns={
@@ -290,13 +290,23 @@ def rewrite(run: RunArguments, args: RewriteArguments | None = None, generation:
     prompt = load_rewrite_prompt(args.rewrite_prompt_version, args.rewrite_prompt_file)
     prompt.messages("", "", args.num_few_shot)  # a bad --num_few_shot fails before the model loads
     source = load_input(run, {"alt_text": args.alt_text_column, "caption": args.caption_column})
+    if run.engine == "ray":
+        from recaption.ray_engine import run_ray
+
+        plan = RewriteStep(args, generation, prompt, rewriter=SimpleNamespace(commit=None, dtype=None))
+        return run_ray(run, functools.partial(build_rewrite_step, args, generation, prompt), plan, source)
     accelerator = accelerator or Accelerator()
+    return run_sharded(run, build_rewrite_step(args, generation, prompt, accelerator.device), accelerator, source)
+
+
+def build_rewrite_step(args: RewriteArguments, generation: GenerationArguments, prompt: RewritePrompt,
+                       device) -> RewriteStep:
+    """The rewrite step with its LLM loaded on `device` (in each Ray replica, or in this process)."""
     if args.backend == "vllm":
         rewriter = VllmRewriter(args, generation, generation.dtype)
     else:
-        dtype = torch_dtype(generation.dtype, accelerator.device)
-        rewriter = TransformersRewriter(args, generation, accelerator.device, dtype)
-    return run_sharded(run, RewriteStep(args, generation, prompt, rewriter), accelerator, source)
+        rewriter = TransformersRewriter(args, generation, device, torch_dtype(generation.dtype, device))
+    return RewriteStep(args, generation, prompt, rewriter)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

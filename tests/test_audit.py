@@ -34,7 +34,7 @@ from alip_hf.schema import (
 from alip_hf.training.sample_weights import SampleWeightLog
 from modeling_alip import ALIPModel, ALIPProcessor
 from recaption.audit import AuditArguments, GateScorer, audit
-from recaption.common import RunArguments
+from recaption.arguments import RunArguments
 
 ROWS = 14
 BAD_IMAGE, EMPTY_CAPTION, HTML_TEXT = 3, 5, 6

@@ -12,13 +12,15 @@ import pytest
 from conftest import read_metrics, write_parquet
 from PIL import Image
 
-import recaption.common as common
+import recaption.identity as identity
+import recaption.resume as resume
+import recaption.run as run_module
 from alip_hf import data, sources, train
 from alip_hf import evaluation as ev
 from alip_hf.schema import ALT_TEXT, ID, IMAGE
 from modeling_alip import clean_clip_text
 from recaption.caption import CaptionArguments, caption
-from recaption.common import GenerationArguments, RunArguments
+from recaption.arguments import GenerationArguments, RunArguments
 from _tiny_captioners import save_tiny_captioner
 
 ROWS, SHARD = 10, 3  # 4 shards: 3 + 3 + 3 + 1 rows
@@ -54,7 +56,7 @@ class Killed(BaseException):
 
 def caption_killed_after(shards: int, monkeypatch, *args):
     """Runs `caption(*args)` and kills it as the marker of shard `shards` (0-based) is about to be written."""
-    write = common.atomic_write_json
+    write = run_module.atomic_write_json
     written = []
 
     def marker_then_kill(path, payload):
@@ -64,10 +66,16 @@ def caption_killed_after(shards: int, monkeypatch, *args):
             written.append(path)
         write(path, payload)
 
-    monkeypatch.setattr(common, "atomic_write_json", marker_then_kill)
+    monkeypatch.setattr(run_module, "atomic_write_json", marker_then_kill)
     with pytest.raises(Killed):
         caption(*args)
-    monkeypatch.setattr(common, "atomic_write_json", write)
+    monkeypatch.setattr(run_module, "atomic_write_json", write)
+
+
+def hub_source(monkeypatch):
+    """Makes the source look like a Hub dataset: no files to vouch for it, only each finished shard's ids."""
+    for module in (run_module, resume):
+        monkeypatch.setattr(module, "source_identity", lambda args: {"source": "org/name", "split": args.split})
 
 
 def markers(out) -> list[str]:
@@ -104,7 +112,7 @@ def test_source_replaced_between_a_kill_and_the_restart_is_refused_naming_the_sh
 def test_changed_ids_of_a_finished_shard_are_refused_even_when_the_source_looks_the_same(
         captioner, tmp_path, monkeypatch, streaming):
     # A Hub source shows no files; its rows are checked through each finished shard's ids.
-    monkeypatch.setattr(common, "source_identity", lambda args: {"source": "org/name", "split": args.split})
+    hub_source(monkeypatch)
     source, out = tmp_path / "input.parquet", tmp_path / "out"
     write_source(source)
     caption_killed_after(2, monkeypatch, run_args(source, out, streaming=streaming), CaptionArguments(model=captioner),
@@ -129,7 +137,7 @@ def test_finished_run_rerun_after_the_source_changed_is_refused_not_skipped(capt
 
 
 def test_finished_shards_beyond_a_shorter_source_are_refused(captioner, tmp_path, monkeypatch):
-    monkeypatch.setattr(common, "source_identity", lambda args: {"source": "org/name", "split": args.split})
+    hub_source(monkeypatch)
     source, out = tmp_path / "input.parquet", tmp_path / "out"
     write_source(source)
     caption(run_args(source, out), CaptionArguments(model=captioner), gen())
@@ -378,20 +386,20 @@ def test_model_file_digests_are_cached_by_path_size_and_mtime(tmp_path, monkeypa
     import hashlib
     import os
 
-    monkeypatch.setattr(common, "_FILE_DIGESTS", {})
+    monkeypatch.setattr(identity, "_FILE_DIGESTS", {})
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"weights")
     stat = os.stat(weights)
     key = f"{os.path.realpath(weights)}|{stat.st_size}|{stat.st_mtime_ns}"
-    (tmp_path / common.DIGEST_CACHE).write_text(json.dumps({key: "f" * 64}))
-    common._load_digest_cache(str(tmp_path))
-    assert common.file_sha256(str(weights)) == "f" * 64  # from the cache: the file is not read again
+    (tmp_path / identity.DIGEST_CACHE).write_text(json.dumps({key: "f" * 64}))
+    identity.load_digest_cache(str(tmp_path))
+    assert identity.file_sha256(str(weights)) == "f" * 64  # from the cache: the file is not read again
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # rewritten: another mtime
-    assert common.file_sha256(str(weights)) == hashlib.sha256(b"weights").hexdigest()
+    assert identity.file_sha256(str(weights)) == hashlib.sha256(b"weights").hexdigest()
 
 
 def test_model_identity_covers_what_from_pretrained_reads_not_logs_or_subdirectories(tmp_path):
-    from recaption.common import model_identity
+    from recaption.identity import model_identity
 
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"weights v1")

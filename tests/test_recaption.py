@@ -33,7 +33,7 @@ from alip_hf.data import (
     load_source,
 )
 from recaption.caption import CaptionArguments, Captioner, caption
-from recaption.common import GenerationArguments, RunArguments
+from recaption.arguments import GenerationArguments, RunArguments
 from alip_hf.hub import HubArguments
 from recaption.publish import PublishArguments, publish, source_license
 from recaption.rewrite import RewriteArguments, rewrite, select_vecap
@@ -123,6 +123,14 @@ def test_caption_writes_one_row_per_input_with_provenance_and_counts_the_unreada
     assert summary["mean_caption_words"] == pytest.approx(sum(words) / len(words), abs=1e-3)
     config = json.loads((out / "run_config.json").read_text())
     assert config["generation"]["max_new_tokens"] == 8 and config["caption_prompt_version"] == "none-v1"
+    # throughput per replica, from the shards' own times: rows over replica-seconds, tokens likewise
+    markers = [json.loads(p.read_text()) for p in (out / "shards").glob("*.json")]
+    seconds = sum(m["shard_seconds"] for m in markers)
+    speed = summary["throughput"]
+    assert speed["unit"] == "img" and speed["per_replica_per_second"] == pytest.approx(ROWS / seconds, rel=1e-2)
+    assert speed["output_tokens_per_replica_per_second"] == pytest.approx(
+        summary["counts"]["output_tokens"] / seconds, rel=1e-2)
+    assert speed["replica_hours_per_100M"] == pytest.approx(1e8 / (ROWS / seconds) / 3600, rel=1e-2)
 
 
 def test_captions_are_joined_on_id_and_never_see_the_alt_text(captioned, assets):
@@ -415,7 +423,8 @@ def test_publish_dry_run_writes_a_card_with_datasets_metadata_provenance_and_no_
     card = DatasetCard(text)
     for expected in (os.path.basename(assets["captioner"]), os.path.basename(assets["lm"]), "none-v1",
                      "vecap-v1+1shot", '"max_new_tokens": 8', f"Rows: {ROWS}", '"fallbacks": %d' % summary["fallbacks"],
-                     "Merge them into one short caption"):
+                     "Merge them into one short caption", "img/s per replica", "output tokens/s per replica",
+                     "replica-hours per 100M img", "row/s per replica"):
         assert expected in card.text, expected
     meta = card.data.to_dict()
     assert meta["license"] == "cc-by-4.0" and "synthetic-captions" in meta["tags"]
@@ -532,3 +541,49 @@ def test_publish_inherits_the_source_licence_and_refuses_an_unknown_one(rewritte
     source.mkdir()
     (source / "README.md").write_text("---\nlicense: cc-by-sa-4.0\n---\n# data\n")
     assert source_license(str(source)) == "cc-by-sa-4.0"
+
+
+def _publish_preview(out, preview) -> str:
+    from recaption.publish import main as publish_main
+
+    return publish_main(["--output_dir", str(out), "--dry_run", "--dry_run_dir", str(preview), "--license", "mit"])
+
+
+def test_publish_refuses_a_missing_or_foreign_shard_naming_it(captioned, assets, tmp_path):
+    import shutil
+
+    out = tmp_path / "captions"
+    shutil.copytree(captioned[0], out)
+    _publish_preview(out, tmp_path / "ok")  # intact: publishes
+    (out / "data" / "train-00001.parquet").unlink()  # deleted after the run
+    with pytest.raises(ValueError, match=r"shard train-00001 .*data file data/train-00001.parquet is missing"):
+        _publish_preview(out, tmp_path / "p1")
+    shutil.copy(captioned[0] / "data" / "train-00001.parquet", out / "data")
+    # the same shard made by another captioner on the same rows, copied over ours under the same name
+    other = tmp_path / "other"
+    caption(run_args(assets["input"], other), CaptionArguments(model=save_tiny_captioner(str(tmp_path / "blip2"),
+                                                                                         seed=1)), gen())
+    shutil.copy(other / "data" / "train-00002.parquet", out / "data")
+    with pytest.raises(ValueError, match=r"shard train-00002 .*written by another model"):
+        _publish_preview(out, tmp_path / "p2")
+    shutil.copy(other / "shards" / "train-00002.json", out / "shards")  # with its marker: another run's
+    with pytest.raises(ValueError, match=r"shard train-00002 .*made by another run"):
+        _publish_preview(out, tmp_path / "p3")
+    shutil.copy(captioned[0] / "shards" / "train-00002.json", out / "shards")
+    shutil.copy(captioned[0] / "data" / "train-00002.parquet", out / "data")
+    shutil.copy(other / "data" / "train-00001.parquet", out / "data" / "train-00009.parquet")  # no marker
+    with pytest.raises(ValueError, match=r"shard train-00009 .*no completion marker"):
+        _publish_preview(out, tmp_path / "p4")
+    assert not (tmp_path / "p4").exists()  # nothing was written
+
+
+def test_every_publish_dry_run_writes_a_fresh_preview(captioned, tmp_path):
+    preview = tmp_path / "preview"
+    _publish_preview(captioned[0], preview)
+    (preview / "data" / "train-00099.parquet").write_bytes(b"stale")  # e.g. a shard of an earlier, longer run
+    (preview / "notes.txt").write_text("stale")
+    _publish_preview(captioned[0], preview)
+    assert sorted(p.name for p in (preview / "data").iterdir()) == sorted(
+        p.name for p in (captioned[0] / "data").glob("train-*.parquet"))
+    assert not (preview / "notes.txt").exists()
+    assert len(load_source(str(preview / "data"))) == ROWS

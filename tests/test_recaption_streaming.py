@@ -5,7 +5,10 @@ import datasets
 import pytest
 
 from alip_hf.data import load_source
-from recaption.common import Input, RunArguments, StepResult, load_input, run_sharded
+from recaption.arguments import RunArguments
+from recaption.run import run_sharded
+from recaption.source import Input, load_input
+from recaption.step import StepResult
 
 FILES, ROWS_PER_FILE = 4, 10
 

@@ -22,7 +22,8 @@ from alip_hf.schema import ALT_TEXT, CAPTION, ERROR, GATE_COLUMNS, ID, IMAGE
 from alip_hf.training.arguments import parse_args
 from modeling_alip import ALIPModel, ALIPProcessor
 from recaption.audit import AuditArguments, audit
-from recaption.common import GenerationArguments, RunArguments, load_input
+from recaption.arguments import GenerationArguments, RunArguments
+from recaption.source import load_input
 from recaption.rewrite import RewriteArguments, rewrite
 from _tiny_captioners import save_tiny_chat_lm
 

@@ -130,7 +130,7 @@ def test_download_counts_failures_by_reason_and_ids_join_back(downloaded):
 @pytest.mark.slow  # recaption with a tiny captioner, then two tiny training runs
 def test_recaption_and_train_on_the_downloaded_shards(downloaded, tiny_data, tmp_path):
     from recaption.caption import CaptionArguments, caption
-    from recaption.common import GenerationArguments, RunArguments
+    from recaption.arguments import GenerationArguments, RunArguments
     from _tiny_captioners import save_tiny_captioner
 
     from alip_hf import train
@@ -163,7 +163,7 @@ def test_every_recaption_step_runs_on_the_downloaded_shards_in_both_modes(downlo
     from conftest import tiny_alip_config
     from recaption.audit import AuditArguments, audit
     from recaption.caption import CaptionArguments, caption
-    from recaption.common import GenerationArguments, RunArguments
+    from recaption.arguments import GenerationArguments, RunArguments
     from recaption.rewrite import RewriteArguments, rewrite
     from _tiny_captioners import save_tiny_captioner, save_tiny_chat_lm
 
@@ -202,7 +202,7 @@ def test_every_recaption_step_runs_on_the_downloaded_shards_in_both_modes(downlo
 def test_train_log_and_audit_join_on_every_row_of_the_downloaded_shards(downloaded, tiny_data, tmp_path):
     """train.py --log_sample_weights and recaption.audit --sample_weights read the same id (`json.id`)."""
     from recaption.audit import AuditArguments, audit
-    from recaption.common import RunArguments
+    from recaption.arguments import RunArguments
 
     from alip_hf import train
 

@@ -1,0 +1,140 @@
+"""Ways to scale `recaption.caption`, same work, tiny captioner on CPU: wall time of the whole command (start-up
+included), median of `--repeats`.
+
+Two figures per configuration: the wall time of the whole command (process and model start-up included: Ray's
+local cluster start is most of its extra time on a small job), and the shards' makespan (from the start of the
+first shard to the end of the last, from the markers' `finished_at` and `shard_seconds`), which is what the
+scheduling decides once the replicas are up.
+
+1. Two replicas, no straggler: `accelerate launch` with 2 CPU processes against `--engine ray` with 2 replicas
+   of 1 CPU each (target: Ray at most 1.15x accelerate's time).
+2. Two replicas, one a simulated straggler (its shards take 3x as long, an injected delay; `_straggler.py`):
+   static shard assignment (2 scheduler tasks, shard j to task j % 2, as `accelerate launch` assigns them)
+   against Ray's dynamic scheduling (an idle replica takes the next shard; target: at most 0.75x the time).
+
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/bench_recaption_scaling.py --images 240 --shard_size 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tiny test models: tests/_tiny_captioners.py
+
+
+def _source(path: str, n: int) -> str:
+    import io
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    def png(i):
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.RandomState(i).randint(0, 255, (32, 32, 3), dtype=np.uint8)).save(buffer, "PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image(),
+                                  "alt_text": datasets.Value("string")})
+    datasets.Dataset.from_dict({"id": [f"img-{i:05d}" for i in range(n)], "image": [png(i) for i in range(n)],
+                                "alt_text": [f"alt {i}" for i in range(n)]}, features=features).to_parquet(path)
+    return path
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_ARRAY")}
+    return {**env, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
+
+
+def _makespan(output_dir: str) -> float:
+    import glob
+    import json
+
+    markers = [json.load(open(p)) for p in glob.glob(os.path.join(output_dir, "shards", "*.json"))]
+    markers = [m for m in markers if "finished_at" in m]
+    return max(m["finished_at"] for m in markers) - min(m["finished_at"] - m["shard_seconds"] for m in markers)
+
+
+def _timed(commands: list[tuple[list[str], dict]]) -> float:
+    """Seconds until every command (started together) has finished; a failure stops the benchmark."""
+    start = time.perf_counter()
+    processes = [subprocess.Popen(c, env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for c, e in commands]
+    for process in processes:
+        log = process.communicate()[0]
+        if process.returncode:
+            raise RuntimeError(f"{commands[0][0][:4]}... failed:\n{log[-3000:]}")
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=240)
+    parser.add_argument("--shard_size", type=int, default=10)
+    parser.add_argument("--max_new_tokens", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    from _tiny_captioners import save_tiny_captioner
+
+    work = tempfile.mkdtemp()
+    model = save_tiny_captioner(os.path.join(work, "captioner"))
+    source = _source(os.path.join(work, "input.parquet"), args.images)
+    common = ["--source", source, "--model", model, "--shard_size", str(args.shard_size), "--batch_size", "8",
+              "--max_new_tokens", str(args.max_new_tokens), "--dtype", "float32"]
+    straggler = [sys.executable, os.path.join(ROOT, "benchmarks", "_straggler.py"), *common]
+
+    def out(name):
+        path = os.path.join(work, name)
+        shutil.rmtree(path, ignore_errors=True)
+        return ["--output_dir", path]
+
+    configs = {
+        "accelerate, 2 processes": lambda: [(
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "recaption.caption",
+             *common, *out("acc")], _env(ACCELERATE_USE_CPU="true"))],
+        "ray, 2 replicas": lambda: [(
+            [sys.executable, "-m", "recaption.caption", *common, *out("ray"), "--engine", "ray", "--num_replicas",
+             "2", "--cpus_per_replica", "1"], _env())],
+        "static (2 tasks), straggler": lambda: [
+            ([*straggler, *out("static"), "--num_tasks", "2", "--task_index", "0"], _env(STRAGGLER="1")),
+            ([*straggler, *out("static"), "--num_tasks", "2", "--task_index", "1"], _env())],
+        "ray dynamic, straggler": lambda: [
+            ([*straggler, *out("dynamic"), "--engine", "ray", "--num_replicas", "2", "--cpus_per_replica", "1"],
+             _env(STRAGGLER_CLAIM=os.path.join(work, f"claim-{time.time_ns()}")))],
+    }
+    outputs = {"accelerate, 2 processes": "acc", "ray, 2 replicas": "ray", "static (2 tasks), straggler": "static",
+               "ray dynamic, straggler": "dynamic"}
+    seconds = {name: [] for name in configs}
+    spans = {name: [] for name in configs}
+    for _ in range(args.repeats):  # configurations take turns, so that they share the machine's load
+        for name, commands in configs.items():
+            seconds[name].append(_timed(commands()))
+            spans[name].append(_makespan(os.path.join(work, outputs[name])))
+    wall = {name: statistics.median(values) for name, values in seconds.items()}
+    span = {name: statistics.median(values) for name, values in spans.items()}
+    print(f"{args.images} images, shard_size {args.shard_size}, median of {args.repeats}; seconds\n")
+    print("| configuration | wall (start-up included) | runs | shards' makespan | runs |")
+    print("|---|---|---|---|---|")
+    for name in configs:
+        print(f"| {name} | {wall[name]:.1f} | {', '.join(f'{v:.1f}' for v in seconds[name])} | {span[name]:.1f} | "
+              f"{', '.join(f'{v:.1f}' for v in spans[name])} |")
+    for label, a, b, target in (("ray / accelerate (no straggler)", "ray, 2 replicas", "accelerate, 2 processes",
+                                 1.15),
+                                ("ray dynamic / static (straggler)", "ray dynamic, straggler",
+                                 "static (2 tasks), straggler", 0.75)):
+        print(f"\n{label}: wall {wall[a] / wall[b]:.2f}x, makespan {span[a] / span[b]:.2f}x (target <= {target}x)")
+
+
+if __name__ == "__main__":
+    main()

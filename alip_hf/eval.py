@@ -69,7 +69,8 @@ class EvalArguments:
         "help": f"One or more of {TASKS} (aliases {sorted(TASK_ALIASES)}), all on the same images (encoded once); "
                 "with --preset, replaces a classification preset's task."})
     data_root: str | None = field(default=None, metadata={
-        "help": "Local mirror of the presets' Hub datasets: <data_root>/<repository name> (e.g. DIR/wds_cifar10)."})
+        "help": "Local mirror of the presets' datasets: <data_root>/<repository name> (e.g. DIR/wds_cifar10, "
+                "DIR/Urban1k, DIR/densely_captioned_images)."})
     dtype: str = field(default="fp32", metadata={
         "help": "Autocast dtype of the towers; similarities and metrics stay float32.", "choices": list(DTYPES)})
     trust_remote_code: bool = field(default=False, metadata={

@@ -2,7 +2,8 @@
 metrics and names.
 
 Modules, in import order: `classnames` (class names and templates), `presets` (tasks, presets, groups),
-`loading` (a task's split), `features` (sharded encoding, the zero-shot classifier and its cache), `metrics`
+`archives` (a publisher's zip or tar, unpacked once), `long_retrieval` (the long-caption sets in their publishers'
+files), `loading` (a task's split), `features` (sharded encoding, the zero-shot classifier and its cache), `metrics`
 (pure functions of features), `runners` (features once per split, one runner per task), `reports` (results
 table, recall plots, comparisons), `cards` (model cards, which import `reports`, never the other way round). The
 names below are importable from here; they are loaded on first use so that importing the package (for `--help`)

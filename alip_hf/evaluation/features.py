@@ -109,23 +109,47 @@ def decode_row(cell, row: int, source: str = "images", row_ids: Sequence | None 
                          f"({type(error).__name__}: {error}); remove or replace it") from error
 
 
-def tokenize(processor, texts: list[str]) -> dict[str, torch.Tensor]:
-    """`input_ids`/`attention_mask` `(B, L)`, padded to the longest text, truncated to the context length."""
+def text_limit(model, accelerator=None) -> int | None:
+    """The number of tokens (start and end included) texts are cut to: the text tower's positions,
+    `config.text_config.max_position_embeddings` (77 for CLIP, 248 for a Long-CLIP model), whatever length its
+    tokenizer was saved with, since a longer text cannot be encoded and a shorter cut would drop text the model
+    reads. `None` for a model without that config: the tokenizer's own `model_max_length` applies."""
+    config = getattr(core_model(model, accelerator), "config", None)
+    positions = getattr(getattr(config, "text_config", None), "max_position_embeddings", None)
+    return int(positions) if positions else None
+
+
+def tokenize(processor, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """`input_ids`/`attention_mask` `(B, L)`, padded to the longest text, truncated to `max_length` tokens (default:
+    the tokenizer's `model_max_length`)."""
     tokenizer_call = processor if callable(processor) else processor.tokenizer
-    encoded = tokenizer_call(text=texts, padding=True, truncation=True, return_tensors="pt")
+    limit = {"max_length": max_length} if max_length else {}
+    encoded = tokenizer_call(text=texts, padding=True, truncation=True, return_tensors="pt", **limit)
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded.get("attention_mask")}
+
+
+def texts_over_limit(processor, texts: Sequence[str], max_length: int | None) -> int:
+    """How many of `texts` have more than `max_length` tokens (start and end included): those `encode_texts` cuts."""
+    tokenizer_call = processor if callable(processor) else processor.tokenizer
+    if max_length is None:
+        max_length = getattr(getattr(processor, "tokenizer", processor), "model_max_length", None)
+    if not texts or not max_length:
+        return 0
+    ids = tokenizer_call(text=list(texts), padding=False, truncation=False, return_tensors=None)["input_ids"]
+    return sum(len(row) > max_length for row in ids)
 
 
 @torch.no_grad()
 def encode_texts(model, processor, texts: Sequence[str], batch_size: int = 256, accelerator=None,
                  desc: str = "texts", autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Texts -> `(T, projection_dim)` L2-normalised float32 features (the processor's tokenizer and cleaning;
-    the text tower under autocast in `autocast_dtype`, if given)."""
+    """Texts -> `(T, projection_dim)` L2-normalised float32 features (the processor's tokenizer and cleaning, each
+    text cut to `text_limit(model)` tokens; the text tower under autocast in `autocast_dtype`, if given)."""
     model = core_model(model, accelerator)
     device, _ = _device_and_dtype(model)
+    limit = text_limit(model)
 
     def encode(batch):
-        inputs = {k: v.to(device) for k, v in tokenize(processor, list(batch)).items() if v is not None}
+        inputs = {k: v.to(device) for k, v in tokenize(processor, list(batch), limit).items() if v is not None}
         with autocast(device, autocast_dtype):
             features = model.get_text_features(**inputs).pooler_output
         return F.normalize(features.float(), dim=-1)

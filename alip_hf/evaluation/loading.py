@@ -6,7 +6,6 @@ import csv
 import json
 import logging
 import os
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +13,10 @@ import numpy as np
 
 from alip_hf import data as data_lib
 from alip_hf import sources
-from alip_hf.io import write_bytes_atomic
+from alip_hf.evaluation.archives import unpack_members
 from alip_hf.evaluation.classnames import named_list
-from alip_hf.evaluation.presets import WDS_LAYOUT, EvalTask
+from alip_hf.evaluation.long_retrieval import IMAGE, load_long_split
+from alip_hf.evaluation.presets import LONG_RETRIEVAL_LAYOUTS, WDS_LAYOUT, EvalTask
 
 # The image members CLIP_benchmark's `wds/` loader accepts, in its order of preference.
 WDS_IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
@@ -185,27 +185,9 @@ def _association_instance(csv_path: Path, line: int, row: dict) -> AssociationIn
 
 
 def _winogavil_images(root: Path, names: set[str]) -> Path:
-    folder = root / WINOGAVIL_IMAGES_DIR
-    if all((folder / f"{name}.jpg").is_file() for name in names):
-        return folder
-    archive = root / WINOGAVIL_IMAGES_ZIP
-    if not archive.is_file():
-        absent = sorted(n for n in names if not (folder / f"{n}.jpg").is_file())
-        raise FileNotFoundError(f"{archive} not found, and {folder} lacks {len(absent)} candidate image(s) "
-                                f"({', '.join(absent[:3])}.jpg ...)")
-    with zipfile.ZipFile(archive) as zf:
-        members = set(zf.namelist())
-        wanted = [f"{WINOGAVIL_IMAGES_DIR}/{name}.jpg" for name in sorted(names)]
-        absent = [m for m in wanted if m not in members]
-        if absent:
-            raise FileNotFoundError(f"{archive}: no member(s) {absent[:3]}{' ...' if len(absent) > 3 else ''} "
-                                    f"({len(absent)} of the games' {len(wanted)} candidate images)")
-        logger.info("unpacking %d WinoGAViL images from %s into %s", len(wanted), archive, folder)
-        for member in wanted:
-            target = root / member
-            if not target.is_file():
-                write_bytes_atomic(target, zf.read(member))
-    return folder
+    members = [f"{WINOGAVIL_IMAGES_DIR}/{name}.jpg" for name in sorted(names)]
+    unpack_members(root / WINOGAVIL_IMAGES_ZIP, members, root, "candidate images of the games")
+    return root / WINOGAVIL_IMAGES_DIR
 
 
 def winogavil_prompt(cue: str) -> str:
@@ -220,7 +202,8 @@ def winogavil_prompt(cue: str) -> str:
 
 
 def load_split(task: EvalTask, split: str):
-    """The rows of `split` (filtered by `task.row_filter`), images left undecoded, and the image column name.
+    """The rows of `split` (filtered by `task.row_filter`, then cut to `task.first_rows`), images left undecoded, and
+    the image column name.
 
     Raises:
         ValueError: a missing column, no image column to pick, or no rows.
@@ -228,6 +211,8 @@ def load_split(task: EvalTask, split: str):
     if task.layout == WDS_LAYOUT:
         dataset = load_wds_split(wds_root(task, split), split)
         image_column = task.image_column or _wds_image_column(dataset, task)
+    elif task.layout in LONG_RETRIEVAL_LAYOUTS:
+        dataset, image_column = load_long_split(task, split), task.image_column or IMAGE
     else:
         dataset = sources.load_source(task.source, split=split)
         image_column = task.image_column or _only_image_column(dataset, task)
@@ -239,6 +224,8 @@ def load_split(task: EvalTask, split: str):
     if task.row_filter:
         column, value = task.row_filter
         dataset = dataset.filter(lambda v: v == value, input_columns=column)
+    if task.first_rows is not None and len(dataset) > task.first_rows:
+        dataset = dataset.select(range(task.first_rows))
     if len(dataset) == 0:
         raise ValueError(f"{task.name}: {task.source} split {split!r} has no rows" +
                          (f" with {task.row_filter[0]} == {task.row_filter[1]!r}" if task.row_filter else ""))

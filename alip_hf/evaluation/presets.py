@@ -36,6 +36,11 @@ WDS_LAYOUT = "clip_benchmark_wds"
 # The files of the Hub dataset `nlphuji/winogavil` (what its loading script downloads, and so what DataComp reads):
 # `winogavil_dataset.csv` and `winogavil_images.zip` holding `winogavil_images/<candidate>.jpg`.
 WINOGAVIL_LAYOUT = "winogavil"
+# Long-caption retrieval sets, each read from its publisher's files (alip_hf/evaluation/long_retrieval.py): Long-CLIP's
+# `Urban1k.zip`, ShareGPT4V's `share-captioner_coco_lcs_sam_1246k_1107.json`, DOCCI's `docci_descriptions.jsonlines`
+# + `images/`, DCI's `densely_captioned_images/` (`splits.json`, `annotations/`, `photos/`).
+URBAN1K_LAYOUT, SHAREGPT4V_LAYOUT, DOCCI_LAYOUT, DCI_LAYOUT = "urban1k", "sharegpt4v", "docci", "dci"
+LONG_RETRIEVAL_LAYOUTS = (URBAN1K_LAYOUT, SHAREGPT4V_LAYOUT, DOCCI_LAYOUT, DCI_LAYOUT)
 
 
 @dataclass
@@ -64,14 +69,18 @@ class EvalTask:
             shards (members `<key>.webp|png|jpg|jpeg`, `<key>.cls`, `<key>.txt`, `<key>.npy`), `<split>/
             nshards.txt`, `classnames.txt`, `zeroshot_classification_templates.txt`, `dataset_type.txt`; or
             `"winogavil"` (`WINOGAVIL_LAYOUT`): `winogavil_dataset.csv` + `winogavil_images.zip` (or the
-            `winogavil_images/` folder it unpacks to).
+            `winogavil_images/` folder it unpacks to); or one of `LONG_RETRIEVAL_LAYOUTS` (`"urban1k"`,
+            `"sharegpt4v"`, `"docci"`, `"dci"`): a long-caption retrieval set in its publisher's files, read as
+            rows `id`, `image` (a file path), `caption` (alip_hf/evaluation/long_retrieval.py).
         revision: the Hub revision of `source` (branch, tag or commit).
         caption_lines: retrieval: a caption cell holds several captions, one per line (CLIP_benchmark's `.txt`).
         main_metric: the metric a suite averages (DataComp's `main_metric`; `acc1` where it names none).
         group_metric: a WILDS / fairness metric that needs each image's metadata (`.npy`, first field: the
             group): `F1-macro_all`, `acc_worst_region`, `acc_top5_wg`, `acc_wg`.
+        first_rows: evaluate the first N rows of the split in its published order (ShareGPT4V-1k: Long-CLIP's first
+            1000 entries of the ShareGPT4V json); recorded with the results.
         expected_rows: the split's published row count; a copy with another count is logged and recorded.
-        title: the dataset's name in DataComp's tables (`Oxford Flowers-102`).
+        title: the dataset's name in DataComp's tables (`Oxford Flowers-102`) or its publisher's (`Urban1k`).
     """
 
     name: str
@@ -88,11 +97,12 @@ class EvalTask:
     train_split: str | None = None
     val_split: str | None = None
     val_fraction: float = 0.2
-    layout: Literal["datasets", "clip_benchmark_wds", "winogavil"] = "datasets"
+    layout: Literal["datasets", "clip_benchmark_wds", "winogavil", "urban1k", "sharegpt4v", "docci", "dci"] = "datasets"
     revision: str | None = None
     caption_lines: bool = False
     main_metric: str | None = None
     group_metric: str | None = None
+    first_rows: int | None = None
     expected_rows: int | None = None
     title: str | None = None
 
@@ -106,6 +116,8 @@ class EvalTask:
             raise ValueError(f"{self.name}: a {self.task} task needs label_column")
         if self.task == LINEAR_PROBE and not self.train_split:
             raise ValueError(f"{self.name}: a linear probe needs train_split")
+        if self.first_rows is not None and self.first_rows < 1:
+            raise ValueError(f"{self.name}: first_rows must be >= 1, got {self.first_rows}")
         if self.group_metric is not None and self.group_metric not in GROUP_METRICS:
             raise ValueError(f"{self.name}: group_metric must be one of {GROUP_METRICS}, got {self.group_metric!r}")
         if self.main_metric is None:
@@ -211,19 +223,45 @@ _VTAB_EXTRA = [
     _wds("smallnorb_label_elevation", "wds_vtab-smallnorb_label_elevation"),
 ]
 
+# ----------------------------------------------------------------------------------------------------------------
+# Long-caption retrieval: one long text per image, each set read from its publisher's files
+# ----------------------------------------------------------------------------------------------------------------
+# How models trained on long captions (Long-CLIP, DreamLIP, LoTLIP, FLAIR, TULIP, ...) are compared. The source is
+# where the publisher's files live (`with_data_root` maps it to `<data_root>/<last part>`); what each set reads, which
+# subset and which text, and what was checked for it: docs/evaluation.md, "Long-caption retrieval".
+
+
+def _long(name: str, source: str, layout: str, split: str, rows: int, title: str, first_rows: int | None = None):
+    return EvalTask(name, RETRIEVAL, source, split, caption_columns=("caption",), layout=layout, first_rows=first_rows,
+                    expected_rows=rows, title=title)
+
+
+_LONG_RETRIEVAL = [
+    # Long-CLIP's Urban1k: `Urban1k.zip` on the Hub, `Urban1k/image/<n>.jpg` + `Urban1k/caption/<n>.txt`.
+    _long("urban1k", "BeichenZhang/Urban1k", URBAN1K_LAYOUT, "test", 1000, "Urban1k"),
+    # Long-CLIP's ShareGPT4V-1k: the first 1000 entries of the ShareGPT-4V-PT json (Long-CLIP issue #60).
+    _long("sharegpt4v_1k", "Lin-Chen/ShareGPT4V", SHAREGPT4V_LAYOUT, "all", 1000, "ShareGPT4V-1k", first_rows=1000),
+    # DOCCI's test split (5000 images, one human description each), from `docci_descriptions.jsonlines`.
+    _long("docci", "google/docci", DOCCI_LAYOUT, "test", 5000, "DOCCI"),
+    # DCI as LoTLIP (and FLAIR) evaluate it: every image of `splits.json` (7805), short + extra caption.
+    _long("dci", "densely_captioned_images", DCI_LAYOUT, "all", 7805, "DCI"),
+]
+
 PRESETS: dict[str, list[EvalTask]] = {
     "demo": [
         EvalTask("demo", ZEROSHOT, str(DEMO_DATA), "test", "image", "category", train_split="train",
                  templates=("clip art of {}.", "a drawing of {}.", "an illustration of {}.")),
         EvalTask("demo", RETRIEVAL, str(DEMO_DATA), "test", "image", caption_columns=("alt_text", "caption")),
     ],
-    **{t.name: [t] for t in _DATACOMP_TASKS + _VTAB_EXTRA},
+    **{t.name: [t] for t in _DATACOMP_TASKS + _VTAB_EXTRA + _LONG_RETRIEVAL},
 }
 PRESET_GROUPS = {
     # The 11 zero-shot classification datasets of the ALIP paper's zero-shot table (arXiv 2308.08428).
     "alip_zeroshot": ["cifar10", "cifar100", "food101", "pets", "flowers", "sun397", "cars", "dtd", "caltech101",
                       "fgvc_aircraft", "imagenet1k"],
     "retrieval": ["flickr30k", "mscoco"],
+    # Long-caption retrieval, as Long-CLIP (Urban1k, ShareGPT4V-1k), LoTLIP / FLAIR (DCI) and DOCCI's users report it.
+    "long_retrieval": [t.name for t in _LONG_RETRIEVAL],
     # DataComp's evaluation suite (tasklist.yml), its 38 scored tasks in its order.
     "datacomp": [t.name for t in _DATACOMP_TASKS],
     # CLIP_benchmark's `vtab` collection, in its order.
@@ -253,7 +291,8 @@ def unknown_preset_message(name: str) -> str:
 def with_data_root(task: EvalTask, data_root: str | os.PathLike | None) -> EvalTask:
     """The task reading a local mirror: a Hub source `org/repo` becomes `<data_root>/<repo>` (what
     `huggingface-cli download <org>/<repo> --repo-type dataset --local-dir <data_root>/<repo>` writes, and
-    DataComp's `--data_dir` layout for its `wds_<task>_test` copies); local sources stay."""
+    DataComp's `--data_dir` layout for its `wds_<task>_test` copies), a folder name (DCI's
+    `densely_captioned_images`) `<data_root>/<name>`; existing local sources stay."""
     if data_root is None or os.path.exists(task.source):
         return task
     return replace(task, source=str(Path(data_root) / task.source.rstrip("/").split("/")[-1]), revision=None)

@@ -21,6 +21,8 @@ from alip_hf.evaluation.features import (
     ClassifierCache,
     encode_images,
     encode_texts,
+    text_limit,
+    texts_over_limit,
     zeroshot_classifier,
 )
 from alip_hf.evaluation.loading import (
@@ -152,6 +154,11 @@ def run_retrieval(model, processor, task: EvalTask, settings: EvalSettings, imag
                   accelerator=None, cache=None) -> dict:
     dataset, image_embeds, _ = images(task, task.split)
     texts, text_image_index = captions_per_image(task, dataset)
+    limit = text_limit(model, accelerator)
+    truncated = texts_over_limit(processor, texts, limit)
+    if truncated:
+        logger.warning("%s: %d of %d captions are longer than the model's %s text positions and are cut to them",
+                       task.name, truncated, len(texts), limit)
     text_embeds = encode_texts(model, processor, texts, settings.text_batch_size, accelerator,
                                desc=f"{task.name} captions", autocast_dtype=settings.autocast_dtype)
     metrics = retrieval_metrics(image_embeds, text_embeds, text_image_index, settings.recall_ks)
@@ -161,7 +168,8 @@ def run_retrieval(model, processor, task: EvalTask, settings: EvalSettings, imag
         curve = {"recall_curve": recall_curve(image_embeds, text_embeds, text_image_index,
                                               settings.recall_curve_max_k)}
     return {"metrics": metrics, "num_images": len(dataset), "num_texts": len(texts),
-            "caption_columns": list(task.caption_columns), **curve}
+            "caption_columns": list(task.caption_columns), "text_positions": limit, "texts_truncated": truncated,
+            **curve}
 
 
 def run_linear_probe(model, processor, task: EvalTask, settings: EvalSettings, images: SplitFeatures,
@@ -241,6 +249,8 @@ def run_task(model, processor, task: EvalTask, settings: EvalSettings, images: S
               "status": "ok", "main_metric": task.main_metric, "main_score": main_score(task, result["metrics"])}
     if task.revision:
         record["revision"] = task.revision
+    if task.first_rows is not None:
+        record["first_rows"] = task.first_rows
     if task.expected_rows is not None:
         record["expected_rows"] = task.expected_rows
     return record

@@ -12,7 +12,8 @@ scheduling decides once the replicas are up.
    static shard assignment (2 scheduler tasks, shard j to task j % 2, as `accelerate launch` assigns them)
    against Ray's dynamic scheduling (an idle replica takes the next shard; target: at most 0.75x the time).
 
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/bench_recaption_scaling.py --images 240 --shard_size 10
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/bench_recaption_scaling.py --images 4000 --shard_size 50 \
+        --max_new_tokens 32 --repeats 3
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def main(argv=None):
     parser.add_argument("--shard_size", type=int, default=10)
     parser.add_argument("--max_new_tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--settle", type=float, default=5.0,
+                        help="seconds of idle between runs, so that one run's exiting processes do not slow the next")
     args = parser.parse_args(argv)
 
     from _tiny_captioners import save_tiny_captioner
@@ -115,15 +118,22 @@ def main(argv=None):
     }
     outputs = {"accelerate, 2 processes": "acc", "ray, 2 replicas": "ray", "static (2 tasks), straggler": "static",
                "ray dynamic, straggler": "dynamic"}
+    load_before = os.getloadavg()
     seconds = {name: [] for name in configs}
     spans = {name: [] for name in configs}
-    for _ in range(args.repeats):  # configurations take turns, so that they share the machine's load
-        for name, commands in configs.items():
-            seconds[name].append(_timed(commands()))
-            spans[name].append(_makespan(os.path.join(work, outputs[name])))
+    try:
+        for _ in range(args.repeats):  # configurations take turns, so that they share the machine's load
+            for name, commands in configs.items():
+                time.sleep(args.settle)
+                seconds[name].append(_timed(commands()))
+                spans[name].append(_makespan(os.path.join(work, outputs[name])))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     wall = {name: statistics.median(values) for name, values in seconds.items()}
     span = {name: statistics.median(values) for name, values in spans.items()}
-    print(f"{args.images} images, shard_size {args.shard_size}, median of {args.repeats}; seconds\n")
+    load = ", ".join(f"{a:.1f} -> {b:.1f}" for a, b in zip(load_before, os.getloadavg()))
+    print(f"{args.images} images, shard_size {args.shard_size}, max_new_tokens {args.max_new_tokens}, median of "
+          f"{args.repeats}; seconds. Load average (1, 5, 15 min) before -> after: {load}\n")
     print("| configuration | wall (start-up included) | runs | shards' makespan | runs |")
     print("|---|---|---|---|---|")
     for name in configs:

@@ -128,3 +128,24 @@ def test_a_stream_on_ray_gives_the_same_chunks_and_rows_as_one_process(setup, cl
     names = {name: sorted(p.name for p in (out / "shards").glob("*.json")) for name, out in outputs.items()}
     assert names["ray"] == names["single"] and len(names["ray"]) == 6  # 2 chunks per source shard
     assert _rows(outputs["ray"]) == _rows(outputs["single"])
+
+
+def test_rewrite_on_ray_gives_the_same_rows_as_one_process(setup, cluster, tmp_path):
+    """The rewrite step (VeCap from AltText + caption, a chat LM) runs on the same pool as captioning."""
+    from recaption.rewrite import RewriteArguments, rewrite
+    from _tiny_captioners import save_tiny_chat_lm
+
+    captioner, source, _ = setup
+    captioned = tmp_path / "captioned"
+    caption(RunArguments(source=source, output_dir=str(captioned), shard_size=SHARD), CaptionArguments(model=captioner),
+            gen())
+    args = RewriteArguments(model=save_tiny_chat_lm(str(tmp_path / "lm")), num_few_shot=1, max_words=6)
+    outputs = {}
+    for name, extra in (("single", {}), ("ray", {"engine": "ray", "num_replicas": 2})):
+        outputs[name] = tmp_path / name
+        summary = rewrite(RunArguments(source=str(captioned / "data"), output_dir=str(outputs[name]), shard_size=2,
+                                       **extra), args, gen())
+        assert summary["complete"] and summary["rows"] == ROWS
+    rows = {name: _rows(out) for name, out in outputs.items()}
+    assert rows["ray"] == rows["single"]  # ids, vecap, rewrite_model, rewrite_prompt_version, fallbacks
+    assert {"vecap", "rewrite_prompt_version"} <= set(rows["ray"][0])

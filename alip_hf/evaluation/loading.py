@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from alip_hf import sources
 from alip_hf.evaluation.archives import unpack_members
 from alip_hf.evaluation.classnames import named_list
 from alip_hf.evaluation.long_retrieval import IMAGE, load_long_split
-from alip_hf.evaluation.presets import LONG_RETRIEVAL_LAYOUTS, WDS_LAYOUT, EvalTask
+from alip_hf.evaluation.presets import LONG_RETRIEVAL_LAYOUTS, WDS_LAYOUT, EvalTask, hub_files_folder, task_folder
 
 # The image members CLIP_benchmark's `wds/` loader accepts, in its order of preference.
 WDS_IMAGE_EXTENSIONS = ("webp", "png", "jpg", "jpeg")
@@ -37,16 +36,14 @@ logger = logging.getLogger(__name__)
 def wds_root(task: EvalTask, split: str | None = None) -> Path:
     """The local folder of the task's CLIP_benchmark WebDataset copy: `source` itself when it is a folder, else
     the Hub repository's snapshot (only `<split>/*` and the top-level `.txt` files are downloaded)."""
-    if os.path.isdir(task.source):
-        return Path(task.source)
-    if os.path.exists(task.source) or task.source.count("/") != 1:
-        raise FileNotFoundError(f"{task.name}: {task.source!r} is neither a folder in CLIP_benchmark's WebDataset "
-                                "layout nor a Hub dataset id (org/name)")
-    from huggingface_hub import snapshot_download
 
-    patterns = ["*.txt"] + ([f"{split}/*"] if split else [])
-    return Path(snapshot_download(task.source, repo_type="dataset", revision=task.revision,
-                                  allow_patterns=patterns))
+    def snapshot() -> str:
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.txt"] + ([f"{split}/*"] if split else [])
+        return snapshot_download(task.source, repo_type="dataset", revision=task.revision, allow_patterns=patterns)
+
+    return task_folder(task, "a copy in CLIP_benchmark's WebDataset layout", snapshot)
 
 
 def wds_shards(root: Path, split: str) -> list[Path]:
@@ -132,16 +129,8 @@ class AssociationInstance:
 def winogavil_root(task: EvalTask) -> Path:
     """The local folder holding the task's `winogavil_dataset.csv`: `source` itself when it is a folder, else the
     Hub repository's CSV and image zip (`hf_hub_download`; cached, works offline once cached)."""
-    if os.path.isdir(task.source):
-        return Path(task.source)
-    if os.path.exists(task.source) or task.source.count("/") != 1:
-        raise FileNotFoundError(f"{task.name}: {task.source!r} is neither a folder holding {WINOGAVIL_CSV} and "
-                                f"{WINOGAVIL_IMAGES_ZIP} (a copy of nlphuji/winogavil) nor a Hub dataset id (org/name)")
-    from huggingface_hub import hf_hub_download
-
-    csv_path = hf_hub_download(task.source, WINOGAVIL_CSV, repo_type="dataset", revision=task.revision)
-    hf_hub_download(task.source, WINOGAVIL_IMAGES_ZIP, repo_type="dataset", revision=task.revision)
-    return Path(csv_path).parent
+    return task_folder(task, f"{WINOGAVIL_CSV} and {WINOGAVIL_IMAGES_ZIP} (a copy of nlphuji/winogavil)",
+                       lambda: hub_files_folder(task, WINOGAVIL_CSV, WINOGAVIL_IMAGES_ZIP))
 
 
 def load_winogavil(task: EvalTask) -> tuple[list[AssociationInstance], Path]:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Iterator
 
 from alip_hf.evaluation.archives import archive_names, unpack_members
 from alip_hf.evaluation.presets import DCI_LAYOUT, DOCCI_LAYOUT, SHAREGPT4V_LAYOUT, URBAN1K_LAYOUT, EvalTask
+from alip_hf.evaluation.presets import hub_files_folder, task_folder
 from alip_hf.schema import ID
 
 logger = logging.getLogger(__name__)
@@ -56,25 +56,6 @@ def load_long_split(task: EvalTask, split: str):
     return datasets.Dataset.from_dict(READERS[task.layout](task, split))
 
 
-def local_copy(task: EvalTask, holds: str, hub_file: str | None = None) -> Path:
-    """The folder of the task's copy: `source` itself when it is a folder; else, for a publisher that ships
-    `hub_file` in the Hub dataset `source`, that file's folder in the Hub cache (`hf_hub_download`, works offline
-    once cached).
-
-    Raises:
-        FileNotFoundError: no such folder and nothing to download, naming what the folder must hold.
-    """
-    if os.path.isdir(task.source):
-        return Path(task.source)
-    if hub_file is not None and not os.path.exists(task.source) and task.source.count("/") == 1:
-        from huggingface_hub import hf_hub_download
-
-        path = hf_hub_download(task.source, hub_file, repo_type="dataset", revision=task.revision)
-        return Path(path).parent
-    raise FileNotFoundError(f"{task.name}: {task.source} is not a folder holding {holds}; pass --data_root DIR with "
-                            f"the copy in DIR/{Path(task.source).name} (docs/evaluation.md, 'Long-caption retrieval')")
-
-
 def _only_split(task: EvalTask, split: str, splits: tuple[str, ...]) -> None:
     if split not in splits:
         raise ValueError(f"{task.name}: no split {split!r}; the {task.layout} layout has {list(splits)}")
@@ -85,6 +66,11 @@ def _require_files(paths: list[Path], what: str) -> None:
     if missing:
         raise FileNotFoundError(f"{len(missing)} of the {len(paths)} {what} are missing: {', '.join(missing[:3])}"
                                 f"{' ...' if len(missing) > 3 else ''}")
+
+
+def _missing_fields(record, fields: tuple[str, ...]) -> list[str]:
+    """The `fields` a parsed JSON `record` lacks (all of them when it is no object)."""
+    return [f for f in fields if not isinstance(record, dict) or f not in record]
 
 
 def _rows(ids: list[str], images: list[Path], captions: list[str]) -> dict[str, list]:
@@ -109,7 +95,8 @@ def urban1k_split(task: EvalTask, split: str) -> dict[str, list]:
         ValueError: a split other than `test`; an empty caption file.
     """
     _only_split(task, split, ("test",))
-    root = local_copy(task, f"{URBAN1K_ZIP} (or the {URBAN1K_DIR}/ folder it unpacks to)", hub_file=URBAN1K_ZIP)
+    root = task_folder(task, f"{URBAN1K_ZIP} (or the {URBAN1K_DIR}/ folder it unpacks to)",
+                       lambda: hub_files_folder(task, URBAN1K_ZIP))
     folder = _urban1k_folder(root)
     captions = sorted((folder / URBAN1K_CAPTIONS).glob("*.txt"), key=_numeric_stem)
     if not captions:
@@ -171,7 +158,7 @@ def sharegpt4v_split(task: EvalTask, split: str) -> dict[str, list]:
         ValueError: a split other than `all`; an entry without `image` or a second turn from `gpt`.
     """
     _only_split(task, split, (ALL_SPLITS,))
-    root = local_copy(task, f"{SHAREGPT4V_JSON} and the images its entries name (sam/images/...)")
+    root = task_folder(task, f"{SHAREGPT4V_JSON} and the images its entries name (sam/images/...)")
     path = root / SHAREGPT4V_JSON
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (from the Hub dataset Lin-Chen/ShareGPT4V)")
@@ -277,7 +264,7 @@ def docci_split(task: EvalTask, split: str) -> dict[str, list]:
         FileNotFoundError: no descriptions file; images missing and no tar (or not in it).
         ValueError: a line that is not a JSON object with `DOCCI_FIELDS`; no description of `split`.
     """
-    root = local_copy(task, f"{DOCCI_DESCRIPTIONS} and {DOCCI_IMAGES_DIR}/ (or {DOCCI_IMAGES_TAR})")
+    root = task_folder(task, f"{DOCCI_DESCRIPTIONS} and {DOCCI_IMAGES_DIR}/ (or {DOCCI_IMAGES_TAR})")
     path = root / DOCCI_DESCRIPTIONS
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (https://storage.googleapis.com/docci/data/{DOCCI_DESCRIPTIONS})")
@@ -300,7 +287,7 @@ def _jsonlines(path: Path, fields: tuple[str, ...]) -> list[dict]:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{path} line {line_number}: not JSON ({error.msg})") from error
-            missing = [f for f in fields if not isinstance(record, dict) or f not in record]
+            missing = _missing_fields(record, fields)
             if missing:
                 raise ValueError(f"{path} line {line_number}: no field(s) {missing}")
             records.append(record)
@@ -336,7 +323,7 @@ def dci_split(task: EvalTask, split: str) -> dict[str, list]:
         FileNotFoundError: no `splits.json`, annotation files or photos missing (naming the first few).
         ValueError: a split that `splits.json` lacks; an annotation file without `DCI_FIELDS`.
     """
-    root = local_copy(task, f"{DCI_SPLITS}, {DCI_ANNOTATIONS}/ and {DCI_PHOTOS}/ (the folder dci.tar.gz unpacks to)")
+    root = task_folder(task, f"{DCI_SPLITS}, {DCI_ANNOTATIONS}/ and {DCI_PHOTOS}/ (the folder dci.tar.gz unpacks to)")
     if not (root / DCI_SPLITS).is_file() and (root / DCI_DIR / DCI_SPLITS).is_file():
         root = root / DCI_DIR
     if not (root / DCI_SPLITS).is_file():
@@ -356,7 +343,7 @@ def dci_split(task: EvalTask, split: str) -> dict[str, list]:
 
 def _dci_annotation(path: Path) -> dict:
     annotation = json.loads(path.read_text(encoding="utf-8"))
-    missing = [f for f in DCI_FIELDS if not isinstance(annotation, dict) or f not in annotation]
+    missing = _missing_fields(annotation, DCI_FIELDS)
     if missing:
         raise ValueError(f"{path}: no field(s) {missing} (a DCI annotation has {list(DCI_FIELDS)})")
     return annotation

@@ -6,7 +6,7 @@ import difflib
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 from alip_hf import schema
 from alip_hf.resources import DEMO_DATA
@@ -296,6 +296,31 @@ def with_data_root(task: EvalTask, data_root: str | os.PathLike | None) -> EvalT
     if data_root is None or os.path.exists(task.source):
         return task
     return replace(task, source=str(Path(data_root) / task.source.rstrip("/").split("/")[-1]), revision=None)
+
+
+def task_folder(task: EvalTask, holds: str, download: Callable[[], str | os.PathLike] | None = None) -> Path:
+    """The local folder of the task's copy: `source` itself when it is a folder; else, where the publisher ships the
+    files on the Hub and `source` is a Hub dataset id (`org/name`), the folder `download()` puts them in (the Hub
+    cache: works offline once cached).
+
+    Raises:
+        FileNotFoundError: neither, naming what the folder must hold and where `--data_root` looks for it.
+    """
+    if os.path.isdir(task.source):
+        return Path(task.source)
+    if download is not None and not os.path.exists(task.source) and task.source.count("/") == 1:
+        return Path(download())
+    hub = ", nor a Hub dataset id (org/name)" if download is not None else ""
+    raise FileNotFoundError(f"{task.name}: {task.source!r} is not a folder holding {holds}{hub}; pass --data_root DIR "
+                            f"with the copy in DIR/{Path(task.source).name} (docs/evaluation.md)")
+
+
+def hub_files_folder(task: EvalTask, *files: str) -> Path:
+    """Downloads `files` of the Hub dataset `task.source` (at `task.revision`); the folder holding them."""
+    from huggingface_hub import hf_hub_download
+
+    paths = [hf_hub_download(task.source, name, repo_type="dataset", revision=task.revision) for name in files]
+    return Path(paths[0]).parent
 
 
 def resolve_tasks(tasks, split: str | None = None) -> list[EvalTask]:

@@ -45,7 +45,9 @@ from alip_hf.schema import (  # noqa: F401  (re-exported: the contract's names a
 )
 from alip_hf.sources import read_id
 # Moved to the data contract (`alip_hf.sources`); importable from here too for existing callers.
-from alip_hf.sources import load_source, local_files, require_columns, require_text_columns  # noqa: F401
+from alip_hf.sources import (  # noqa: F401
+    load_source, local_files, require_columns, require_text_columns, undecoded_images,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Training pipeline: decoding, image transforms, text selection, tokenisation, collation, sampling.
@@ -218,14 +220,6 @@ def to_8bit(image: Image.Image) -> Image.Image:
         scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
     scaled = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0)
     return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))  # 2-D uint8: mode L
-
-
-def undecoded_images(dataset, image_column: str):
-    """The dataset with `image_column` left as bytes, so that a corrupt image fails in our code, not in `datasets`."""
-    features = dataset.features
-    if features is not None and isinstance(features.get(image_column), datasets.Image):
-        return dataset.cast_column(image_column, datasets.Image(decode=False))
-    return dataset
 
 
 @dataclass

@@ -1,8 +1,13 @@
 """Modules loaded on first attribute access, so that a command's `--help` does not pay for torch or datasets.
 
-`datasets = lazy_import("datasets")` binds a module object at once and runs the module's code only when one of
-its attributes is first used (the standard library's `importlib.util.LazyLoader`). Type annotations are strings
-under `from __future__ import annotations`, so annotating with `datasets.Dataset` does not load it.
+`datasets = lazy_import("datasets")` binds a stand-in at once and imports the module only when one of its
+attributes is first used. Type annotations are strings under `from __future__ import annotations`, so annotating
+with `datasets.Dataset` does not load it.
+
+The stand-in is kept out of `sys.modules` (unlike the standard library's `importlib.util.LazyLoader`, whose module
+sits there until used): importing torch walks `sys.modules` through `inspect`, which would load every pending
+module half-way through torch's own import: `datasets` (a second of import time) in a process that may never use
+it, and a circular import for a module that imports torch itself.
 """
 
 from __future__ import annotations
@@ -12,18 +17,23 @@ import sys
 from types import ModuleType
 
 
+class _LazyModule(ModuleType):
+    """Stands for the module `__name__`: each attribute is read from the module, imported on first use."""
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self.__name__), attr)
+
+    def __dir__(self):
+        return dir(importlib.import_module(self.__name__))
+
+
 def lazy_import(name: str) -> ModuleType:
-    """The module `name`, loaded on first use (or the module itself when it is already imported)."""
+    """The module `name`, imported on first use (or the module itself when it is already imported)."""
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None:
+    if importlib.util.find_spec(name) is None:
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return _LazyModule(name)
 
 
 class MissingExtra(ImportError):

@@ -346,6 +346,14 @@ def _truncation_report(path: str, size: int) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def undecoded_images(dataset, image_column: str):
+    """The dataset with `image_column` left as bytes, so that a corrupt image fails in our code, not in `datasets`."""
+    features = dataset.features
+    if features is not None and isinstance(features.get(image_column), datasets.Image):
+        return dataset.cast_column(image_column, datasets.Image(decode=False))
+    return dataset
+
+
 def column_names(dataset) -> list[str]:
     """The dataset's columns (a stream whose features are unknown up front: none)."""
     return list(dataset.column_names or (dataset.features or {}).keys())

@@ -328,8 +328,6 @@ class CaptionStep:
 def caption(run: RunArguments, args: CaptionArguments | None = None, generation: GenerationArguments | None = None,
             accelerator=None) -> dict[str, Any]:
     """Captions every image of `run.source` into `run.output_dir`; returns the run summary."""
-    from accelerate import Accelerator
-
     args = args or CaptionArguments()
     generation = generation or GenerationArguments()
     if generation.max_new_tokens is None:
@@ -340,6 +338,8 @@ def caption(run: RunArguments, args: CaptionArguments | None = None, generation:
 
         return run_ray(run, functools.partial(build_caption_step, run, args, generation),
                        CaptionStep(run, args, generation, captioner=None), source)
+    from accelerate import Accelerator  # here: a Ray driver needs neither it nor torch
+
     accelerator = accelerator or Accelerator()
     return run_sharded(run, build_caption_step(run, args, generation, accelerator.device), accelerator, source)
 

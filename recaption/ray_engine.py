@@ -34,7 +34,7 @@ from recaption.identity import identity_digests, save_digest_cache
 from recaption.layout import check_config, create_layout, done_shards, read_markers, remove_stale_files, save_config
 from recaption.layout import shard_name
 from recaption.resume import check_no_extra_shards, verify_done_shard
-from recaption.run import ShardWriter, finish, run_config, run_stream_chunks
+from recaption.run import ShardWriter, finish, keep_freed_memory, run_config, run_stream_chunks
 from recaption.sharding import stream_sources
 from recaption.source import Input, load_input
 from recaption.step import Step
@@ -63,6 +63,7 @@ class ShardReplica:
         import torch
 
         torch.set_num_threads(max(1, threads))
+        keep_freed_memory()
         device = "cuda" if ray.get_gpu_ids() else "cpu"  # Ray sets CUDA_VISIBLE_DEVICES to this replica's GPU
         self.args, self.step = args, make_step(device)
         self.source = load_input(args, self.step.required_columns())
@@ -138,12 +139,10 @@ def work_units(args: RunArguments, source: Input) -> list[dict[str, int]]:
 
 
 def init_ray(address: str | None = None, **kwargs) -> None:
-    """`ray.init` for the Ray engine: a local cluster (or the one at `address`) whose worker processes import
-    torch before our modules (`recaption._ray_worker`)."""
+    """`ray.init` for the Ray engine: a local cluster (or the one at `address`), without the dashboard."""
     import ray
 
-    runtime_env = {"worker_process_setup_hook": "recaption._ray_worker.setup", **kwargs.pop("runtime_env", {})}
-    ray.init(address=address, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False, **kwargs)
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, **kwargs)
 
 
 def run_ray(args: RunArguments, make_step: StepFactory, plan: Step, source: Input | None = None) -> dict[str, Any]:

@@ -281,8 +281,6 @@ class RewriteStep:
 def rewrite(run: RunArguments, args: RewriteArguments | None = None, generation: GenerationArguments | None = None,
             accelerator=None) -> dict[str, Any]:
     """Writes VeCap for every row of `run.source` (which needs `alt_text` and `caption`); returns the summary."""
-    from accelerate import Accelerator
-
     args = args or RewriteArguments()
     generation = generation or GenerationArguments()
     if generation.max_new_tokens is None:
@@ -295,6 +293,8 @@ def rewrite(run: RunArguments, args: RewriteArguments | None = None, generation:
 
         plan = RewriteStep(args, generation, prompt, rewriter=SimpleNamespace(commit=None, dtype=None))
         return run_ray(run, functools.partial(build_rewrite_step, args, generation, prompt), plan, source)
+    from accelerate import Accelerator  # here: a Ray driver needs neither it nor torch
+
     accelerator = accelerator or Accelerator()
     return run_sharded(run, build_rewrite_step(args, generation, prompt, accelerator.device), accelerator, source)
 

@@ -39,6 +39,4 @@ def load_input(args: RunArguments, required: dict[str, str]) -> Input:
     dataset = sources.load_source(args.source, split=args.split, streaming=args.streaming)
     id_column = sources.resolve_id_column(dataset, args.id_column)
     sources.require_columns(dataset, required)
-    from alip_hf.data import undecoded_images
-
-    return Input(undecoded_images(dataset, args.image_column), id_column, dataset.features)
+    return Input(sources.undecoded_images(dataset, args.image_column), id_column, dataset.features)

@@ -31,7 +31,7 @@ def test_setup_py_and_the_package_state_one_version():
 def test_every_installed_module_serves_the_package_itself():
     """A module of the installed packages that only the tests import is a test helper: it belongs in tests/ (the
     tiny captioners, say), not in every user's install. Commands (`python -m ...`), modules loaded by their
-    name from a table (the converters) or as "module.function" (Ray's worker set-up hook) and the `evaluate` modules (loaded by path) are used without an import.
+    name from a table (the converters) and the `evaluate` modules (loaded by path) are used without an import.
     `modeling_alip` is left out: it is the model's public API, shipped whole as remote code."""
     import ast
 
@@ -39,10 +39,9 @@ def test_every_installed_module_serves_the_package_itself():
 
     graph, modules = import_graph(), project_modules()
     used = {name for edges in graph.values() for name in edges}
-    for path in modules.values():  # names in strings: importlib.import_module(table[name]), or "module.function"
-        strings = {node.value for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))  # (Ray's setup hook)
-                   if isinstance(node, ast.Constant) and isinstance(node.value, str)}
-        used |= {name for text in strings for name in (text, text.rpartition(".")[0]) if name in modules}
+    for path in modules.values():  # names in strings: importlib.import_module(table[name])
+        used |= {node.value for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                 if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in modules}
     unused = [name for name, path in modules.items()
               if name not in used and path.name not in ("__init__.py", "__main__.py") and "evaluate_modules" not in name
               and not name.startswith("modeling_alip")

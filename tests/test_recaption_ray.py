@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import datasets
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -149,3 +150,29 @@ def test_rewrite_on_ray_gives_the_same_rows_as_one_process(setup, cluster, tmp_p
     rows = {name: _rows(out) for name, out in outputs.items()}
     assert rows["ray"] == rows["single"]  # ids, vecap, rewrite_model, rewrite_prompt_version, fallbacks
     assert {"vecap", "rewrite_prompt_version"} <= set(rows["ray"][0])
+
+
+DRIVER_PROBE = """
+import importlib, sys
+import recaption.ray_engine
+recaption.ray_engine.run_ray = lambda *args, **kwargs: print(
+    "LOADED", sorted(name for name in ("torch", "torchvision", "accelerate") if name in sys.modules))
+importlib.import_module("recaption." + sys.argv[1]).main(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("step", ["caption", "rewrite"])
+def test_the_ray_driver_checks_the_source_without_loading_torch(step, tmp_path):
+    """Under `--engine ray` the driver checks the source and schedules; torch, torchvision and accelerate load in
+    the replicas only (they were seconds of a Ray run's start-up on a small machine)."""
+    source = tmp_path / "input.parquet"
+    if step == "caption":
+        write_source(source, n=2)
+    else:
+        datasets.Dataset.from_dict({"id": ["a", "b"], "alt_text": ["x", "y"], "caption": ["c", "d"]}).to_parquet(
+            str(source))
+    result = subprocess.run([sys.executable, "-c", DRIVER_PROBE, step, "--source", str(source), "--output_dir",
+                             str(tmp_path / "out"), "--engine", "ray"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "LOADED []" in result.stdout, result.stdout

@@ -105,7 +105,7 @@ def keep_freed_memory() -> None:
     Every `generate` step on CPU allocates and frees its activations. With glibc's starting thresholds (128 KiB)
     the freed memory goes back to the system and each step faults it in again, page by page; glibc raises the
     thresholds itself after the first large free (to the size freed, at most 32 MiB, trimming at twice that), so
-    whether a process pays depends on what it happened to allocate before. A Ray replica measured 40,000 page
+    whether a process pays depends on what it happened to allocate before. A Ray replica measured 46,000 page
     faults a second and shards 16% slower than an `accelerate` process running the same code (BENCHMARKS.md,
     "Scaling recaption"). Setting the end point of glibc's own rule at start makes every replica and process
     alike. Elsewhere (macOS, musl) there is nothing to set.

@@ -176,3 +176,28 @@ def test_the_ray_driver_checks_the_source_without_loading_torch(step, tmp_path):
                             timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "LOADED []" in result.stdout, result.stdout
+
+
+START_PROBE = """
+import sys, threading
+import recaption.ray_engine as engine
+def refused(address):
+    raise ConnectionError(f"no Ray cluster at {address}")
+engine.init_ray = refused
+try:
+    engine._start_ray("10.0.0.1:6379")
+except ConnectionError as e:
+    print("RAISED", e)
+print("IMPORTING", [t.name for t in threading.enumerate() if t.name == "import ray.data"])
+print("IMPORTED", "ray.data" in sys.modules)
+"""
+
+
+def test_a_failed_cluster_start_still_finishes_importing_ray_data_before_raising():
+    """Ray Data is imported while the cluster starts (it fits in that wait); when the start fails, its error
+    is raised after that import has ended, so no half-imported `ray.data` is left behind the error."""
+    result = subprocess.run([sys.executable, "-c", START_PROBE], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "RAISED no Ray cluster at 10.0.0.1:6379" in result.stdout
+    assert "IMPORTING []" in result.stdout and "IMPORTED True" in result.stdout, result.stdout

@@ -7,7 +7,8 @@ first shard to the end of the last, from the markers' `finished_at` and `shard_s
 scheduling decides once the replicas are up.
 
 1. Two replicas, no straggler: `accelerate launch` with 2 CPU processes against `--engine ray` with 2 replicas
-   of 1 CPU each (target: Ray at most 1.15x accelerate's time).
+   of 1 CPU each (target: Ray at most 1.15x accelerate's time), Ray both starting its own local cluster and
+   joining one already running (`--ray_address auto`, a cluster started untimed with `ray start` just before).
 2. Two replicas, one a simulated straggler (its shards take 3x as long, an injected delay; `_straggler.py`):
    static shard assignment (2 scheduler tasks, shard j to task j % 2, as `accelerate launch` assigns them)
    against Ray's dynamic scheduling (an idle replica takes the next shard; target: at most 0.75x the time).
@@ -25,6 +26,7 @@ the first comparison alone, for a longer job:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -60,6 +62,20 @@ def _source(path: str, n: int) -> str:
 def _env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_ARRAY")}
     return {**env, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
+
+
+@contextlib.contextmanager
+def _running_cluster(settle: float):
+    """A local Ray cluster up before the timed command and stopped after it: the long-lived cluster (`ray start`,
+    KubeRay) that jobs join with `--ray_address auto`. Its start-up is given `settle` seconds, untimed."""
+    ray = [sys.executable, "-m", "ray.scripts.scripts"]
+    subprocess.run([*ray, "start", "--head", "--num-cpus", "2", "--include-dashboard", "false",
+                    "--disable-usage-stats"], env=_env(), check=True, capture_output=True)
+    try:
+        time.sleep(settle)
+        yield
+    finally:
+        subprocess.run([*ray, "stop"], env=_env(), check=True, capture_output=True)
 
 
 def _makespan(output_dir: str) -> float:
@@ -117,6 +133,9 @@ def main(argv=None):
         "ray, 2 replicas": lambda: [(
             [sys.executable, "-m", "recaption.caption", *common, *out("ray"), "--engine", "ray", "--num_replicas",
              "2", "--cpus_per_replica", "1"], _env())],
+        "ray on a running cluster, 2 replicas": lambda: [(
+            [sys.executable, "-m", "recaption.caption", *common, *out("ray-running"), "--engine", "ray",
+             "--ray_address", "auto", "--num_replicas", "2", "--cpus_per_replica", "1"], _env())],
         "static (2 tasks), straggler": lambda: [
             ([*straggler, *out("static"), "--num_tasks", "2", "--task_index", "0"], _env(STRAGGLER="1")),
             ([*straggler, *out("static"), "--num_tasks", "2", "--task_index", "1"], _env())],
@@ -124,9 +143,10 @@ def main(argv=None):
             ([*straggler, *out("dynamic"), "--engine", "ray", "--num_replicas", "2", "--cpus_per_replica", "1"],
              _env(STRAGGLER_CLAIM=os.path.join(work, f"claim-{time.time_ns()}")))],
     }
-    kept = {"all": list(configs), "engines": list(configs)[:2], "straggler": list(configs)[2:]}[args.comparisons]
+    kept = {"all": list(configs), "engines": list(configs)[:3], "straggler": list(configs)[3:]}[args.comparisons]
     configs = {name: configs[name] for name in kept}
-    outputs = {"accelerate, 2 processes": "acc", "ray, 2 replicas": "ray", "static (2 tasks), straggler": "static",
+    outputs = {"accelerate, 2 processes": "acc", "ray, 2 replicas": "ray",
+               "ray on a running cluster, 2 replicas": "ray-running", "static (2 tasks), straggler": "static",
                "ray dynamic, straggler": "dynamic"}
     load_before = os.getloadavg()
     seconds = {name: [] for name in configs}
@@ -135,7 +155,8 @@ def main(argv=None):
         for _ in range(args.repeats):  # configurations take turns, so that they share the machine's load
             for name, commands in configs.items():
                 time.sleep(args.settle)
-                seconds[name].append(_timed(commands()))
+                with _running_cluster(args.settle) if "running cluster" in name else contextlib.nullcontext():
+                    seconds[name].append(_timed(commands()))
                 spans[name].append(_makespan(os.path.join(work, outputs[name])))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -151,6 +172,8 @@ def main(argv=None):
               f"{', '.join(f'{v:.1f}' for v in spans[name])} |")
     for label, a, b, target in (("ray / accelerate (no straggler)", "ray, 2 replicas", "accelerate, 2 processes",
                                  1.15),
+                                ("ray on a running cluster / accelerate (no straggler)",
+                                 "ray on a running cluster, 2 replicas", "accelerate, 2 processes", 1.15),
                                 ("ray dynamic / static (straggler)", "ray dynamic, straggler",
                                  "static (2 tasks), straggler", 0.75)):
         if a in wall:

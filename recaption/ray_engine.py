@@ -141,19 +141,18 @@ def work_units(args: RunArguments, source: Input) -> list[dict[str, int]]:
 
 
 def init_ray(address: str | None = None, **kwargs) -> None:
-    """`ray.init` for the Ray engine: a local cluster (or the one at `address`), without the dashboard."""
+    """`ray.init` for the Ray engine: a local cluster (or the one at `address`), without the dashboard.
+
+    Ray Data is imported meanwhile: starting a local cluster is mostly waiting for its processes to come up, and
+    the driver's import of `ray.data` (0.5-1 s) fits in that wait instead of following it. A failed start raises
+    once that import has ended.
+    """
     import ray
 
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, **kwargs)
-
-
-def _start_ray(address: str | None) -> None:
-    """`init_ray`, with Ray Data imported meanwhile: starting a local cluster is mostly waiting for its processes
-    to come up, and the driver's import of `ray.data` (0.5-1 s) fits in that wait instead of following it."""
     importer = threading.Thread(target=importlib.import_module, args=("ray.data",), name="import ray.data")
     importer.start()
     try:
-        init_ray(address)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, **kwargs)
     finally:
         importer.join()
 
@@ -182,7 +181,7 @@ def run_ray(args: RunArguments, make_step: StepFactory, plan: Step, source: Inpu
     started = time.time()
     started_ray = not ray.is_initialized()
     if started_ray:
-        _start_ray(args.ray_address)
+        init_ray(args.ray_address)
     try:
         if units:
             _run_pool(args, make_step, plan, units, ray)

@@ -180,12 +180,13 @@ def test_the_ray_driver_checks_the_source_without_loading_torch(step, tmp_path):
 
 START_PROBE = """
 import sys, threading
+import ray
 import recaption.ray_engine as engine
-def refused(address):
+def refused(address, **kwargs):
     raise ConnectionError(f"no Ray cluster at {address}")
-engine.init_ray = refused
+ray.init = refused
 try:
-    engine._start_ray("10.0.0.1:6379")
+    engine.init_ray("10.0.0.1:6379")
 except ConnectionError as e:
     print("RAISED", e)
 print("IMPORTING", [t.name for t in threading.enumerate() if t.name == "import ray.data"])

@@ -125,39 +125,37 @@ def main(argv=None):
         shutil.rmtree(path, ignore_errors=True)
         return ["--output_dir", path]
 
+    ray_pool = ["--engine", "ray", "--num_replicas", "2", "--cpus_per_replica", "1"]
+    # name: (comparison, output folder, run on an already running cluster, the commands started together given
+    # their `--output_dir` arguments)
     configs = {
-        "accelerate, 2 processes": lambda: [(
+        "accelerate, 2 processes": ("engines", "acc", False, lambda output_dir: [(
             [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "recaption.caption",
-             *common, *out("acc")], _env(ACCELERATE_USE_CPU="true"))],
-        "ray, 2 replicas": lambda: [(
-            [sys.executable, "-m", "recaption.caption", *common, *out("ray"), "--engine", "ray", "--num_replicas",
-             "2", "--cpus_per_replica", "1"], _env())],
-        "ray on a running cluster, 2 replicas": lambda: [(
-            [sys.executable, "-m", "recaption.caption", *common, *out("ray-running"), "--engine", "ray",
-             "--ray_address", "auto", "--num_replicas", "2", "--cpus_per_replica", "1"], _env())],
-        "static (2 tasks), straggler": lambda: [
-            ([*straggler, *out("static"), "--num_tasks", "2", "--task_index", "0"], _env(STRAGGLER="1")),
-            ([*straggler, *out("static"), "--num_tasks", "2", "--task_index", "1"], _env())],
-        "ray dynamic, straggler": lambda: [
-            ([*straggler, *out("dynamic"), "--engine", "ray", "--num_replicas", "2", "--cpus_per_replica", "1"],
-             _env(STRAGGLER_CLAIM=os.path.join(work, f"claim-{time.time_ns()}")))],
+             *common, *output_dir], _env(ACCELERATE_USE_CPU="true"))]),
+        "ray, 2 replicas": ("engines", "ray", False, lambda output_dir: [(
+            [sys.executable, "-m", "recaption.caption", *common, *output_dir, *ray_pool], _env())]),
+        "ray on a running cluster, 2 replicas": ("engines", "ray-running", True, lambda output_dir: [(
+            [sys.executable, "-m", "recaption.caption", *common, *output_dir, *ray_pool, "--ray_address",
+             "auto"], _env())]),
+        "static (2 tasks), straggler": ("straggler", "static", False, lambda output_dir: [
+            ([*straggler, *output_dir, "--num_tasks", "2", "--task_index", "0"], _env(STRAGGLER="1")),
+            ([*straggler, *output_dir, "--num_tasks", "2", "--task_index", "1"], _env())]),
+        "ray dynamic, straggler": ("straggler", "dynamic", False, lambda output_dir: [(
+            [*straggler, *output_dir, *ray_pool],
+            _env(STRAGGLER_CLAIM=os.path.join(work, f"claim-{time.time_ns()}")))]),
     }
-    kept = {"all": list(configs), "engines": list(configs)[:3], "straggler": list(configs)[3:]}[args.comparisons]
-    configs = {name: configs[name] for name in kept}
-    outputs = {"accelerate, 2 processes": "acc", "ray, 2 replicas": "ray",
-               "ray on a running cluster, 2 replicas": "ray-running", "static (2 tasks), straggler": "static",
-               "ray dynamic, straggler": "dynamic"}
+    configs = {name: config for name, config in configs.items() if args.comparisons in ("all", config[0])}
     load_before = os.getloadavg()
     seconds = {name: [] for name in configs}
     spans = {name: [] for name in configs}
     try:
         for _ in range(args.repeats):  # configurations take turns, so that they share the machine's load
-            for name, commands in configs.items():
+            for name, (_, output, on_running_cluster, commands) in configs.items():
                 time.sleep(args.settle)
-                with _running_cluster(args.settle) if "running cluster" in name else contextlib.nullcontext():
-                    seconds[name].append(_timed(commands()))
-                spans[name].append(_makespan(os.path.join(work, outputs[name])))
+                with _running_cluster(args.settle) if on_running_cluster else contextlib.nullcontext():
+                    seconds[name].append(_timed(commands(out(output))))
+                spans[name].append(_makespan(os.path.join(work, output)))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     wall = {name: statistics.median(values) for name, values in seconds.items()}
